@@ -1,0 +1,95 @@
+"""The ``stepwise.json`` manifest: the one format exporters write and the engine reads (docs/design.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .home import MANIFEST
+
+FORMAT = 1
+
+
+class ManifestError(ValueError):
+    """A folder that is not a complete, validated Stepwise export."""
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write(folder: Path, manifest: dict) -> Path:
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+@dataclass
+class Manifest:
+    folder: Path
+    data: dict
+
+    @property
+    def family(self) -> str:
+        return self.data["family"]
+
+    @property
+    def model_id(self) -> str | None:
+        return self.data.get("model_id")
+
+    @property
+    def config(self) -> dict:
+        return self.data.get("config", {})
+
+    @property
+    def components(self) -> dict:
+        return self.data.get("components", {})
+
+    def component_path(self, name: str) -> Path:
+        return self.folder / self.components[name]["path"]
+
+    def weights_bytes(self, names=None) -> int:
+        names = self.components if names is None else names
+        total = 0
+        for name in names:
+            entry = self.components[name]
+            total += entry.get("bytes", 0) + entry.get("data_bytes", 0)
+        return total
+
+
+def read(folder: str | Path, *, check_files: bool = True) -> Manifest:
+    """Read and sanity-check an export; every problem is a ManifestError with a one-line fix."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder; export a model first with `stepwise export`")
+    if not path.is_file():
+        raise ManifestError(
+            f"{folder} has no {MANIFEST}: it is not a complete Stepwise export; "
+            f"run `stepwise export SOURCE --out {folder}` again"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); export the model again") from None
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{path} has format {data.get('format')!r}, expected {FORMAT}; export the model again")
+    manifest = Manifest(folder, data)
+    if check_files:
+        for name, entry in manifest.components.items():
+            file = folder / entry["path"]
+            if not file.is_file():
+                raise ManifestError(f"{file} is missing ({name}); export the model again")
+            size = file.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:
+                raise ManifestError(
+                    f"{file} is {size} bytes, the manifest says {entry['bytes']}: the file is corrupted "
+                    f"or was replaced; export the model again"
+                )
+    return manifest

@@ -1,0 +1,127 @@
+"""The model registry: every model Stepwise knows, loaded from ``models.json`` (data, not code)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+DATA = Path(__file__).with_name("models.json")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    denoiser: str  # "unet" or "transformer"
+    exportable: bool
+    size_multiple: int
+    min_size: int
+    max_size: int
+    text_encoders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    name: str
+    menu: int
+    family: str
+    hub_id: str
+    kind: str  # "few-step", "standard" or "quality"
+    min_steps: int
+    default_steps: int
+    recommended_steps: tuple[int, int]
+    max_useful_steps: int
+    guidance: float
+    cfg: bool
+    width: int
+    height: int
+    reason: str
+    params_m: dict
+    scheduler: dict
+    guidance_embedded: bool = False
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def few_step(self) -> bool:
+        return self.kind == "few-step"
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether a guidance scale means anything: CFG, or guidance embedded in the model (LCM, FLUX-dev)."""
+        return self.cfg or self.guidance_embedded
+
+    @property
+    def total_params_m(self) -> int:
+        return sum(self.params_m.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "menu": self.menu,
+            "family": self.family,
+            "hub_id": self.hub_id,
+            "kind": self.kind,
+            "min_steps": self.min_steps,
+            "default_steps": self.default_steps,
+            "recommended_steps": list(self.recommended_steps),
+            "max_useful_steps": self.max_useful_steps,
+            "guidance": self.guidance,
+            "cfg": self.cfg,
+            "guidance_embedded": self.guidance_embedded,
+            "width": self.width,
+            "height": self.height,
+            "reason": self.reason,
+            "params_m": dict(self.params_m),
+            "parts": dict(self.parts),
+            "scheduler": self.scheduler.get("_class_name"),
+        }
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[tuple[Model, ...], dict[str, Family]]:
+    data = json.loads(DATA.read_text())
+    families = {
+        name: Family(name=name, **{**spec, "text_encoders": tuple(spec["text_encoders"])})
+        for name, spec in data["families"].items()
+    }
+    models = []
+    for spec in data["models"]:
+        spec = dict(spec)
+        spec["recommended_steps"] = tuple(spec["recommended_steps"])
+        models.append(Model(**spec))
+    return tuple(sorted(models, key=lambda m: m.menu)), families
+
+
+def all_models() -> tuple[Model, ...]:
+    return _load()[0]
+
+
+def families() -> dict[str, Family]:
+    return _load()[1]
+
+
+def family(name: str) -> Family:
+    try:
+        return families()[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(families())}") from None
+
+
+def find(key: str | int) -> Model | None:
+    """A model by registry id or menu number (as typed at the interactive prompt)."""
+    key = str(key).strip()
+    for model in all_models():
+        if key in (model.id, str(model.menu)):
+            return model
+    return None
+
+
+def get(key: str | int) -> Model:
+    model = find(key)
+    if model is None:
+        ids = ", ".join(m.id for m in all_models())
+        raise KeyError(f"unknown model {key!r}; known models: {ids}")
+    return model
