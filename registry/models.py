@@ -19,6 +19,7 @@ class Family:
     min_size: int
     max_size: int
     text_encoders: tuple[str, ...]
+    policy_model: str  # the registry entry whose step policy an unregistered export of this family gets
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,450 @@
+"""The ``stepwise`` command: models, export, generate (with per-step profiling), demo.
+
+Every bad input ends in one line on stderr that names the problem and the fix, and a non-zero exit
+(2 for input the user can correct), never a traceback. torch is imported only by ``export``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+import registry
+from registry import policy, timings
+from registry.manifest import ManifestError
+from registry.policy import InputError
+
+DEMO_MODEL = "sdxl-turbo"
+DEMO_SOURCE = "tiny:sdxl"
+
+
+class Failure(Exception):
+    """A run that cannot go on, with a one-line message and an exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int = 1):
+    raise Failure(message, code)
+
+
+# ---------------------------------------------------------------- choosing a model
+
+
+@dataclass
+class Target:
+    """What ``--model`` resolved to: the registry entry whose policy applies, and the export if any."""
+
+    model: registry.Model
+    family: registry.Family
+    folder: Path | None  # the exported model, None when not exported yet
+    label: str  # what to call it in messages and the timings file
+
+
+def resolve_model(spec: str) -> Target:
+    looks_like_path = os.sep in spec or spec.startswith(".") or Path(spec).is_dir()
+    model = None if looks_like_path else registry.find(spec)
+    if model is not None:
+        return Target(model, registry.family(model.family), registry.exported_path(model.id), model.id)
+    if not looks_like_path:
+        ids = ", ".join(m.id for m in registry.all_models())
+        _fail(f"unknown model {spec!r}; use a registry id ({ids}) or an exported folder", 2)
+    from registry import manifest
+
+    try:
+        found = manifest.read(spec)
+    except ManifestError as exc:
+        _fail(str(exc), 2)
+    fam = registry.family(found.family)
+    model = registry.find(found.model_id) if found.model_id else None
+    model = model or registry.get(fam.policy_model)
+    return Target(model, fam, Path(spec).resolve(), str(Path(spec).resolve()))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _estimate(target: Target, steps: int, width: int, height: int, threads: int | None) -> str:
+    per_step = timings.step_seconds(target.label, width, height, threads)
+    if per_step is None:
+        return "no per-step time measured yet for this model and size on this machine (run with --profile)"
+    return f"≈ {steps} steps × {per_step:.2f} s/step = {steps * per_step:.1f} s (measured on this machine)"
+
+
+def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads) -> None:
+    m = target.model
+    where = str(target.folder) if target.folder else "not exported"
+    note = (
+        "default" if decision.default else ("recommended" if decision.verdict == policy.OK else "outside recommended")
+    )
+    if m.cfg:
+        gtext = f"{guidance} (classifier-free guidance)"
+    elif m.guidance_embedded:
+        gtext = f"{guidance} (embedded guidance)"
+    else:
+        gtext = "none (distilled without classifier-free guidance)"
+    lo, hi = m.recommended_steps
+    click.echo(f"Model:    {m.name} [{m.id}] — {where}")
+    click.echo(f"Steps:    {steps} ({note}; recommended {lo}-{hi}, max useful {m.max_useful_steps})")
+    click.echo(f"Guidance: {gtext}")
+    click.echo(f"Size:     {width}x{height}")
+    click.echo(f"Seed:     {seed}")
+    click.echo(f"Estimate: {_estimate(target, steps, width, height, threads)}")
+
+
+def not_exported_message(target: Target) -> str:
+    m, fam = target.model, target.family
+    if not fam.exportable:
+        return (
+            f"{m.name} ({fam.name} family) has no Stepwise engine yet: it cannot be exported or run; "
+            f"pick another model (`stepwise models`)"
+        )
+    return (
+        f"{m.name} is not exported yet: run `stepwise export {m.hub_id} --model {m.id}` on a machine that "
+        f"reaches the Hugging Face hub (or `stepwise export tiny:{_tiny_name(m)} --model {m.id}` for a "
+        f"tiny random-weight stand-in)"
+    )
+
+
+def _tiny_name(m: registry.Model) -> str:
+    if m.id == "lcm":
+        return "lcm"
+    if m.family == "flux":
+        return m.id
+    return m.family
+
+
+# ---------------------------------------------------------------- interactive mode
+
+
+def _ask(prompt: str) -> str:
+    click.echo(prompt, nl=False)
+    line = sys.stdin.readline()
+    if not line:
+        click.echo()
+        _fail("no answer on standard input; run `stepwise generate PROMPT --model ID` to skip the questions", 2)
+    if not sys.stdin.isatty():
+        click.echo(line.strip())  # piped answers are not echoed by a terminal; show them so the transcript reads
+    return line.strip()
+
+
+def ask_model() -> registry.Model:
+    models = registry.all_models()
+    click.echo("Models:")
+    for m in models:
+        state = "exported" if registry.exported_path(m.id) else "not exported"
+        click.echo(
+            f"  [{m.menu:>2}] {m.name:<28} {policy.plural(m.default_steps):>9} "
+            f"(recommended {policy.step_range(m)})  {state}"
+        )
+    while True:
+        answer = _ask(f"Select model [1-{len(models)}]: ")
+        model = registry.find(answer)
+        if model is not None:
+            return model
+        click.echo(f"  '{answer}' is not on the list: type a number from 1 to {len(models)}")
+
+
+def ask_prompt() -> str:
+    while True:
+        answer = _ask("Enter prompt: ")
+        if answer:
+            return answer
+        click.echo("  the prompt is empty: say what to draw, e.g. a red apple")
+
+
+def ask_steps(model: registry.Model, force: bool) -> int | None:
+    """The step count typed at the prompt; None when Enter took the model's default."""
+    while True:
+        answer = _ask("Number of steps [default, or enter number]: ")
+        if not answer:
+            decision = policy.decide_steps(model, None)
+            click.echo(f"  → {policy.plural(decision.steps)} (optimal for {model.name}) ✅")
+            return None
+        try:
+            steps = int(answer)
+            decision = policy.decide_steps(model, steps)
+        except (ValueError, InputError):
+            click.echo(f"  '{answer}' is not a step count: type a whole number ≥ 1, or press Enter for the default")
+            continue
+        if decision.verdict == policy.OK:
+            click.echo(f"  → {steps} steps: good ✅")
+            return steps
+        too_many = steps > model.recommended_steps[1]
+        label = "TOO MANY" if too_many else "TOO FEW"
+        if decision.verdict == policy.WARN:
+            click.echo(f"  → {steps} steps: {'more' if too_many else 'fewer'} than recommended ⚠ {decision.advice}")
+            return steps
+        click.echo(f"  → {steps} steps: {label} ❌ {decision.advice}")
+        if force:
+            return steps
+
+
+# ---------------------------------------------------------------- commands
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main_group(ctx):
+    """Stepwise: text-to-image on the CPU with ONNX Runtime, honest about what every step costs.
+
+    Run with no command to be asked for a model, a prompt and a step count.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(generate)
+
+
+@main_group.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as a JSON list.")
+def models_cmd(as_json):
+    """List the models Stepwise knows, their step policies and whether they are exported here."""
+    rows = []
+    for m in registry.all_models():
+        row = m.as_dict()
+        folder = registry.exported_path(m.id)
+        row["exportable"] = registry.family(m.family).exportable
+        row["exported"] = str(folder) if folder else None
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = (
+        f"{'#':>2}  {'id':<15} {'family':<12} {'default':>7} {'recomm.':>8} {'min-max':>8}  {'guid.':>5}  "
+        f"{'size':>9}  exported"
+    )
+    click.echo(header)
+    click.echo("-" * len(header) + "-" * 20)
+    for r in rows:
+        lo, hi = r["recommended_steps"]
+        guidance = f"{r['guidance']:g}" if (r["cfg"] or r["guidance_embedded"]) else "-"
+        state = r["exported"] or ("no" if r["exportable"] else "no engine yet")
+        click.echo(
+            f"{r['menu']:>2}  {r['id']:<15} {r['family']:<12} {r['default_steps']:>7} {f'{lo}-{hi}':>8} "
+            f"{str(r['min_steps']) + '-' + str(r['max_useful_steps']):>8}  {guidance:>5}  "
+            f"{str(r['width']) + 'x' + str(r['height']):>9}  {state}"
+        )
+    click.echo(f"\nExported models live in {registry.models_home()} (set STEPWISE_HOME to move them).")
+
+
+@main_group.command("export")
+@click.argument("source")
+@click.option("--model", "model_id", help="Registry id whose step policy the export carries (see `stepwise models`).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: the models home / ID).")
+@click.option("--unet", help="Replace the UNet with this checkpoint: FILE or REPO:FILE (SDXL Lightning).")
+@click.option("--lora", help="Fuse this LoRA into the weights before export: FILE or REPO:FILE (LCM-LoRA).")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True)
+@click.option("--no-optimum", is_flag=True, help="Export with torch.onnx only, even when optimum is installed.")
+def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum):
+    """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once."""
+    try:
+        import exporters
+    except ImportError as exc:
+        _fail(f"exporting needs the export extra ({exc.name} is missing): pip install -e '.[export]'", 2)
+    if model_id is not None and registry.find(model_id) is None:
+        _fail(f"unknown model {model_id!r}; see `stepwise models` for the ids", 2)
+    try:
+        folder = exporters.export(
+            source,
+            out=out,
+            model_id=model_id,
+            unet=unet,
+            lora=lora,
+            lora_scale=lora_scale,
+            use_optimum=False if no_optimum else None,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    except exporters.ExportError as exc:
+        _fail(str(exc), 2)
+    click.echo(f"exported to {folder}")
+
+
+def _run_generation(
+    target: Target,
+    *,
+    prompt,
+    negative,
+    steps,
+    guidance,
+    width,
+    height,
+    seed,
+    threads,
+    out,
+    latents_file,
+    scheduler,
+    skip,
+    profile,
+    profile_json,
+):
+    import engine
+
+    latents = None
+    if latents_file is not None:
+        import numpy as np
+
+        try:
+            latents = np.load(latents_file)
+        except (OSError, ValueError) as exc:
+            _fail(f"--latents {latents_file}: cannot read it as a .npy array ({exc})", 2)
+    try:
+        pipe = engine.load_pipeline(target.folder, threads=threads, skip=skip)
+        result = pipe.generate(
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            seed=seed,
+            latents=latents,
+            scheduler=scheduler,
+            show_progress=sys.stderr.isatty(),
+        )
+    except (engine.EngineError, InputError, ManifestError) as exc:
+        _fail(str(exc), 2)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    path = engine.save_png(result, out)
+    click.echo(f"saved {path}")
+    prof = result.profile
+    timings.record(target.label, width, height, threads, prof["median_step_ms"])
+    if profile:
+        click.echo(engine.format_profile(prof))
+    if profile_json:
+        Path(profile_json).write_text(json.dumps(prof, indent=2) + "\n")
+        click.echo(f"profile written to {profile_json}")
+
+
+@main_group.command("generate")
+@click.argument("prompt", required=False)
+@click.option("--model", "model_spec", help="Registry id, menu number or exported folder [default: sdxl-turbo].")
+@click.option("--steps", type=int, help="Denoising steps [default: the model's].")
+@click.option("--guidance", type=float, help="Guidance scale [default: the model's].")
+@click.option("--seed", type=int, help="Random seed [default: random, printed].")
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--negative", default="", help="Negative prompt (models with classifier-free guidance).")
+@click.option("--out", type=click.Path(path_type=Path), help="PNG to write [default: stepwise-ID-SEED.png].")
+@click.option("--force", is_flag=True, help="Run a step count the model's policy refuses.")
+@click.option("--threads", type=int, help="ONNX Runtime threads [default: physical cores].")
+@click.option(
+    "--latents",
+    "latents_file",
+    type=click.Path(path_type=Path),
+    help="Initial noise from a .npy file of shape (1, C, H/8, W/8) instead of the seed.",
+)
+@click.option("--scheduler", help="Swap the sampler, by diffusers class name (e.g. DPMSolverMultistepScheduler).")
+@click.option("--no-t5", is_flag=True, help="SD3: run without the T5 encoder (zeros in its place) to save memory.")
+@click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
+@click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
+def generate(
+    prompt,
+    model_spec,
+    steps,
+    guidance,
+    seed,
+    width,
+    height,
+    negative,
+    out,
+    force,
+    threads,
+    latents_file,
+    scheduler,
+    no_t5,
+    profile,
+    profile_json,
+):
+    """Generate an image. With no PROMPT, asks for model, prompt and steps as the steps guide shows."""
+    interactive = prompt is None
+    if interactive:
+        if model_spec is None:
+            model_spec = ask_model().id
+        target = resolve_model(model_spec)
+        prompt = ask_prompt()
+        if steps is None:
+            steps = ask_steps(target.model, force)
+    else:
+        target = resolve_model(model_spec or DEMO_MODEL)
+    m = target.model
+    try:
+        prompt = policy.check_prompt(prompt)
+        decision = policy.decide_steps(m, steps)
+        guidance = policy.check_guidance(m, guidance)
+        width, height = policy.check_size(m, target.family, width, height)
+        seed = policy.check_seed(seed)
+        if threads is not None and threads < 1:
+            raise InputError(f"--threads must be at least 1 (got {threads})")
+    except InputError as exc:
+        _fail(str(exc), 2)
+    if decision.refused and not force:
+        _fail(f"refused: {decision.advice}", 2)
+    if decision.verdict != policy.OK and not interactive:
+        click.echo(f"warning: {decision.advice}", err=True)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads)
+    if target.folder is None:
+        _fail(not_exported_message(target), 1)
+    out = out or Path(f"stepwise-{m.id}-{seed}.png")
+    _run_generation(
+        target,
+        prompt=prompt,
+        negative=negative,
+        steps=decision.steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        threads=threads,
+        out=out,
+        latents_file=latents_file,
+        scheduler=scheduler,
+        skip=("text_encoder_3",) if no_t5 else (),
+        profile=profile,
+        profile_json=profile_json,
+    )
+
+
+@main_group.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("stepwise-demo.png"), show_default=True)
+def demo(out):
+    """Build a tiny random-weight SDXL-architecture model if none is exported, then generate and profile.
+
+    The weights are random: the picture is noise-like. It shows the whole path (export, text encoding,
+    the step loop, VAE, PNG, profile) in under a minute on a fresh clone.
+    """
+    ctx = click.get_current_context()
+    if registry.exported_path(DEMO_MODEL) is None:
+        click.echo(f"no exported {DEMO_MODEL}: building a tiny random-weight stand-in ({DEMO_SOURCE}) …")
+        ctx.invoke(export_cmd, source=DEMO_SOURCE, model_id=DEMO_MODEL)
+    ctx.invoke(generate, prompt="a red apple", model_spec=DEMO_MODEL, seed=0, out=out, profile=True)
+    click.echo("(random weights: the image shows the pipeline works, not what a real model draws)")
+
+
+def main(argv=None):
+    try:
+        main_group.main(args=argv, prog_name="stepwise", standalone_mode=False)
+    except Failure as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

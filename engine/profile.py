@@ -1,0 +1,90 @@
+"""Per-step timing: what every denoising step cost, and everything around the loop."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+class Profiler:
+    def __init__(self):
+        self.sections: dict[str, float] = {}
+        self.steps: list[dict] = []
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def section(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.sections[name] = self.sections.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+    def step(self, index: int, timestep: float, sigma: float | None, denoiser_ms: float, scheduler_ms: float):
+        self.steps.append(
+            {
+                "index": index,
+                "timestep": float(timestep),
+                "sigma": None if sigma is None else float(sigma),
+                "denoiser_ms": round(denoiser_ms, 3),
+                "scheduler_ms": round(scheduler_ms, 3),
+            }
+        )
+
+    def result(self) -> dict:
+        step_ms = [s["denoiser_ms"] + s["scheduler_ms"] for s in self.steps]
+        return {
+            "steps": self.steps,
+            "load_ms": round(self.sections.get("load", 0.0), 3),
+            "text_encoder_ms": round(self.sections.get("text_encoder", 0.0), 3),
+            "vae_decode_ms": round(self.sections.get("vae_decode", 0.0), 3),
+            "total_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "mean_step_ms": round(statistics.fmean(step_ms), 3) if step_ms else 0.0,
+            "median_step_ms": round(statistics.median(step_ms), 3) if step_ms else 0.0,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+
+
+def format_profile(p: dict) -> str:
+    lines = [f"{'step':>4}  {'timestep':>10}  {'sigma':>8}  {'denoiser ms':>11}  {'scheduler ms':>12}"]
+    for s in p["steps"]:
+        sigma = "-" if s["sigma"] is None else f"{s['sigma']:.4f}"
+        lines.append(
+            f"{s['index']:>4}  {s['timestep']:>10.3f}  {sigma:>8}  {s['denoiser_ms']:>11.1f}  "
+            f"{s['scheduler_ms']:>12.2f}"
+        )
+    lines += [
+        f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
+        f"VAE decode         {p['vae_decode_ms']:>10.1f} ms",
+        f"model load         {p['load_ms']:>10.1f} ms",
+        f"total              {p['total_ms']:>10.1f} ms",
+        f"mean per step      {p['mean_step_ms'] / 1000:>10.3f} s",
+        f"median per step    {p['median_step_ms'] / 1000:>10.3f} s",
+        f"peak resident      {p['peak_rss_mb']:>10.1f} MB",
+    ]
+    return "\n".join(lines)
+
+
+class StepBar:
+    """A one-line progress bar on stderr for the step loop (only when stderr is a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+
+    def update(self, done: int):
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / self.total)
+        elapsed = time.perf_counter() - self.start
+        per = elapsed / done if done else 0.0
+        sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] step {done}/{self.total} {per:.2f} s/step")
+        if done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
