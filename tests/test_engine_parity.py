@@ -57,8 +57,14 @@ CASES = [
 def reference_image(name, model_id, steps, guidance, width, height, latents, negative=""):
     pipe = tiny.build(name)
     pipe.scheduler = diffusers_scheduler(registry.get(model_id).scheduler)
-    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                  latents=torch.from_numpy(latents), output_type="np")
+    kwargs = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        width=width,
+        height=height,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    )
     if negative:
         kwargs["negative_prompt"] = negative
     with torch.no_grad():
@@ -67,18 +73,27 @@ def reference_image(name, model_id, steps, guidance, width, height, latents, neg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, model_id, steps, guidance, width, height, noisy", CASES,
-                         ids=[f"{c[1]}-{c[2]}steps-{c[4]}x{c[5]}" for c in CASES])
-def test_engine_matches_diffusers(exported_tiny, monkeypatch, name, model_id, steps, guidance, width, height,
-                                  noisy):
+@pytest.mark.parametrize(
+    "name, model_id, steps, guidance, width, height, noisy",
+    CASES,
+    ids=[f"{c[1]}-{c[2]}steps-{c[4]}x{c[5]}" for c in CASES],
+)
+def test_engine_matches_diffusers(exported_tiny, monkeypatch, name, model_id, steps, guidance, width, height, noisy):
     folder = exported_tiny(name)
     pipe = engine.load_pipeline(folder, threads=1)
     pipe.scheduler_config = registry.get(model_id).scheduler
     shape = pipe.family.latent_shape(width, height)
     latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
 
-    result = pipe.generate(prompt="a red apple on a table", steps=steps, guidance=guidance, width=width,
-                           height=height, seed=SEED, latents=latents)
+    result = pipe.generate(
+        prompt="a red apple on a table",
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        seed=SEED,
+        latents=latents,
+    )
     if noisy:
         numpy_randn_patch(monkeypatch, noisy, SEED)
     expected = reference_image(name, model_id, steps, guidance, width, height, latents * 1.0)
@@ -95,7 +110,15 @@ def test_negative_prompt_matches_diffusers(exported_tiny):
     folder = exported_tiny("sd15")
     pipe = engine.load_pipeline(folder, threads=1)
     latents = np.random.default_rng(3).standard_normal(pipe.family.latent_shape(64, 64), dtype=np.float32)
-    result = pipe.generate(prompt="a red apple on a table", negative_prompt="blurry, dark", steps=2,
-                           guidance=7.5, width=64, height=64, seed=0, latents=latents)
+    result = pipe.generate(
+        prompt="a red apple on a table",
+        negative_prompt="blurry, dark",
+        steps=2,
+        guidance=7.5,
+        width=64,
+        height=64,
+        seed=0,
+        latents=latents,
+    )
     expected = reference_image("sd15", "sd15", 2, 7.5, 64, 64, latents, negative="blurry, dark")
     assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= MAX_PIXEL_DIFF
