@@ -57,7 +57,7 @@ class Scheduler:
         """
         loaded = load_config(config)
         options = {key: value for key, value in loaded.items() if key in cls.defaults}
-        return cls(**options, **overrides)
+        return cls(**{**options, **overrides})
 
     # -- validation -------------------------------------------------------------------------
 

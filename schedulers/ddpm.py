@@ -126,7 +126,13 @@ class DDPMScheduler(AlphaProductMixin, Scheduler):
 
         predicted_variance = None
         channels = sample.shape[1]
-        if model_output.shape[1] == channels * 2 and config.variance_type in ("learned", "learned_range"):
+        if config.variance_type in ("learned", "learned_range"):
+            # The UNet's extra channels carry the variance (DeepFloyd IF: 6 out for 3 in).
+            if model_output.shape[1] != channels * 2:
+                raise ValueError(
+                    f"{self.name}: variance_type={config.variance_type!r} needs a model output with twice the "
+                    f"sample's channels ({channels * 2}), got {model_output.shape[1]}"
+                )
             model_output, predicted_variance = model_output[:, :channels], model_output[:, channels:]
 
         alpha_prod_t, alpha_prod_t_prev = self._alpha_products(t, prev_t)
