@@ -2,7 +2,7 @@
 
 As StableDiffusion3Pipeline builds it: the CLIP states are concatenated on the feature axis, zero-padded to
 T5's width and stacked before T5's tokens on the sequence axis. Without T5 (to save memory) its place is
-zeros of CLIP's 77-token length, as diffusers does when text_encoder_3 is None.
+zeros of the T5 window's length (max_sequence_length), as diffusers 0.39 does when text_encoder_3 is None.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class SD3Family(Family):
         )
         self.transformer = self.graphs["transformer"]
         self.joint_dim = int(self.config["joint_attention_dim"])
+        self.t5_length = self.tokenizer_lengths(self.config)["tokenizer_3"]
         self.patch_size = int(self.config.get("patch_size", 2))
 
     @staticmethod
@@ -51,7 +52,7 @@ class SD3Family(Family):
             self._note_truncation(self.t5, out.truncated)
             t5 = out.last_hidden
         else:
-            t5 = np.zeros((1, clip.shape[1], self.joint_dim), dtype=np.float32)
+            t5 = np.zeros((1, self.t5_length, self.joint_dim), dtype=np.float32)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)
 
