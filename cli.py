@@ -47,6 +47,19 @@ class Target:
     folder: Path | None  # the exported model, None when not exported yet
     label: str  # what to call it in messages and the timings file
 
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """The export's own default size (sample_size x VAE factor), e.g. 64x64 for a tiny stand-in."""
+        if self.folder is None:
+            return None
+        from registry import manifest
+
+        try:
+            size = manifest.read(self.folder, check_files=False).config.get("default_image_size")
+        except ManifestError:
+            return None
+        return (int(size), int(size)) if size else None
+
 
 def resolve_model(spec: str) -> Target:
     looks_like_path = os.sep in spec or spec.startswith(".") or Path(spec).is_dir()
@@ -378,7 +391,7 @@ def generate(
         prompt = policy.check_prompt(prompt)
         decision = policy.decide_steps(m, steps)
         guidance = policy.check_guidance(m, guidance)
-        width, height = policy.check_size(m, target.family, width, height)
+        width, height = policy.check_size(m, target.family, width, height, target.native_size)
         seed = policy.check_seed(seed)
         if threads is not None and threads < 1:
             raise InputError(f"--threads must be at least 1 (got {threads})")

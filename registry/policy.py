@@ -92,9 +92,14 @@ def check_guidance(model: Model, guidance: float | None) -> float:
     return guidance
 
 
-def check_size(model: Model, fam: Family, width: int | None, height: int | None) -> tuple[int, int]:
-    width = model.width if width is None else width
-    height = model.height if height is None else height
+def check_size(
+    model: Model, fam: Family, width: int | None, height: int | None, native: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Width and height to generate at; ``native`` is the exported model's own size when it differs from
+    the registry's (a tiny stand-in is trained for nothing, but its graphs are sized for small images)."""
+    native_w, native_h = native or (model.width, model.height)
+    width = native_w if width is None else width
+    height = native_h if height is None else height
     m = fam.size_multiple
     for name, value in (("width", width), ("height", height)):
         if value % m:
@@ -106,7 +111,7 @@ def check_size(model: Model, fam: Family, width: int | None, height: int | None)
         if not fam.min_size <= value <= fam.max_size:
             raise InputError(
                 f"--{name} {value} is outside {fam.min_size}-{fam.max_size} for {model.name}; "
-                f"its native size is {model.width}x{model.height}"
+                f"its native size is {native_w}x{native_h}"
             )
     return width, height
 
