@@ -1,0 +1,111 @@
+"""The named engines a run can time: the comparison (``stepwise``, ``pytorch``, ``openvino_fp32``,
+``openvino_default``), the tuning candidates of our ONNX Runtime path (``ort_*``) and the fast precision
+modes (``stepwise_int8``, …). Each name → (engine kind, options), built from the run's context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import graphs
+
+COMPARISON = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
+FAST_MODES = ("stepwise_int8",)
+
+
+@dataclass
+class Context:
+    folder: Path  # the exported model
+    source: Path  # the diffusers pipeline it was exported from
+    threads: int
+    width: int
+    height: int
+    scaling_factor: float
+    work: Path  # where derived graphs are cached
+    progress: object = print
+
+    @property
+    def unet(self) -> Path:
+        return self.folder / "unet" / "model.onnx"
+
+    @property
+    def vae(self) -> Path:
+        return self.folder / "vae_decoder" / "model.onnx"
+
+    def ort(self, unet=None, vae=None, **options) -> tuple[str, dict]:
+        spec = {
+            "unet": str(unet or self.unet),
+            "vae_decoder": str(vae or self.vae),
+            "text_encoder": str(self.folder / "text_encoder" / "model.onnx"),
+            "threads": self.threads,
+            "scaling_factor": self.scaling_factor,
+        }
+        return "ort", {**spec, **options}
+
+
+def _static_dims(ctx: Context) -> dict:
+    # the stand-in's and optimum's symbolic dimension names, fixed to this run's shapes
+    h, w = ctx.height // 8, ctx.width // 8
+    return {"b": 2, "h": h, "w": w, "s": 77, "batch_size": 2, "height": h, "width": w, "sequence_length": 77}
+
+
+def _int8(ctx: Context, op_types: tuple[str, ...], name: str, vae_ops: tuple[str, ...] | None = None):
+    unet = graphs.dynamic_int8(ctx.unet, ctx.work, name, op_types, "unet", ctx.progress)
+    vae = graphs.dynamic_int8(ctx.vae, ctx.work, name, vae_ops, "vae_decoder", ctx.progress) if vae_ops else None
+    return ctx.ort(unet=unet, vae=vae)
+
+
+BUILDERS = {
+    "stepwise": lambda c: (
+        "stepwise",
+        {"folder": str(c.folder), "threads": c.threads, "width": c.width, "height": c.height},
+    ),
+    "pytorch": lambda c: ("pytorch", {"source": str(c.source), "threads": c.threads}),
+    "openvino_fp32": lambda c: (
+        "openvino",
+        {
+            "folder": str(c.folder),
+            "threads": c.threads,
+            "width": c.width,
+            "height": c.height,
+            "scaling_factor": c.scaling_factor,
+            "precision": "f32",
+        },
+    ),
+    "openvino_default": lambda c: (
+        "openvino",
+        {
+            "folder": str(c.folder),
+            "threads": c.threads,
+            "width": c.width,
+            "height": c.height,
+            "scaling_factor": c.scaling_factor,
+            "precision": None,
+        },
+    ),
+    # --- tuning candidates: one change each against the engine's session
+    "ort_plain": lambda c: c.ort(),
+    "ort_no_spin": lambda c: c.ort(options={"config": {"session.intra_op.allow_spinning": "0"}}),
+    "ort_no_mem_pattern": lambda c: c.ort(options={"mem_pattern": False}),
+    "ort_no_arena": lambda c: c.ort(options={"cpu_arena": False}),
+    "ort_basic_opt": lambda c: c.ort(options={"graph_level": "basic"}),
+    "ort_extended_opt": lambda c: c.ort(options={"graph_level": "extended"}),
+    "ort_static_dims": lambda c: c.ort(options={"free_dims": _static_dims(c)}),
+    "ort_split_guidance": lambda c: c.ort(split_guidance=True),
+    "ort_io_binding": lambda c: c.ort(io_binding=True),
+    "ort_fused": lambda c: c.ort(unet=graphs.fused_unet(c.unet, c.work, c.progress)),
+    "ort_denormals_zero": lambda c: c.ort(options={"config": {"session.set_denormal_as_zero": "1"}}),
+    # --- fast precision modes
+    "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
+    "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
+}
+
+
+def names() -> list[str]:
+    return list(BUILDERS)
+
+
+def spec(name: str, ctx: Context) -> tuple[str, dict]:
+    if name not in BUILDERS:
+        raise SystemExit(f"unknown engine '{name}'; known: {', '.join(BUILDERS)}")
+    return BUILDERS[name](ctx)
