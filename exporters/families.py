@@ -1,0 +1,36 @@
+"""Which diffusers pipeline class is which Stepwise family: data, read by the source loaders."""
+
+from __future__ import annotations
+
+# model_index.json `_class_name` -> registry family (registry/models.json "families")
+PIPELINE_FAMILIES: dict[str, str] = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "LatentConsistencyModelPipeline": "sd15",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+
+# tiny:<name> -> (registry family, the registry model whose scheduler config the tiny pipeline copies,
+#                 the diffusers pipeline class it builds)
+TINY_SOURCES: dict[str, tuple[str, str, str]] = {
+    "sd15": ("sd15", "sd15", "StableDiffusionPipeline"),
+    "sdxl": ("sdxl", "sdxl", "StableDiffusionXLPipeline"),
+    "lcm": ("sd15", "lcm", "LatentConsistencyModelPipeline"),
+    "sd3": ("sd3", "sd3-medium", "StableDiffusion3Pipeline"),
+    "flux-schnell": ("flux", "flux-schnell", "FluxPipeline"),
+    "flux-dev": ("flux", "flux-dev", "FluxPipeline"),
+}
+
+# The pipeline attributes that become ONNX graphs, in export order (the VAE becomes two graphs).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+DENOISERS = ("unet", "transformer")
+# Subfolders a checkpoint needs for export; everything else in a hub repo (safety checker, single-file
+# checkpoints, fp16 variants, other frameworks' weights) is not downloaded.
+NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae")
+UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def family_of(class_name: str | None) -> str | None:
+    return PIPELINE_FAMILIES.get(class_name or "")

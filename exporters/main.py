@@ -1,0 +1,410 @@
+"""``export()``: a diffusers checkpoint → a validated ONNX folder with a ``stepwise.json`` manifest.
+
+The folder is built in a hidden temporary sibling (``.<name>.tmp-XXXX``), the manifest is written last,
+and only then is the folder renamed into place (replacing an earlier export only after success). Any
+failure, interrupt included, removes the temporary folder: a folder at the final path with a
+``stepwise.json`` is always complete and validated.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import registry
+from registry import manifest as manifest_io
+
+from . import backends, components, parts, sources, validate
+from .errors import ExportError
+from .families import TEXT_ENCODERS, TOKENIZERS
+
+MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
+# T5 prompt length the pipelines are used with: SD3's default, FLUX-schnell's model card (256) and
+# FLUX-dev's default (512). FLUX variants are told apart by guidance embedding.
+T5_SEQUENCE_LENGTH = {"sd3": 256, "flux": 256, "flux-guidance": 512}
+BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
+VERSIONED = ("torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "peft")
+
+
+def export(
+    source: str,
+    *,
+    out: Path | str | None = None,
+    model_id: str | None = None,
+    unet: str | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    opset: int = 17,
+    use_optimum: bool | None = None,
+    progress=print,
+) -> Path:
+    """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to ONNX.
+
+    Returns the final folder. Raises ExportError (one line: the problem and the fix) for anything the
+    caller can fix: a bad source, a registry mismatch, a missing package, a graph that fails validation.
+    """
+    say = progress or (lambda _message: None)
+    started = time.monotonic()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported; use an opset from {MIN_OPSET} to {MAX_OPSET} (default 17)")
+    if use_optimum and not backends.optimum_available():
+        raise ExportError(
+            "optimum's ONNX exporter is not importable; install it with pip install 'stepwise[export]' "
+            "or export with the plain torch.onnx exporter (use_optimum=False)"
+        )
+
+    src = sources.resolve(source)
+    model = _registry_model(model_id, src) if model_id else _auto_model(src)
+    final = Path(out).expanduser() if out else registry.models_home() / (model.id if model else src.name)
+    final = final.absolute()
+    _check_destination(final)
+
+    unet_spec = unet
+    if unet_spec is None and model is not None and model.parts.get("unet"):
+        if src.random_weights:
+            say(f"note: not applying {model.id}'s UNet part to the random weights of {src.spec}")
+        else:
+            unet_spec = model.parts["unet"]
+
+    say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
+    with backends.quiet():
+        pipeline = sources.load(src)
+    _check_policy(model, src, pipeline)
+    if unet_spec:
+        path = parts.fetch(unet_spec, "UNet")
+        say(f"applying UNet weights {unet_spec}")
+        parts.apply_unet(pipeline, path)
+    if lora:
+        path = parts.fetch(lora, "LoRA")
+        say(f"fusing LoRA {lora} (scale {lora_scale:g})")
+        with backends.quiet():
+            parts.apply_lora(pipeline, path, lora_scale)
+
+    config = pipeline_config(pipeline, src.family)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        _write_static(pipeline, src, tmp)
+        backend = backends.make(use_optimum, pipeline)
+        entries = _export_components(pipeline, backend, tmp, opset, say)
+        data = {
+            "model_id": model.id if model else None,
+            "family": src.family,
+            "source": src.spec,
+            "random_weights": src.random_weights,
+            "parts": {"unet": unet_spec, "lora": lora, "lora_scale": lora_scale if lora else None},
+            "opset": opset,
+            "precision": "fp32",
+            "exporter": backend.name,
+            "components": entries,
+            "config": config,
+            "versions": _versions(),
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "export_seconds": round(time.monotonic() - started, 1),
+        }
+        manifest_io.write(tmp, data)
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"exported {src.spec} to {final} in {time.monotonic() - started:.1f}s")
+    return final
+
+
+# --- the components --------------------------------------------------------------------------------
+
+
+def _export_components(pipeline, backend, folder: Path, opset: int, say) -> dict:
+    todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
+    entries = {}
+    while todo:
+        component = todo.pop(0)
+        name = component.name
+        path = folder / name / "model.onnx"
+        params = component.params
+        refs = validate.references(component)
+        say(f"exporting {name}")
+        try:
+            backend.export(component, path, opset)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(
+                f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); "
+                f"try another --opset or the other exporter (use_optimum={backend.name != 'optimum'})"
+            ) from exc
+        # free the PyTorch module before onnxruntime loads the graph
+        backend.release(name)
+        del component
+        _release(pipeline, name, todo)
+        if params > BIG_COMPONENT:
+            gc.collect()
+        try:
+            result = validate.check(_Contract(refs), path, refs)
+        except validate.ValidationFailed as exc:
+            raise ExportError(
+                f"validating {name} failed: {exc}; try another --opset or the other exporter "
+                f"(use_optimum={backend.name != 'optimum'})"
+            ) from None
+        say(f"validating {name}: max|diff| {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:.1e})")
+        graph = result.pop("graph")
+        entry = {
+            "path": f"{name}/model.onnx",
+            "bytes": path.stat().st_size,
+            "sha256": manifest_io.sha256_of(path),
+            "params": params,
+            "inputs": graph["inputs"],
+            "outputs": graph["outputs"],
+            "validation": result,
+        }
+        data = path.with_name(path.name + backends.DATA_SUFFIX)
+        if data.is_file():
+            entry["data_path"] = f"{name}/{data.name}"
+            entry["data_bytes"] = data.stat().st_size
+            entry["data_sha256"] = manifest_io.sha256_of(data)
+        entries[name] = entry
+    return entries
+
+
+class _Contract:
+    """What validate.check needs of a Component once its module is gone: the graph's names."""
+
+    def __init__(self, refs):
+        feeds, outputs = refs[0]
+        self.inputs, self.outputs = dict.fromkeys(feeds), dict.fromkeys(outputs)
+
+
+def _release(pipeline, name: str, todo: list) -> None:
+    """Drop the pipeline's reference to a module no remaining component needs."""
+    remaining = {c.name for c in todo}
+    attr = "vae" if name.startswith("vae_") else name
+    if attr == "vae" and remaining & {"vae_encoder", "vae_decoder"}:
+        return
+    if getattr(pipeline, attr, None) is not None:
+        try:
+            setattr(pipeline, attr, None)
+        except Exception:  # a pipeline that refuses None keeps the module; memory only
+            pass
+
+
+# --- files besides the graphs ----------------------------------------------------------------------
+
+
+def _write_static(pipeline, src, folder: Path) -> None:
+    """model_index.json, scheduler, tokenizers and each component's config.json."""
+    index = src.folder / "model_index.json" if src.folder else None
+    if index is not None and index.is_file():
+        shutil.copy2(index, folder / "model_index.json")
+    else:
+        pipeline.save_config(str(folder))
+    pipeline.scheduler.save_pretrained(str(folder / "scheduler"))
+    for name in TOKENIZERS:
+        tokenizer = getattr(pipeline, name, None)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, folder / name)
+    for name in components.component_names(pipeline):
+        target = folder / name
+        target.mkdir(parents=True, exist_ok=True)
+        module = pipeline.vae if name.startswith("vae_") else getattr(pipeline, name)
+        if hasattr(module, "save_config"):  # diffusers models
+            module.save_config(str(target))
+        else:  # transformers models
+            module.config.save_pretrained(str(target))
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer's own files plus ``tokenizer.json`` (the fast tokenizer the engine reads)."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    if not (folder / "tokenizer.json").is_file():
+        try:
+            fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        except Exception as exc:
+            raise ExportError(
+                f"cannot convert {folder.name} to a fast tokenizer ({_first_line(exc)}); "
+                f"install sentencepiece and protobuf (pip install 'stepwise[export]')"
+            ) from None
+        if not fast.is_fast:
+            raise ExportError(f"{folder.name} has no fast tokenizer; install sentencepiece and protobuf")
+        fast.save_pretrained(str(folder))
+    if not (folder / "tokenizer.json").is_file():
+        raise ExportError(f"{folder.name}: transformers wrote no tokenizer.json; upgrade transformers")
+
+
+# --- what the engine needs without torch -----------------------------------------------------------
+
+
+def pipeline_config(pipeline, family: str) -> dict:
+    vae = pipeline.vae
+    den_name, den = parts.denoiser(pipeline)
+    dcfg = den.config
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    shift = getattr(vae.config, "shift_factor", None)
+    encoders = {n: getattr(pipeline, n) for n in TEXT_ENCODERS if getattr(pipeline, n, None) is not None}
+    tokenizers = {n: getattr(pipeline, n) for n in TOKENIZERS if getattr(pipeline, n, None) is not None}
+    guidance_embeds = bool(getattr(dcfg, "guidance_embeds", False))
+    t5 = any(type(m).__name__ == "T5EncoderModel" for m in encoders.values())
+    seq_key = "flux-guidance" if family == "flux" and guidance_embeds else family
+    default_sample = getattr(pipeline, "default_sample_size", None) or getattr(dcfg, "sample_size", None)
+    scheduler = dict(pipeline.scheduler.config)
+    return {
+        "pipeline_class": type(pipeline).__name__,
+        "denoiser": den_name,
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "vae_shift_factor": float(shift) if shift is not None else None,
+        "vae_scale_factor": vae_scale_factor,
+        "latent_channels": int(vae.config.latent_channels),
+        "in_channels": int(dcfg.in_channels),
+        "sample_size": int(dcfg.sample_size) if getattr(dcfg, "sample_size", None) else None,
+        "default_image_size": int(default_sample) * vae_scale_factor if default_sample else None,
+        "text_encoder_layers": {n: _layers(m) for n, m in encoders.items()},
+        "text_encoder_hidden_size": {n: _hidden(m) for n, m in encoders.items()},
+        "text_encoder_projection_dim": {
+            n: int(m.config.projection_dim) for n, m in encoders.items() if type(m).__name__.endswith("Projection")
+        },
+        "tokenizer_max_length": {n: _max_length(t) for n, t in tokenizers.items()},
+        "max_sequence_length": T5_SEQUENCE_LENGTH.get(seq_key) if t5 else None,
+        "time_cond_proj_dim": getattr(dcfg, "time_cond_proj_dim", None),
+        "requires_aesthetics_score": bool(pipeline.config.get("requires_aesthetics_score", False)),
+        "force_zeros_for_empty_prompt": bool(pipeline.config.get("force_zeros_for_empty_prompt", False)),
+        "addition_embed_type": getattr(dcfg, "addition_embed_type", None),
+        "addition_time_embed_dim": getattr(dcfg, "addition_time_embed_dim", None),
+        "cross_attention_dim": getattr(dcfg, "cross_attention_dim", None),
+        "patch_size": getattr(dcfg, "patch_size", None) if den_name == "transformer" else None,
+        "guidance_embeds": guidance_embeds,
+        "joint_attention_dim": getattr(dcfg, "joint_attention_dim", None),
+        "pooled_projection_dim": getattr(dcfg, "pooled_projection_dim", None),
+        "axes_dims_rope": list(dcfg.axes_dims_rope) if getattr(dcfg, "axes_dims_rope", None) else None,
+        # how the pipeline feeds timesteps: UNets a scalar t, SD3 a (B,) t, FLUX a (B,) t / 1000
+        "timestep_shape": "scalar" if den_name == "unet" else "batch",
+        "timestep_scale": 0.001 if family == "flux" else 1.0,
+        "scheduler_class": type(pipeline.scheduler).__name__,
+        "prediction_type": scheduler.get("prediction_type"),
+    }
+
+
+def _layers(module) -> int:
+    cfg = module.config
+    return int(getattr(cfg, "num_hidden_layers", None) or cfg.num_layers)
+
+
+def _hidden(module) -> int:
+    cfg = module.config
+    return int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+
+
+def _max_length(tokenizer) -> int | None:
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if isinstance(length, int) and length < 1_000_000 else None
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+
+def _family_models(family: str) -> str:
+    return ", ".join(m.id for m in registry.all_models() if m.family == family) or "none"
+
+
+def _registry_model(model_id: str, src):
+    try:
+        model = registry.get(model_id)
+    except KeyError as exc:
+        raise ExportError(f"{exc.args[0]}; pass one of them to --model, or leave --model out") from None
+    if not registry.family(model.family).exportable:
+        exportable = ", ".join(m.id for m in registry.all_models() if registry.family(m.family).exportable)
+        raise ExportError(
+            f"{model.id} is a {model.family} model, which Stepwise cannot export; exportable models: {exportable}"
+        )
+    if model.family != src.family:
+        raise ExportError(
+            f"--model {model.id} is a {model.family} model but {src.spec} is a {src.family} pipeline "
+            f"({src.pipeline_class}); use a {src.family} model id ({_family_models(src.family)}) or another source"
+        )
+    return model
+
+
+def _auto_model(src):
+    """A hub source that is exactly one registry entry's checkpoint (and needs no parts) is that entry."""
+    if src.kind != "hub":
+        return None
+    matches = [
+        m
+        for m in registry.all_models()
+        if m.hub_id.lower() == src.repo.lower() and not m.parts and m.family == src.family
+    ]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _check_policy(model, src, pipeline) -> None:
+    """The registry entry's guidance policy must fit the checkpoint (LCM's and FLUX-dev's embedding)."""
+    if model is None:
+        return
+    den_name, den = parts.denoiser(pipeline)
+    if den_name == "unet":
+        embedded = getattr(den.config, "time_cond_proj_dim", None) is not None
+        what = "a guidance-embedding UNet (time_cond_proj_dim, as LCM has)"
+    else:
+        embedded = bool(getattr(den.config, "guidance_embeds", False))
+        what = "a guidance-embedding transformer (guidance_embeds, as FLUX.1-dev has)"
+    if embedded != model.guidance_embedded:
+        needs = "needs" if model.guidance_embedded else "must not have"
+        has = "has one" if embedded else "has none"
+        raise ExportError(
+            f"--model {model.id} {needs} {what}, but {src.spec} {has}; "
+            f"use a matching model id ({_family_models(src.family)}) or another source"
+        )
+
+
+# --- output folder ---------------------------------------------------------------------------------
+
+
+def _check_destination(final: Path) -> None:
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise ExportError(f"{final} exists and is not a folder; pass another --out")
+    if (final / registry.home.MANIFEST).is_file() or not any(final.iterdir()):
+        return
+    raise ExportError(
+        f"{final} exists and is not a Stepwise export (no {registry.home.MANIFEST}); "
+        f"pass another --out, or remove that folder first"
+    )
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.rmdir(old)
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    found = {}
+    for dist in VERSIONED:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
