@@ -42,7 +42,9 @@ class Scheduler:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             raise TypeError(f"{self.name}: unknown option(s) {', '.join(unknown)}")
-        self.config = SchedulerConfig({**self.defaults, **options})
+        resolved = {**self.defaults, **options}
+        # Copy list values (UniPC's disable_corrector) so no two schedulers share one.
+        self.config = SchedulerConfig({k: list(v) if isinstance(v, list) else v for k, v in resolved.items()})
         self._validate()
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -76,6 +78,14 @@ class Scheduler:
 
     def _reject(self, option: str, value: Any, reason: str) -> None:
         raise ValueError(f"{self.name}: unsupported {option}={value!r} ({reason})")
+
+    def _refuse_schedule_args(self, **given: Any) -> None:
+        """Every set_timesteps takes timesteps/sigmas/mu keywords; a class refuses those it has no use for."""
+        for argument, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"{self.name}.set_timesteps does not take {argument} (diffusers' class has no such input)"
+                )
 
     # -- the training noise schedule --------------------------------------------------------
 

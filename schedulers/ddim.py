@@ -42,7 +42,10 @@ class DDIMScheduler(AlphaProductMixin, Scheduler):
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu=None) -> None:
+        self._refuse_schedule_args(timesteps=timesteps, sigmas=sigmas, mu=mu)
+        if num_inference_steps is None:
+            raise ValueError(f"{self.name}: pass num_inference_steps")
         config = self.config
         if num_inference_steps > config.num_train_timesteps:
             raise ValueError(

@@ -47,7 +47,8 @@ class DDPMScheduler(AlphaProductMixin, Scheduler):
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu=None) -> None:
+        self._refuse_schedule_args(sigmas=sigmas, mu=mu)
         config = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{self.name}: pass exactly one of num_inference_steps or timesteps")

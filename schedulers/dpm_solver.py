@@ -84,11 +84,17 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             self._reject(
                 "prediction_type", "flow_prediction", f"needs algorithm_type dpmsolver++ (got {config.algorithm_type})"
             )
+        if config.algorithm_type == "sde-dpmsolver" and config.solver_order == 3:
+            # diffusers has no third-order sde-dpmsolver update (its step fails there).
+            self._reject("solver_order", 3, "no third-order update for algorithm_type='sde-dpmsolver'")
         self._setup_multistep()
         # diffusers overwrites config.flow_shift with e^mu when set_timesteps gets mu; kept here instead.
         self.flow_shift = config.flow_shift
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *, mu: float | None = None, timesteps=None) -> None:
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu: float | None = None
+    ) -> None:
+        self._refuse_schedule_args(sigmas=sigmas)
         config = self.config
         if mu is not None:
             if not (config.use_dynamic_shifting and config.time_shift_type == "exponential"):
@@ -303,8 +309,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
                 + alpha_t * ((1.0 - np.exp(-2.0 * h) - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5) * d2
                 + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise
             )
-        # diffusers has no third-order sde-dpmsolver update (it returns None); refuse instead.
-        raise ValueError(f"{self.name}: solver_order=3 is not available for algorithm_type='sde-dpmsolver'")
+        raise AssertionError("unreachable: __init__ rejects solver_order=3 for sde-dpmsolver")
 
     def step(
         self,

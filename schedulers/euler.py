@@ -61,7 +61,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
         # EDM-style c_noise = log(sigma) / 4, for v-prediction models trained that way (CosXL).
         return (np.float32(0.25) * np.log(sigmas.astype(np.float32))).astype(np.float32)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu=None) -> None:
+        self._refuse_schedule_args(mu=mu)
         config = self.config
         if timesteps is not None and sigmas is not None:
             raise ValueError(f"{self.name}: pass only one of timesteps or sigmas")

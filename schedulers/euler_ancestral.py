@@ -38,7 +38,10 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()
         self.is_scale_input_called = False
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu=None) -> None:
+        self._refuse_schedule_args(timesteps=timesteps, sigmas=sigmas, mu=mu)
+        if num_inference_steps is None:
+            raise ValueError(f"{self.name}: pass num_inference_steps")
         self.num_inference_steps = num_inference_steps
         timesteps = self._spaced_float_timesteps(num_inference_steps)
         sigmas = interp_sigmas(timesteps, self._training_sigmas())

@@ -72,6 +72,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         mu: float | None = None,
         timesteps=None,
     ) -> None:
+        """`mu` is only read with use_dynamic_shifting (ignored otherwise, as diffusers does)."""
         config = self.config
         if config.use_dynamic_shifting and mu is None:
             raise ValueError(f"{self.name}: mu must be passed when use_dynamic_shifting=True")

@@ -46,7 +46,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
     def state_in_first_order(self) -> bool:
         return self.dt is None
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu=None) -> None:
+        self._refuse_schedule_args(sigmas=sigmas, mu=mu)
         config = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{self.name}: pass exactly one of num_inference_steps or timesteps")

@@ -57,7 +57,10 @@ class LCMScheduler(AlphaProductMixin, Scheduler):
         original_inference_steps: int | None = None,
         timesteps=None,
         strength: float = 1.0,
+        sigmas=None,
+        mu=None,
     ) -> None:
+        self._refuse_schedule_args(sigmas=sigmas, mu=mu)
         config = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{self.name}: pass exactly one of num_inference_steps or timesteps")

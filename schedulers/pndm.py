@@ -49,7 +49,10 @@ class PNDMScheduler(AlphaProductMixin, Scheduler):
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu=None) -> None:
+        self._refuse_schedule_args(timesteps=timesteps, sigmas=sigmas, mu=mu)
+        if num_inference_steps is None:
+            raise ValueError(f"{self.name}: pass num_inference_steps")
         config = self.config
         self.num_inference_steps = num_inference_steps
         # PNDM builds its schedule ascending, then reverses it.

@@ -91,7 +91,11 @@ class UniPCMultistepScheduler(MultistepScheduler):
         self.last_sample = None
         self.this_order = 1
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *, sigmas=None, mu: float | None = None) -> None:
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None, mu: float | None = None
+    ) -> None:
+        """`mu` is only read with use_dynamic_shifting (ignored otherwise, as diffusers does)."""
+        self._refuse_schedule_args(timesteps=timesteps)
         config = self.config
         if config.use_dynamic_shifting and mu is None:
             raise ValueError(f"{self.name}: mu must be passed when use_dynamic_shifting=True")
