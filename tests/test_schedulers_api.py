@@ -214,6 +214,15 @@ def test_unsupported_prediction_type(name, prediction_type):
         ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "final_sigmas_type"),
         ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}, "solver_order"),
         ({"_class_name": "DPMSolverMultistepScheduler", "solver_type": "rk4"}, "solver_type"),
+        (
+            {
+                "_class_name": "DPMSolverMultistepScheduler",
+                "algorithm_type": "sde-dpmsolver",
+                "solver_order": 3,
+                "final_sigmas_type": "sigma_min",
+            },
+            "solver_order",
+        ),
         ({"_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}, "final_sigmas_type"),
         ({"_class_name": "UniPCMultistepScheduler", "predict_x0": False}, "final_sigmas_type"),
         ({"_class_name": "UniPCMultistepScheduler", "shift_terminal": 0.1}, "shift_terminal"),
@@ -244,6 +253,32 @@ def test_too_many_steps():
         scheduler.set_timesteps(1000)
         with pytest.raises(ValueError, match=rf"{name}.*num_train_timesteps"):
             scheduler.set_timesteps(1001)
+
+
+SCHEDULE_INPUTS = {  # what each class's set_timesteps can use besides num_inference_steps
+    "DDPMScheduler": {"timesteps"},
+    "DDIMScheduler": set(),
+    "PNDMScheduler": set(),
+    "EulerDiscreteScheduler": {"timesteps", "sigmas"},
+    "EulerAncestralDiscreteScheduler": set(),
+    "HeunDiscreteScheduler": {"timesteps"},
+    "DPMSolverMultistepScheduler": {"timesteps", "mu"},
+    "UniPCMultistepScheduler": {"sigmas", "mu"},
+    "LCMScheduler": {"timesteps"},
+    "FlowMatchEulerDiscreteScheduler": {"timesteps", "sigmas", "mu"},
+}
+
+
+@pytest.mark.parametrize("name", list(schedulers.SCHEDULERS))
+def test_set_timesteps_takes_one_signature_and_refuses_unused_inputs(name):
+    assert set(SCHEDULE_INPUTS) == set(schedulers.SCHEDULERS)
+    scheduler = schedulers.from_config({"_class_name": name})
+    parameters = inspect.signature(scheduler.set_timesteps).parameters
+    assert {"num_inference_steps", "timesteps", "sigmas", "mu"} <= set(parameters)
+    scheduler.set_timesteps(4, timesteps=None, sigmas=None, mu=None)
+    for argument in {"timesteps", "sigmas", "mu"} - SCHEDULE_INPUTS[name]:
+        with pytest.raises(ValueError, match=rf"{name}.set_timesteps does not take {argument}"):
+            scheduler.set_timesteps(**{argument: [999, 500] if argument != "mu" else 1.0})
 
 
 def test_dynamic_shifting_needs_mu():

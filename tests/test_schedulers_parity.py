@@ -28,6 +28,9 @@ diffusers = pytest.importorskip("diffusers")
 
 import schedulers  # noqa: E402
 
+# diffusers' own numpy-2 deprecation noise (np.array(tensor) without copy=), not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 REGISTRY = json.loads((Path(__file__).resolve().parents[1] / "registry" / "models.json").read_text())
 MODELS = {model["id"]: model for model in REGISTRY["models"]}
 
