@@ -354,12 +354,11 @@ def _check_policy(model, src, pipeline) -> None:
         embedded = bool(getattr(den.config, "guidance_embeds", False))
         what = "a guidance-embedding transformer (guidance_embeds, as FLUX.1-dev has)"
     if embedded != model.guidance_embedded:
-        needs = "needs" if model.guidance_embedded else "must not have"
-        has = "has one" if embedded else "has none"
-        raise ExportError(
-            f"--model {model.id} {needs} {what}, but {src.spec} {has}; "
-            f"use a matching model id ({_family_models(src.family)}) or another source"
-        )
+        if model.guidance_embedded:
+            problem = f"--model {model.id} expects {what}, but {src.spec} has none"
+        else:
+            problem = f"--model {model.id} expects no guidance embedding, but {src.spec} has {what}"
+        raise ExportError(f"{problem}; use a matching model id ({_family_models(src.family)}) or another source")
 
 
 # --- output folder ---------------------------------------------------------------------------------

@@ -103,14 +103,13 @@ def hub_error(exc: Exception, repo: str, what: str) -> ExportError:
             f"{repo} was not found on the Hugging Face Hub (or is private); check the repo id, "
             f"or set HF_TOKEN if it is private"
         )
-    if isinstance(exc, (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError)) and not isinstance(
-        exc, errors.LocalEntryNotFoundError
-    ):
+    local = isinstance(exc, errors.LocalEntryNotFoundError)
+    if isinstance(exc, errors.EntryNotFoundError) and not local:
         return ExportError(f"{repo} has no {what}; is it a diffusers pipeline repo?")
-    if isinstance(exc, errors.LocalEntryNotFoundError) or isinstance(exc, (OSError, ConnectionError)):
+    if local or isinstance(exc, (OSError, ConnectionError)):
         if hub_offline():
             return ExportError(
-                f"{repo} is not in the Hugging Face cache ({_cache_label()}) and HF_HUB_OFFLINE is set, so "
+                f"{what} of {repo} is not in the Hugging Face cache ({_cache_label()}) and HF_HUB_OFFLINE is set, so "
                 f"it cannot be downloaded; unset HF_HUB_OFFLINE, or export from a local pipeline folder"
             )
         return ExportError(
