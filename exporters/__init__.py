@@ -9,15 +9,45 @@ Heavy imports (torch, diffusers, optimum) happen inside the functions, not when 
 imported.
 """
 
+from __future__ import annotations
+
 from .errors import ExportError
 from .families import PIPELINE_FAMILIES, TINY_SOURCES
 
 
-def export(source, **kwargs):
-    """See ``exporters.main.export``: returns the exported folder, raises ExportError."""
+def export(
+    source: str,
+    *,
+    out=None,
+    model_id: str | None = None,
+    unet: str | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    opset: int = 17,
+    use_optimum: bool | None = None,
+    progress=print,
+):
+    """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to a validated ONNX folder.
+
+    ``out``: the folder (default: ``registry.models_home() / (model_id or a name from the source)``);
+    ``model_id``: tie the export to a registry entry (its family must match; its ``parts`` apply);
+    ``unet``/``lora``: ``FILE`` or ``REPO:FILE``; ``use_optimum``: None = optimum when importable;
+    ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
+    Raises ExportError, one line naming the problem and the fix.
+    """
     from .main import export as _export
 
-    return _export(source, **kwargs)
+    return _export(
+        source,
+        out=out,
+        model_id=model_id,
+        unet=unet,
+        lora=lora,
+        lora_scale=lora_scale,
+        opset=opset,
+        use_optimum=use_optimum,
+        progress=progress,
+    )
 
 
 def build_tiny(name: str):

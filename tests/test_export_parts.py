@@ -88,17 +88,24 @@ def torch_unet(pipe, feeds):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
+    """One export with both parts. It also stores every graph's weights as external data
+    (``model.onnx_data``, what a > 2 GB UNet gets), so every check below runs on that layout too."""
+    from exporters import backends
+
     folder = tmp_path_factory.mktemp("parts")
     unet_file = make_unet_file(folder / "other_unet.safetensors")
     lora_file = make_lora_file(folder)
-    out = exporters.export(
-        "tiny:sd15",
-        out=folder / "export",
-        unet=str(unet_file),
-        lora=str(lora_file),
-        lora_scale=LORA_SCALE,
-        progress=None,
-    )
+    consolidate = backends.consolidate_external_data
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "consolidate_external_data", lambda path: consolidate(path, force=True))
+        out = exporters.export(
+            "tiny:sd15",
+            out=folder / "export",
+            unet=str(unet_file),
+            lora=str(lora_file),
+            lora_scale=LORA_SCALE,
+            progress=None,
+        )
     return out, unet_file, lora_file
 
 
@@ -108,6 +115,19 @@ def test_manifest_records_the_parts(parts):
     assert data["parts"] == {"unet": str(unet_file), "lora": str(lora_file), "lora_scale": LORA_SCALE}
     for entry in data["components"].values():
         assert entry["validation"]["max_abs_diff"] <= entry["validation"]["tolerance"]
+
+
+def test_external_data_layout(parts):
+    out, _, _ = parts
+    manifest = manifest_io.read(out)
+    for name, entry in manifest.components.items():
+        data = out / entry["data_path"]
+        assert entry["data_path"] == f"{name}/model.onnx_data"
+        assert data.stat().st_size == entry["data_bytes"] > 4 * entry["params"] * 0.9
+        assert entry["data_sha256"] == manifest_io.sha256_of(data)
+        assert entry["bytes"] < entry["data_bytes"]  # the graph file holds no weights
+        assert sorted(p.name for p in (out / name).iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]
+    assert manifest.weights_bytes() == sum(e["bytes"] + e["data_bytes"] for e in manifest.components.values())
 
 
 def test_exported_unet_has_the_replaced_weights_and_the_fused_lora(parts):
