@@ -19,8 +19,8 @@ from .families import NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The weight files diffusers loads by default (no variant): model.safetensors, sharded ones and their index.
-WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
-WEIGHTS_INDEX = re.compile(r"^(diffusion_pytorch_model|model)\.(safetensors|bin)\.index\.json$")
+WEIGHTS = re.compile(r"^(diffusion_pytorch_model|pytorch_model|model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
+WEIGHTS_INDEX = re.compile(r"^(diffusion_pytorch_model|pytorch_model|model)\.(safetensors|bin)\.index\.json$")
 SMALL_FILES = re.compile(r"^[^.]+(\.[^.]+)?\.(json|txt|model)$")  # configs, vocabularies, spiece.model
 
 
@@ -106,7 +106,7 @@ def hub_error(exc: Exception, repo: str, what: str) -> ExportError:
     local = isinstance(exc, errors.LocalEntryNotFoundError)
     if isinstance(exc, errors.EntryNotFoundError) and not local:
         return ExportError(f"{repo} has no {what}; is it a diffusers pipeline repo?")
-    if local or isinstance(exc, (OSError, ConnectionError)):
+    if local or (isinstance(exc, (OSError, ConnectionError)) and not isinstance(exc, errors.HfHubHTTPError)):
         if hub_offline():
             return ExportError(
                 f"{what} of {repo} is not in the Hugging Face cache ({_cache_label()}) and HF_HUB_OFFLINE is set, so "

@@ -189,3 +189,95 @@ def test_interrupt_leaves_nothing_and_keeps_the_previous_export(isolated, monkey
         exporters.export("tiny:sd15", use_optimum=False, progress=None)
     assert leftovers(isolated / "home") == ["tiny-sd15"]
     assert (final / "stepwise.json").read_text() == before
+
+
+# --- hub helpers (no network: the file listing and the errors are simulated) -----------------------------
+
+SD15_REPO_FILES = [
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "v1-5-pruned.ckpt",
+    "v1-5-pruned-emaonly.safetensors",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",  # a folder with .bin weights only
+    "text_encoder_3/config.json",
+    "text_encoder_3/model-00001-of-00002.safetensors",
+    "text_encoder_3/model-00002-of-00002.safetensors",
+    "text_encoder_3/model.safetensors.index.json",
+    "text_encoder_3/model.safetensors.index.fp16.json",
+    "tokenizer_3/spiece.model",
+    "tokenizer_3/tokenizer.json",
+]
+
+
+def test_hub_download_takes_only_the_default_weights_of_needed_folders(monkeypatch):
+    import huggingface_hub
+
+    from exporters import sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: list(SD15_REPO_FILES))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        **{name: ["x", "y"] for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae", "safety_checker")},
+        **{name: ["x", "y"] for name in ("feature_extractor", "text_encoder_3", "tokenizer_3")},
+    }
+    wanted = set(sources._hub_patterns("org/sd15", index))
+    assert wanted == {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder_3/config.json",
+        "text_encoder_3/model-00001-of-00002.safetensors",
+        "text_encoder_3/model-00002-of-00002.safetensors",
+        "text_encoder_3/model.safetensors.index.json",
+        "tokenizer_3/spiece.model",
+        "tokenizer_3/tokenizer.json",
+    }
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sources._hub_patterns("org/sd15", index) is None  # offline: the cached snapshot as it is
+
+
+def test_hub_errors_are_one_line_with_the_fix(monkeypatch):
+    from huggingface_hub import errors
+
+    from exporters import sources
+
+    gated = sources.hub_error(errors.GatedRepoError("401"), "black-forest-labs/FLUX.1-dev", "model_index.json")
+    assert "HF_TOKEN" in str(gated) and "https://huggingface.co/black-forest-labs/FLUX.1-dev" in str(gated)
+    missing = sources.hub_error(errors.RepositoryNotFoundError("404"), "org/typo", "model_index.json")
+    assert "not found" in str(missing)
+    no_index = sources.hub_error(errors.EntryNotFoundError("404"), "org/llm", "model_index.json")
+    assert "no model_index.json" in str(no_index)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    network = sources.hub_error(errors.LocalEntryNotFoundError("no network"), "org/x", "model_index.json")
+    assert "network" in str(network) and "\n" not in str(network)
+    server = sources.hub_error(errors.HfHubHTTPError("500 Server Error\ndetails"), "org/x", "model_index.json")
+    assert "500 Server Error" in str(server) and "\n" not in str(server)
