@@ -127,16 +127,21 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say) -> dict
         name = component.name
         path = folder / name / "model.onnx"
         params = component.params
-        refs = validate.references(component)
         say(f"exporting {name}")
+        try:
+            refs = validate.references(component)
+        except Exception as exc:
+            raise ExportError(
+                f"running {name} in PyTorch on test inputs failed ({type(exc).__name__}: {_first_line(exc)}); "
+                f"the checkpoint does not load as a standard {type(pipeline).__name__}"
+            ) from exc
         try:
             backend.export(component, path, opset)
         except ExportError:
             raise
         except Exception as exc:
             raise ExportError(
-                f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); "
-                f"try another --opset or the other exporter (use_optimum={backend.name != 'optimum'})"
+                f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); {_other_exporter(backend)}"
             ) from exc
         # free the PyTorch module before onnxruntime loads the graph
         backend.release(name)
@@ -147,10 +152,7 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say) -> dict
         try:
             result = validate.check(_Contract(refs), path, refs)
         except validate.ValidationFailed as exc:
-            raise ExportError(
-                f"validating {name} failed: {exc}; try another --opset or the other exporter "
-                f"(use_optimum={backend.name != 'optimum'})"
-            ) from None
+            raise ExportError(f"validating {name} failed: {exc}; {_other_exporter(backend)}") from None
         say(f"validating {name}: max|diff| {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:.1e})")
         graph = result.pop("graph")
         entry = {
@@ -169,6 +171,12 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say) -> dict
             entry["data_sha256"] = manifest_io.sha256_of(data)
         entries[name] = entry
     return entries
+
+
+def _other_exporter(backend) -> str:
+    if backend.name == "optimum":
+        return "try the plain torch.onnx exporter (stepwise export --no-optimum), or another opset"
+    return "try optimum's exporter (pip install 'stepwise[export]', without --no-optimum), or another opset"
 
 
 class _Contract:
