@@ -9,6 +9,7 @@ failure, interrupt included, removes the temporary folder: a folder at the final
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -85,11 +86,12 @@ def export(
         with backends.quiet():
             parts.apply_lora(pipeline, path, lora_scale)
 
-    config = pipeline_config(pipeline, src.family)
+    scheduler = scheduler_config(pipeline, model)
+    config = pipeline_config(pipeline, src.family, scheduler)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _write_static(pipeline, src, tmp)
+        _write_static(pipeline, src, tmp, scheduler)
         backend = backends.make(use_optimum, pipeline)
         entries = _export_components(pipeline, backend, tmp, opset, say)
         data = {
@@ -98,6 +100,7 @@ def export(
             "source": src.spec,
             "random_weights": src.random_weights,
             "parts": {"unet": unet_spec, "lora": lora, "lora_scale": lora_scale if lora else None},
+            "scheduler_source": f"registry:{model.id}" if model else "checkpoint",
             "opset": opset,
             "precision": "fp32",
             "exporter": backend.name,
@@ -203,14 +206,23 @@ def _release(pipeline, name: str, todo: list) -> None:
 # --- files besides the graphs ----------------------------------------------------------------------
 
 
-def _write_static(pipeline, src, folder: Path) -> None:
+def scheduler_config(pipeline, model) -> dict:
+    """The registry entry's scheduler config (the checkpoint's plus its model card's overrides, e.g.
+    SDXL-Lightning's trailing timesteps on SDXL base's scheduler) when tied to one; else the checkpoint's."""
+    if model is not None and model.scheduler.get("_class_name"):
+        return dict(model.scheduler)
+    return json.loads(pipeline.scheduler.to_json_string())  # what save_pretrained writes
+
+
+def _write_static(pipeline, src, folder: Path, scheduler: dict) -> None:
     """model_index.json, scheduler, tokenizers and each component's config.json."""
     index = src.folder / "model_index.json" if src.folder else None
     if index is not None and index.is_file():
         shutil.copy2(index, folder / "model_index.json")
     else:
         pipeline.save_config(str(folder))
-    pipeline.scheduler.save_pretrained(str(folder / "scheduler"))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZERS:
         tokenizer = getattr(pipeline, name, None)
         if tokenizer is not None:
@@ -249,7 +261,7 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 # --- what the engine needs without torch -----------------------------------------------------------
 
 
-def pipeline_config(pipeline, family: str) -> dict:
+def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
     vae = pipeline.vae
     den_name, den = parts.denoiser(pipeline)
     dcfg = den.config
@@ -261,7 +273,6 @@ def pipeline_config(pipeline, family: str) -> dict:
     t5 = any(type(m).__name__ == "T5EncoderModel" for m in encoders.values())
     seq_key = "flux-guidance" if family == "flux" and guidance_embeds else family
     default_sample = getattr(pipeline, "default_sample_size", None) or getattr(dcfg, "sample_size", None)
-    scheduler = dict(pipeline.scheduler.config)
     return {
         "pipeline_class": type(pipeline).__name__,
         "denoiser": den_name,
@@ -293,7 +304,7 @@ def pipeline_config(pipeline, family: str) -> dict:
         # how the pipeline feeds timesteps: UNets a scalar t, SD3 a (B,) t, FLUX a (B,) t / 1000
         "timestep_shape": "scalar" if den_name == "unet" else "batch",
         "timestep_scale": 0.001 if family == "flux" else 1.0,
-        "scheduler_class": type(pipeline.scheduler).__name__,
+        "scheduler_class": scheduler.get("_class_name"),
         "prediction_type": scheduler.get("prediction_type"),
     }
 

@@ -196,7 +196,9 @@ def test_config_has_what_the_engine_needs(family_export):
     assert config["vae_scale_factor"] == 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     mirrored = registry.get(exporters.TINY_SOURCES[family][1]).scheduler
-    assert scheduler["_class_name"] == mirrored["_class_name"]
+    assert manifest_io.read(folder).data["scheduler_source"] == "checkpoint"  # no --model: the pipeline's own
+    assert scheduler["_class_name"] == mirrored["_class_name"] == config["scheduler_class"]
+    assert "_use_default_values" not in scheduler
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == exporters.TINY_SOURCES[family][2]
 

@@ -38,7 +38,9 @@ def fake_hub_cache(hf_home, repo: str, pipeline):
 
 def test_hub_repo_from_the_offline_cache(tmp_path, monkeypatch, exported_tiny):
     repo = registry.get("sd15").hub_id
-    snapshot = fake_hub_cache(tmp_path / "hf", repo, exporters.build_tiny("sd15"))
+    pipeline = exporters.build_tiny("sd15")
+    pipeline.scheduler.register_to_config(steps_offset=0)  # a checkpoint whose scheduler differs from the registry's
+    snapshot = fake_hub_cache(tmp_path / "hf", repo, pipeline)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -61,6 +63,11 @@ def test_hub_repo_from_the_offline_cache(tmp_path, monkeypatch, exported_tiny):
     assert json.loads((folder / "model_index.json").read_text()) == json.loads(
         (snapshot / "model_index.json").read_text()
     )
+    # tied to the registry entry, the export carries the entry's scheduler config, not the checkpoint's
+    assert data["scheduler_source"] == "registry:sd15"
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler == registry.get("sd15").scheduler
+    assert json.loads((snapshot / "scheduler" / "scheduler_config.json").read_text())["steps_offset"] == 0
     assert any(line.startswith("loading ") for line in lines)
     assert any(line.startswith("exporting unet") for line in lines)
     assert any(line.startswith("validating unet: max|diff|") for line in lines)
