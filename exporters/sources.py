@@ -129,18 +129,9 @@ def hub_file(repo: str, filename: str, what: str | None = None) -> Path:
         raise hub_error(exc, repo, what or filename) from None
 
 
-def _hub_patterns(repo: str, index: dict) -> list[str] | None:
-    """The exact files to fetch: model_index, each needed folder's configs/vocab and default weights
-    (safetensors, else .bin; no fp16/non-EMA variants, no single-file checkpoints). None if the file
-    list cannot be had (offline): then the cached snapshot is used as it is."""
-    from huggingface_hub import HfApi
-
-    if hub_offline():
-        return None
-    try:
-        files = HfApi().list_repo_files(repo)
-    except Exception:
-        return None
+def select_files(files: list[str], index: dict) -> list[str]:
+    """The files of a repo to fetch: model_index, each needed folder's configs/vocabularies and default
+    weights (safetensors, else .bin; no fp16/non-EMA variants, no single-file checkpoints)."""
     folders = {name for name in index if not name.startswith("_")} & set(NEEDED_FOLDERS)
     wanted = ["model_index.json"]
     weights: dict[str, list[str]] = {}
@@ -159,16 +150,20 @@ def _hub_patterns(repo: str, index: dict) -> list[str] | None:
 
 
 def hub_snapshot(repo: str, index: dict) -> Path:
-    from huggingface_hub import snapshot_download
+    """Download (or find in the cache) what the export needs of a hub repo; the snapshot folder."""
+    from huggingface_hub import HfApi, snapshot_download
 
-    patterns = _hub_patterns(repo, index)
+    offline = hub_offline()
+    patterns = None
+    if not offline:
+        try:
+            patterns = select_files(HfApi().list_repo_files(repo), index)
+        except Exception as exc:
+            if not _cached(repo):
+                raise hub_error(exc, repo, "the file list") from None
+            offline = True  # the Hub is unreachable but the repo is cached: use the cache
     try:
-        folder = snapshot_download(
-            repo,
-            allow_patterns=patterns,
-            cache_dir=hub_cache_dir(),
-            local_files_only=hub_offline() or patterns is None and _cached(repo),
-        )
+        folder = snapshot_download(repo, allow_patterns=patterns, cache_dir=hub_cache_dir(), local_files_only=offline)
     except Exception as exc:
         raise hub_error(exc, repo, "the pipeline files") from None
     return Path(folder)
@@ -231,10 +226,13 @@ def load(source: Source):
 def load_folder(folder: Path, label: str | None = None):
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     label = label or str(folder)
     index = _read_index(folder / "model_index.json", label)
     skip = {name: None for name in UNNEEDED_COMPONENTS if name in index}
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is not one of our stages
     try:
         pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **skip)
     except Exception as exc:
@@ -243,6 +241,9 @@ def load_folder(folder: Path, label: str | None = None):
             f"diffusers cannot load the pipeline in {label} ({type(exc).__name__}: {first}); "
             f"check the folder is a complete diffusers pipeline (for a hub repo: download it again online)"
         ) from None
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     pipeline.set_progress_bar_config(disable=True)
     for module in pipeline.components.values():
         if hasattr(module, "eval"):

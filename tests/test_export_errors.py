@@ -228,19 +228,15 @@ SD15_REPO_FILES = [
 ]
 
 
-def test_hub_download_takes_only_the_default_weights_of_needed_folders(monkeypatch):
-    import huggingface_hub
-
+def test_hub_download_takes_only_the_default_weights_of_needed_folders():
     from exporters import sources
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: list(SD15_REPO_FILES))
     index = {
         "_class_name": "StableDiffusionPipeline",
         **{name: ["x", "y"] for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae", "safety_checker")},
         **{name: ["x", "y"] for name in ("feature_extractor", "text_encoder_3", "tokenizer_3")},
     }
-    wanted = set(sources._hub_patterns("org/sd15", index))
+    wanted = set(sources.select_files(SD15_REPO_FILES, index))
     assert wanted == {
         "model_index.json",
         "scheduler/scheduler_config.json",
@@ -261,8 +257,25 @@ def test_hub_download_takes_only_the_default_weights_of_needed_folders(monkeypat
         "tokenizer_3/spiece.model",
         "tokenizer_3/tokenizer.json",
     }
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert sources._hub_patterns("org/sd15", index) is None  # offline: the cached snapshot as it is
+
+
+def test_hub_listing_failure_without_cache_is_reported_not_a_full_download(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from exporters import sources
+
+    def refuse(self, repo):
+        raise errors.GatedRepoError("403 gated")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("must not download without a file list")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    with pytest.raises(exporters.ExportError, match="HF_TOKEN"):
+        sources.hub_snapshot("black-forest-labs/FLUX.1-dev", {"_class_name": "FluxPipeline"})
 
 
 def test_hub_errors_are_one_line_with_the_fix(monkeypatch):
