@@ -438,7 +438,9 @@ def demo(out):
     if registry.exported_path(DEMO_MODEL) is None:
         click.echo(f"no exported {DEMO_MODEL}: building a tiny random-weight stand-in ({DEMO_SOURCE}) …")
         ctx.invoke(export_cmd, source=DEMO_SOURCE, model_id=DEMO_MODEL)
-    ctx.invoke(generate, prompt="a red apple", model_spec=DEMO_MODEL, seed=0, out=out, profile=True)
+    ctx.invoke(
+        generate, prompt="a red apple", model_spec=DEMO_MODEL, seed=0, width=128, height=128, out=out, profile=True
+    )
     click.echo("(random weights: the image shows the pipeline works, not what a real model draws)")
 
 
