@@ -22,6 +22,36 @@ def _target(work: Path, name: str, component: str) -> Path:
     return work / name / component / "model.onnx"
 
 
+def _patch_num_heads() -> None:
+    """onnxruntime 1.32's UNet attention fusion calls int() on a shape-[1] array, which NumPy 2 refuses;
+    the same lookup with .item()."""
+    import importlib
+    import sys
+
+    import numpy as np
+    import onnxruntime.transformers.optimizer  # noqa: F401 - puts its folder on sys.path, as it imports itself
+
+    importlib.import_module("fusion_attention_unet")  # the top-level copy the UNet optimizer uses
+
+    def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = self.model.get_constant_value(parent.input[2])
+                if isinstance(value, np.ndarray) and value.size == 1:
+                    return max(int(value.reshape(-1)[0]), 0)
+            return 0
+        value = self.model.get_constant_value(reshape_q.input[1])
+        if isinstance(value, np.ndarray) and list(value.shape) == [4]:
+            return max(int(value[2]), 0)
+        return 0
+
+    # the optimizer imports the fusion module both as a package module and top-level: patch every copy
+    for name, module in list(sys.modules.items()):
+        if name.endswith("fusion_attention_unet") and hasattr(module, "FusionAttentionUnet"):
+            module.FusionAttentionUnet.get_num_heads = get_num_heads
+
+
 def fused_unet(source: Path, work: Path, progress=print) -> Path:
     """The UNet after onnxruntime.transformers' UNet fusions that run on CPU (attention, LayerNorm, Gelu)."""
     out = _target(work, "fused", "unet")
@@ -30,6 +60,7 @@ def fused_unet(source: Path, work: Path, progress=print) -> Path:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    _patch_num_heads()
     progress(f"  fusing {source} (onnxruntime.transformers, model_type=unet, CPU fusions)")
     options = FusionOptions("unet")
     for name in CPU_UNET_FUSIONS_OFF:
@@ -60,5 +91,7 @@ def dynamic_int8(
         weight_type=QuantType.QInt8,
         per_channel=True,
         use_external_data_format=True,
+        # contrib ops (the fused graph's Attention) leave some types to guess; they are all float
+        extra_options={"DefaultTensorType": 1},
     )
     return out

@@ -43,14 +43,19 @@ class Context:
         return "ort", {**spec, **options}
 
 
-def _static_dims(ctx: Context) -> dict:
-    # the stand-in's and optimum's symbolic dimension names, fixed to this run's shapes
+def _static_dims(ctx: Context) -> tuple[dict, dict]:
+    """optimum's symbolic dimension names fixed to this run's shapes: (UNet options, VAE options)."""
     h, w = ctx.height // 8, ctx.width // 8
-    return {"b": 2, "h": h, "w": w, "s": 77, "batch_size": 2, "height": h, "width": w, "sequence_length": 77}
+    unet = {"batch_size": 2, "height": h, "width": w, "sequence_length": 77}
+    vae = {"batch_size": 1, "latent_height": h, "latent_width": w}
+    return {"free_dims": unet}, {"free_dims": vae}
 
 
-def _int8(ctx: Context, op_types: tuple[str, ...], name: str, vae_ops: tuple[str, ...] | None = None):
-    unet = graphs.dynamic_int8(ctx.unet, ctx.work, name, op_types, "unet", ctx.progress)
+def _int8(
+    ctx: Context, op_types: tuple[str, ...], name: str, vae_ops: tuple[str, ...] | None = None, fused: bool = False
+):
+    source = graphs.fused_unet(ctx.unet, ctx.work, ctx.progress) if fused else ctx.unet
+    unet = graphs.dynamic_int8(source, ctx.work, name, op_types, "unet", ctx.progress)
     vae = graphs.dynamic_int8(ctx.vae, ctx.work, name, vae_ops, "vae_decoder", ctx.progress) if vae_ops else None
     return ctx.ort(unet=unet, vae=vae)
 
@@ -90,7 +95,7 @@ BUILDERS = {
     "ort_no_arena": lambda c: c.ort(options={"cpu_arena": False}),
     "ort_basic_opt": lambda c: c.ort(options={"graph_level": "basic"}),
     "ort_extended_opt": lambda c: c.ort(options={"graph_level": "extended"}),
-    "ort_static_dims": lambda c: c.ort(options={"free_dims": _static_dims(c)}),
+    "ort_static_dims": lambda c: c.ort(options=_static_dims(c)[0], vae_options=_static_dims(c)[1]),
     "ort_split_guidance": lambda c: c.ort(split_guidance=True),
     "ort_io_binding": lambda c: c.ort(io_binding=True),
     "ort_fused": lambda c: c.ort(unet=graphs.fused_unet(c.unet, c.work, c.progress)),
@@ -98,6 +103,10 @@ BUILDERS = {
     # --- fast precision modes
     "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
     "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
+    "stepwise_int8_fused": lambda c: _int8(c, ("MatMul",), "int8-fused-matmul", fused=True),
+    "stepwise_int8_fused_conv": lambda c: _int8(
+        c, ("MatMul", "Conv"), "int8-fused-matmul-conv", vae_ops=("Conv",), fused=True
+    ),
 }
 
 
