@@ -25,7 +25,9 @@ TEXT_CASES = {"export": (2, None), "a": (1, None), "b": (2, 13)}
 TEXT_SEQ = {"export": 77, "a": 77, "b": 19}
 
 ATOL = 1e-4
-RTOL = 1e-3  # of the largest |reference| value: real 2.5B-parameter UNets differ by ~1e-4 relative
+# of the largest |reference| value: headroom for fp32 reordering in big graphs (the tiny models and a
+# full-size random-weight SD 1.5 differ by ~1e-6 to 4e-5)
+RTOL = 1e-3
 
 
 @dataclass

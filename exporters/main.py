@@ -72,19 +72,20 @@ def export(
         else:
             unet_spec = model.parts["unet"]
 
+    # parts are fetched before the pipeline is loaded: a missing file fails in a second, not minutes
+    unet_file = parts.fetch(unet_spec, "UNet") if unet_spec else None
+    lora_file = parts.fetch(lora, "LoRA") if lora else None
     say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
     with backends.quiet():
         pipeline = sources.load(src)
     _check_policy(model, src, pipeline)
-    if unet_spec:
-        path = parts.fetch(unet_spec, "UNet")
+    if unet_file:
         say(f"applying UNet weights {unet_spec}")
-        parts.apply_unet(pipeline, path)
-    if lora:
-        path = parts.fetch(lora, "LoRA")
+        parts.apply_unet(pipeline, unet_file)
+    if lora_file:
         say(f"fusing LoRA {lora} (scale {lora_scale:g})")
         with backends.quiet():
-            parts.apply_lora(pipeline, path, lora_scale)
+            parts.apply_lora(pipeline, lora_file, lora_scale)
 
     scheduler = scheduler_config(pipeline, model)
     config = pipeline_config(pipeline, src.family, scheduler)
@@ -92,7 +93,13 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         _write_static(pipeline, src, tmp, scheduler)
-        backend = backends.make(use_optimum, pipeline)
+        try:
+            backend = backends.make(use_optimum, pipeline)
+        except Exception as exc:
+            raise ExportError(
+                f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
+                f"try the plain torch.onnx exporter (stepwise export --no-optimum)"
+            ) from exc
         entries = _export_components(pipeline, backend, tmp, opset, say)
         data = {
             "model_id": model.id if model else None,

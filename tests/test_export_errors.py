@@ -176,6 +176,7 @@ def test_validation_failure_leaves_nothing(isolated, monkeypatch):
     assert leftovers(isolated / "home") == []
 
 
+@pytest.mark.slow
 def test_interrupt_leaves_nothing_and_keeps_the_previous_export(isolated, monkeypatch, exported_tiny):
     final = isolated / "home" / "models" / "tiny-sd15"
     shutil.copytree(exported_tiny("sd15"), final)
