@@ -83,13 +83,18 @@ def read(folder: str | Path, *, check_files: bool = True) -> Manifest:
     manifest = Manifest(folder, data)
     if check_files:
         for name, entry in manifest.components.items():
-            file = folder / entry["path"]
-            if not file.is_file():
-                raise ManifestError(f"{file} is missing ({name}); export the model again")
-            size = file.stat().st_size
-            if "bytes" in entry and size != entry["bytes"]:
-                raise ManifestError(
-                    f"{file} is {size} bytes, the manifest says {entry['bytes']}: the file is corrupted "
-                    f"or was replaced; export the model again"
-                )
+            _check_file(folder / entry["path"], entry.get("bytes"), name)
+            if entry.get("data_path"):  # weights over 2 GB live beside the graph
+                _check_file(folder / entry["data_path"], entry.get("data_bytes"), name)
     return manifest
+
+
+def _check_file(file: Path, expected_bytes: int | None, name: str) -> None:
+    if not file.is_file():
+        raise ManifestError(f"{file} is missing ({name}); export the model again")
+    size = file.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise ManifestError(
+            f"{file} is {size} bytes, the manifest says {expected_bytes}: the file is corrupted "
+            f"or was replaced; export the model again"
+        )
