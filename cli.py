@@ -247,7 +247,7 @@ def models_cmd(as_json):
 
 
 @main_group.command("export")
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--model", "model_id", help="Registry id whose step policy the export carries (see `stepwise models`).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: the models home / ID).")
 @click.option("--unet", help="Replace the UNet with this checkpoint: FILE or REPO:FILE (SDXL Lightning).")
@@ -255,13 +255,20 @@ def models_cmd(as_json):
 @click.option("--lora-scale", type=float, default=1.0, show_default=True)
 @click.option("--no-optimum", is_flag=True, help="Export with torch.onnx only, even when optimum is installed.")
 def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum):
-    """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once."""
+    """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once.
+
+    With --model and no SOURCE, the registry's checkpoint (and its parts, e.g. SDXL Lightning's UNet) is used.
+    """
+    if model_id is not None and registry.find(model_id) is None:
+        _fail(f"unknown model {model_id!r}; see `stepwise models` for the ids", 2)
+    if source is None:
+        if model_id is None:
+            _fail("say what to export: a hub repo id, a diffusers folder, tiny:<family>, or --model ID", 2)
+        source = registry.get(model_id).hub_id
     try:
         import exporters
     except ImportError as exc:
         _fail(f"exporting needs the export extra ({exc.name} is missing): pip install -e '.[export]'", 2)
-    if model_id is not None and registry.find(model_id) is None:
-        _fail(f"unknown model {model_id!r}; see `stepwise models` for the ids", 2)
     try:
         folder = exporters.export(
             source,

@@ -50,6 +50,9 @@ def test_export_then_models_shows_it_then_generate(tmp_path):
         (["export", "."], "model_index.json"),
         (["export", "tiny:sd15", "--model", "flux-dev"], "flux"),
         (["export", "some-org/some-model"], "HF_HUB_OFFLINE"),
+        # --model alone takes the registry's checkpoint (offline here, so it names what it would fetch)
+        (["export", "--model", "sdxl-lightning"], "stabilityai/stable-diffusion-xl-base-1.0"),
+        (["export"], "say what to export"),
     ],
 )
 def test_export_errors_are_one_line(tmp_path, args, needle):
