@@ -95,3 +95,58 @@ def dynamic_int8(
         extra_options={"DefaultTensorType": 1},
     )
     return out
+
+
+def split_self_attention(source: Path, work: Path, progress=print) -> Path:
+    """The fused UNet with every self-attention ``Attention`` node (packed QKV weight, no flash kernel on
+    CPU) rewritten as three MatMuls into ``MultiHeadAttention``, whose CPU kernel runs flash attention:
+    the (B, heads, 4096, 4096) score tensor is never materialised."""
+    out = _target(work, "fused-mha", "unet")
+    if out.is_file():
+        return out
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    progress(f"  splitting self-attention of {source} into MatMuls + MultiHeadAttention")
+    model = onnx.load(str(source))  # with weights: the packed QKV weight is cut into three
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Attention" or node.domain != "com.microsoft":
+            nodes.append(node)
+            continue
+        heads = next(a.i for a in node.attribute if a.name == "num_heads")
+        weight = numpy_helper.to_array(inits[node.input[1]])  # (C, 3·C): q, k, v columns side by side
+        c_out = weight.shape[1] // 3
+        has_bias = len(node.input) > 2 and node.input[2] and np.any(numpy_helper.to_array(inits[node.input[2]]))
+        names = []
+        for i, part in enumerate("qkv"):
+            w_name = f"{node.name}_{part}_weight"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(weight[:, i * c_out : (i + 1) * c_out]), w_name)
+            )
+            names.append(f"{node.name}_{part}")
+            nodes.append(
+                helper.make_node("MatMul", [node.input[0], w_name], [names[-1]], name=f"{node.name}_{part}_mm")
+            )
+        inputs = names + ([node.input[2]] if has_bias else [])
+        nodes.append(
+            helper.make_node(
+                "MultiHeadAttention",
+                inputs,
+                [node.output[0]],
+                name=node.name + "_mha",
+                domain="com.microsoft",
+                num_heads=heads,
+            )
+        )
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out), save_as_external_data=True, location="model.onnx.data")
+    return out

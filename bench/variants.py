@@ -54,7 +54,9 @@ def _static_dims(ctx: Context) -> tuple[dict, dict]:
 def _int8(
     ctx: Context, op_types: tuple[str, ...], name: str, vae_ops: tuple[str, ...] | None = None, fused: bool = False
 ):
-    source = graphs.fused_unet(ctx.unet, ctx.work, ctx.progress) if fused else ctx.unet
+    source = ctx.unet
+    if fused:  # the attention-fused graph with MultiHeadAttention everywhere (ort_fused_mha)
+        source = graphs.split_self_attention(graphs.fused_unet(ctx.unet, ctx.work), ctx.work, ctx.progress)
     unet = graphs.dynamic_int8(source, ctx.work, name, op_types, "unet", ctx.progress)
     vae = graphs.dynamic_int8(ctx.vae, ctx.work, name, vae_ops, "vae_decoder", ctx.progress) if vae_ops else None
     return ctx.ort(unet=unet, vae=vae)
@@ -99,13 +101,16 @@ BUILDERS = {
     "ort_split_guidance": lambda c: c.ort(split_guidance=True),
     "ort_io_binding": lambda c: c.ort(io_binding=True),
     "ort_fused": lambda c: c.ort(unet=graphs.fused_unet(c.unet, c.work, c.progress)),
+    "ort_fused_mha": lambda c: c.ort(
+        unet=graphs.split_self_attention(graphs.fused_unet(c.unet, c.work, c.progress), c.work, c.progress)
+    ),
     "ort_denormals_zero": lambda c: c.ort(options={"config": {"session.set_denormal_as_zero": "1"}}),
     # --- fast precision modes
     "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
     "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
-    "stepwise_int8_fused": lambda c: _int8(c, ("MatMul",), "int8-fused-matmul", fused=True),
-    "stepwise_int8_fused_conv": lambda c: _int8(
-        c, ("MatMul", "Conv"), "int8-fused-matmul-conv", vae_ops=("Conv",), fused=True
+    "stepwise_int8_mha": lambda c: _int8(c, ("MatMul",), "int8-mha-matmul", fused=True),
+    "stepwise_int8_mha_conv": lambda c: _int8(
+        c, ("MatMul", "Conv"), "int8-mha-matmul-conv", vae_ops=("Conv",), fused=True
     ),
 }
 
