@@ -451,6 +451,18 @@ def demo(out):
     click.echo("(random weights: the image shows the pipeline works, not what a real model draws)")
 
 
+def _register_bench() -> None:
+    """`stepwise bench` lives in bench/ (a benchmark, not the product); it needs the export extra."""
+    try:
+        from bench.cli import bench_cmd
+    except ImportError:
+        return
+    main_group.add_command(bench_cmd)
+
+
+_register_bench()
+
+
 def main(argv=None):
     try:
         main_group.main(args=argv, prog_name="stepwise", standalone_mode=False)
