@@ -88,7 +88,7 @@ def _estimate(target: Target, steps: int, width: int, height: int, threads: int 
     per_step = timings.step_seconds(target.label, width, height, threads)
     if per_step is None:
         return "no per-step time measured yet for this model and size on this machine (run with --profile)"
-    return f"≈ {steps} steps × {per_step:.2f} s/step = {steps * per_step:.1f} s (measured on this machine)"
+    return f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s (measured on this machine)"
 
 
 def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads) -> None:
@@ -195,9 +195,10 @@ def ask_steps(model: registry.Model, force: bool) -> int | None:
         if decision.verdict == policy.WARN:
             click.echo(f"  → {steps} steps: {'more' if too_many else 'fewer'} than recommended ⚠ {decision.advice}")
             return steps
-        click.echo(f"  → {steps} steps: {label} ❌ {decision.advice}")
+        click.echo(f"  → {steps} steps: {label} ❌ {decision.advice.split(' Use --steps')[0]}")
         if force:
             return steps
+        click.echo(f"  Type another number, or press Enter for {policy.plural(model.default_steps)}.")
 
 
 # ---------------------------------------------------------------- commands
