@@ -35,7 +35,9 @@ def test_runtime_packages_have_no_heavy_imports_in_source(package):
 
 
 def test_runtime_imports_and_runs_with_torch_unimportable():
-    code = BLOCKER.format(forbidden=FORBIDDEN) + f"""
+    code = (
+        BLOCKER.format(forbidden=FORBIDDEN)
+        + f"""
 import numpy as np
 import engine, schedulers, registry, cli
 s = schedulers.from_config(registry.get("sdxl-turbo").scheduler)
@@ -45,6 +47,7 @@ s.step(np.zeros_like(x), s.timesteps[0], x, generator=np.random.default_rng(0))
 assert not any(m.split(".")[0] in {FORBIDDEN!r} for m in sys.modules), "a forbidden module got imported"
 print("ok")
 """
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

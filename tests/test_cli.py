@@ -26,10 +26,21 @@ cli.main()
 
 
 def run(args, tmp_path, stdin=None):
-    env = {"STEPWISE_HOME": str(tmp_path / "home"), "LOADED_REPORT": str(tmp_path / "loaded.json"),
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", WRAPPER, *args], cwd=ROOT, capture_output=True, text=True,
-                         input=stdin or "", env=env, timeout=120)
+    env = {
+        "STEPWISE_HOME": str(tmp_path / "home"),
+        "LOADED_REPORT": str(tmp_path / "loaded.json"),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input=stdin or "",
+        env=env,
+        timeout=120,
+    )
     loaded = json.loads((tmp_path / "loaded.json").read_text()) if (tmp_path / "loaded.json").exists() else None
     return out, loaded
 
@@ -48,8 +59,20 @@ def test_models_json_lists_all_twelve(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert len(rows) == 12
-    keys = {"id", "name", "menu", "family", "hub_id", "min_steps", "default_steps", "recommended_steps",
-            "max_useful_steps", "guidance", "width", "height"}
+    keys = {
+        "id",
+        "name",
+        "menu",
+        "family",
+        "hub_id",
+        "min_steps",
+        "default_steps",
+        "recommended_steps",
+        "max_useful_steps",
+        "guidance",
+        "width",
+        "height",
+    }
     for row in rows:
         assert keys <= set(row)
     turbo = next(r for r in rows if r["id"] == "sdxl-turbo")
