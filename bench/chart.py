@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import total_seconds
+from .report import normalized, total_seconds
 
 MAX_STEPS = 50
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
@@ -16,7 +16,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 
 def _series(data: dict) -> dict[str, list[float]]:
     steps = range(1, MAX_STEPS + 1)
-    return {name: [total_seconds(r, n) for n in steps] for name, r in data["results"].items()}
+    return {name: [total_seconds(data, name, n) for n in steps] for name in data["results"]}
 
 
 def _title(data: dict) -> str:
@@ -24,8 +24,9 @@ def _title(data: dict) -> str:
     return f"{data['model']} {data['width']}x{data['height']}, guidance on, {data['threads']} threads, {cpu}"
 
 
-def _label(name: str, result: dict) -> str:
-    return f"{name} ({result['median_step_s']:.2f} s/step, VAE {result['vae_decode_s']:.1f} s)"
+def _label(data: dict, name: str) -> str:
+    step_s, vae_s = normalized(data, name)
+    return f"{name} ({step_s:.2f} s/step, VAE {vae_s:.1f} s)"
 
 
 def _draw_matplotlib(data: dict, path: Path) -> None:
@@ -37,7 +38,7 @@ def _draw_matplotlib(data: dict, path: Path) -> None:
     steps = list(range(1, MAX_STEPS + 1))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for i, (name, totals) in enumerate(_series(data).items()):
-        label = _label(name, data["results"][name])
+        label = _label(data, name)
         width = 2.4 if name == "stepwise" else 1.4
         ax.plot(steps, totals, color=COLORS[i % len(COLORS)], linewidth=width, label=label)
     ax.set_xlabel("denoising steps")
@@ -81,7 +82,7 @@ def _draw_pillow(data: dict, path: Path) -> None:
         draw.line([point(n + 1, s) for n, s in enumerate(totals)], fill=color, width=3 if name == "stepwise" else 2)
         y = top + plot_h + 45 + 16 * i
         draw.line([left, y + 6, left + 30, y + 6], fill=color, width=3)
-        draw.text((left + 38, y), _label(name, data["results"][name]), fill="black")
+        draw.text((left + 38, y), _label(data, name), fill="black")
     image.save(path)
 
 
@@ -95,3 +96,23 @@ def draw(data: dict, path: Path) -> Path:
     else:
         _draw_matplotlib(data, path)
     return path
+
+
+def main() -> None:
+    """``python -m bench.chart RUN.json OUT.png [--drop ENGINE …]``: redraw a run's chart from its JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.chart", description=main.__doc__)
+    parser.add_argument("run_json", type=Path)
+    parser.add_argument("out_png", type=Path)
+    parser.add_argument("--drop", action="append", default=[], help="leave this engine out (repeatable)")
+    args = parser.parse_args()
+    data = json.loads(args.run_json.read_text())
+    for name in args.drop:
+        data["results"].pop(name, None)
+    draw(data, args.out_png)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import click
 
 from . import variants
 
-DEFAULT_ENGINES = ",".join(variants.COMPARISON + variants.FAST_MODES)
+DEFAULT_ENGINES = ",".join(variants.COMPARISON + variants.TUNED + variants.FAST_MODES)
 
 
 def _default_threads() -> int:

@@ -150,3 +150,74 @@ def split_self_attention(source: Path, work: Path, progress=print) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(out), save_as_external_data=True, location="model.onnx.data")
     return out
+
+
+def unet_calibration_samples(folder: Path, width: int, height: int, prompt: str, count: int = 4) -> list[dict]:
+    """UNet inputs for static-quantization calibration: the benchmark prompt's text states (negative,
+    prompt) and the seeded initial noise, scaled as the scheduler feeds it, at ``count`` timesteps spread
+    over the schedule."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    import schedulers
+    from engine.tokenize import PromptTokenizer
+
+    text = ort.InferenceSession(str(folder / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokenizer = PromptTokenizer(folder / "tokenizer")
+    states = np.concatenate([text.run(["last_hidden_state"], {"input_ids": tokenizer(t).ids})[0] for t in ("", prompt)])
+    scheduler = schedulers.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    scheduler.set_timesteps(count)
+    noise = np.random.default_rng(0).standard_normal((1, 4, height // 8, width // 8), dtype=np.float32)
+    samples = []
+    for t in scheduler.timesteps[:count]:
+        x = scheduler.scale_model_input(noise * np.float32(scheduler.init_noise_sigma), t)
+        samples.append(
+            {
+                "sample": np.concatenate([x, x]).astype(np.float32),
+                "timestep": np.asarray(t, np.float32).reshape(()),
+                "encoder_hidden_states": states.astype(np.float32),
+            }
+        )
+    return samples
+
+
+def static_int8(source: Path, work: Path, name: str, op_types: tuple[str, ...], samples, progress=print) -> Path:
+    """QDQ int8 with activation ranges calibrated (MinMax) on ``samples()``: ONNX Runtime turns the QDQ pairs
+    into QLinearConv / QLinearMatMul kernels (U8S8, which VNNI and AMX-INT8 execute)."""
+    out = _target(work, name, "unet")
+    if out.is_file():
+        return out
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    feeds = samples()
+    progress(f"  quantizing {source} statically to int8 QDQ ({', '.join(op_types)}), {len(feeds)} calibration inputs")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        str(source),
+        str(out),
+        Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(op_types),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=True,
+        extra_options={"DefaultTensorType": 1},
+    )
+    return out

@@ -10,7 +10,9 @@ from pathlib import Path
 from . import graphs
 
 COMPARISON = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
-FAST_MODES = ("stepwise_int8",)
+# the best fp32 tuning candidate and the fastest precision mode found so far (docs/benchmarks.md)
+TUNED = ("ort_fused_mha",)
+FAST_MODES = ("stepwise_int8_mha",)
 
 
 @dataclass
@@ -62,6 +64,14 @@ def _int8(
     return ctx.ort(unet=unet, vae=vae)
 
 
+def _static_int8(ctx: Context, op_types: tuple[str, ...], name: str):
+    source = graphs.split_self_attention(graphs.fused_unet(ctx.unet, ctx.work), ctx.work, ctx.progress)
+    samples = lambda: graphs.unet_calibration_samples(ctx.folder, ctx.width, ctx.height, CALIBRATION_PROMPT)  # noqa: E731
+    return ctx.ort(unet=graphs.static_int8(source, ctx.work, name, op_types, samples, ctx.progress))
+
+
+CALIBRATION_PROMPT = "a red apple on a wooden table, studio lighting"
+
 BUILDERS = {
     "stepwise": lambda c: (
         "stepwise",
@@ -108,6 +118,7 @@ BUILDERS = {
     # --- fast precision modes
     "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
     "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
+    "stepwise_int8_static": lambda c: _static_int8(c, ("Conv", "MatMul"), "int8-static-qdq"),
     "stepwise_int8_mha": lambda c: _int8(c, ("MatMul",), "int8-mha-matmul", fused=True),
     "stepwise_int8_mha_conv": lambda c: _int8(
         c, ("MatMul", "Conv"), "int8-mha-matmul-conv", vae_ops=("Conv",), fused=True
