@@ -38,7 +38,7 @@ def _default_threads() -> int:
 @click.option(
     "--min-free-mb",
     type=float,
-    default=10_000,
+    default=15_000,
     show_default=True,
     help="load another engine beside the reference only while this much memory is left",
 )

@@ -166,7 +166,7 @@ def run(
     engines: list[str],
     reference: str = "stepwise",
     measure_peak: bool = True,
-    min_free_mb: float = 10_000,
+    min_free_mb: float = 15_000,
     progress=print,
 ) -> dict:
     """Time ``engines`` against ``reference``. The reference stays loaded; the others are loaded beside it

@@ -12,7 +12,7 @@ from . import graphs
 COMPARISON = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
 # the best fp32 tuning candidate and the fastest precision mode found so far (docs/benchmarks.md)
 TUNED = ("ort_fused_mha",)
-FAST_MODES = ("stepwise_int8_mha",)
+FAST_MODES = ("stepwise_int8_mha", "stepwise_int8_static")
 
 
 @dataclass
@@ -114,7 +114,6 @@ BUILDERS = {
     "ort_fused_mha": lambda c: c.ort(
         unet=graphs.split_self_attention(graphs.fused_unet(c.unet, c.work, c.progress), c.work, c.progress)
     ),
-    "ort_denormals_zero": lambda c: c.ort(options={"config": {"session.set_denormal_as_zero": "1"}}),
     # --- fast precision modes
     "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
     "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
