@@ -12,7 +12,7 @@ from . import graphs
 COMPARISON = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
 # the best fp32 tuning candidate and the fastest precision mode found so far (docs/benchmarks.md)
 TUNED = ("ort_fused_mha",)
-FAST_MODES = ("stepwise_int8_mha", "stepwise_int8_static")
+FAST_MODES = ("stepwise_int8_mha", "stepwise_int8_hybrid")
 
 
 @dataclass
@@ -64,10 +64,13 @@ def _int8(
     return ctx.ort(unet=unet, vae=vae)
 
 
-def _static_int8(ctx: Context, op_types: tuple[str, ...], name: str):
+def _static_int8(ctx: Context, op_types: tuple[str, ...], name: str, dynamic_after: tuple[str, ...] = ()):
     source = graphs.split_self_attention(graphs.fused_unet(ctx.unet, ctx.work), ctx.work, ctx.progress)
     samples = lambda: graphs.unet_calibration_samples(ctx.folder, ctx.width, ctx.height, CALIBRATION_PROMPT)  # noqa: E731
-    return ctx.ort(unet=graphs.static_int8(source, ctx.work, name, op_types, samples, ctx.progress))
+    unet = graphs.static_int8(source, ctx.work, name, op_types, samples, ctx.progress)
+    if dynamic_after:  # then the remaining ops quantized at run time (MatMul: U8S8 with activations' own ranges)
+        unet = graphs.dynamic_int8(unet, ctx.work, f"{name}+dynamic", dynamic_after, "unet", ctx.progress)
+    return ctx.ort(unet=unet)
 
 
 CALIBRATION_PROMPT = "a red apple on a wooden table, studio lighting"
@@ -118,6 +121,7 @@ BUILDERS = {
     "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
     "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
     "stepwise_int8_static": lambda c: _static_int8(c, ("Conv", "MatMul"), "int8-static-qdq"),
+    "stepwise_int8_hybrid": lambda c: _static_int8(c, ("Conv",), "int8-static-conv", dynamic_after=("MatMul",)),
     "stepwise_int8_mha": lambda c: _int8(c, ("MatMul",), "int8-mha-matmul", fused=True),
     "stepwise_int8_mha_conv": lambda c: _int8(
         c, ("MatMul", "Conv"), "int8-mha-matmul-conv", vae_ops=("Conv",), fused=True
