@@ -106,7 +106,7 @@ BUILDERS = {
     # --- tuning candidates: one change each against the engine's session
     "ort_plain": lambda c: c.ort(),
     "ort_no_spin": lambda c: c.ort(options={"config": {"session.intra_op.allow_spinning": "0"}}),
-    "ort_no_mem_pattern": lambda c: c.ort(options={"mem_pattern": False}),
+    "ort_mem_pattern": lambda c: c.ort(options={"mem_pattern": True}),  # the engine's setting before 19b5ab4
     "ort_no_arena": lambda c: c.ort(options={"cpu_arena": False}),
     "ort_basic_opt": lambda c: c.ort(options={"graph_level": "basic"}),
     "ort_extended_opt": lambda c: c.ort(options={"graph_level": "extended"}),

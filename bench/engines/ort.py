@@ -24,8 +24,8 @@ def session_options(threads: int, options: dict):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel(GRAPH_LEVELS[options.get("graph_level", "all")])
-    if "mem_pattern" in options:
-        so.enable_mem_pattern = bool(options["mem_pattern"])
+    # the engine's own settings (engine/session.py) unless a candidate changes one
+    so.enable_mem_pattern = bool(options.get("mem_pattern", False))
     if "cpu_arena" in options:
         so.enable_cpu_mem_arena = bool(options["cpu_arena"])
     if options.get("optimized_model_filepath"):
