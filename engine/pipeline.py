@@ -44,19 +44,15 @@ class Pipeline:
             raise EngineError(f"{self.folder} holds a {family_name} model, which has no Stepwise engine yet")
         self.family_cls = FAMILIES[family_name]
         self.threads = threads
-        wanted = [
-            name
-            for name, required in self.family_cls.components.items()
-            if name in self.manifest.components and name not in skip
-        ]
-        missing = [n for n, required in self.family_cls.components.items() if required and n not in wanted]
+        wanted = [name for name in self.family_cls.components if name in self.manifest.components and name not in skip]
+        required = [n for n, needed in self.family_cls.components.items() if needed] + ["vae_decoder"]
+        missing = [n for n in required if n not in self.manifest.components]
         if missing:
             raise EngineError(
                 f"{self.folder} lacks {', '.join(missing)}, which a {family_name} model needs; export the model again"
             )
         wanted.append("vae_decoder")
         check_memory(self.manifest, wanted, available_mb=available_mb)
-        self.profiler_load_ms = 0.0
         start = time.perf_counter()
         graphs = {name: Graph(self.manifest.component_path(name), threads) for name in wanted}
         lengths = self.family_cls.tokenizer_lengths(self.manifest.config)
