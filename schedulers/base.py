@@ -135,6 +135,14 @@ class Scheduler:
             raise ValueError(f"{self.name}: timestep {timestep!r} is not in the schedule")
         return int(matches[1] if len(matches) > 1 else matches[0])
 
+    def _noise_indices(self, timesteps: np.ndarray) -> list[int]:
+        """Schedule positions for add_noise/scale_noise, chosen as diffusers chooses them: by timestep
+        before a begin index is set, else the current step (inside the loop) or the begin index."""
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps]
+        index = self._step_index if self._step_index is not None else self._begin_index
+        return [index] * timesteps.shape[0]
+
     def _init_step_index(self, timestep) -> None:
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
 

@@ -132,12 +132,7 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         dtype = sample.dtype
         sigmas = self.sigmas.astype(dtype)
         timestep = np.atleast_1d(np.asarray(timestep))
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timestep]
-        elif self._step_index is not None:
-            indices = [self._step_index] * timestep.shape[0]
-        else:
-            indices = [self._begin_index] * timestep.shape[0]
+        indices = self._noise_indices(timestep)
         sigma = broadcast_per_sample(sigmas[indices], sample.ndim)
         return (sigma * np.asarray(noise, dtype=dtype) + (1.0 - sigma) * sample).astype(dtype)
 

@@ -66,11 +66,6 @@ class SigmaScheduler(Scheduler):
         dtype = original_samples.dtype
         sigmas = self.sigmas.astype(dtype)
         timesteps = np.atleast_1d(np.asarray(timesteps))
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timesteps]
-        elif self._step_index is not None:
-            indices = [self._step_index] * timesteps.shape[0]
-        else:
-            indices = [self._begin_index] * timesteps.shape[0]
+        indices = self._noise_indices(timesteps)
         sigma = broadcast_per_sample(sigmas[indices], original_samples.ndim)
         return (original_samples + np.asarray(noise, dtype=dtype) * sigma).astype(dtype)
