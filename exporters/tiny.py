@@ -163,30 +163,17 @@ def _unet_sdxl(seed: int):
     ).eval()
 
 
-def _build_sd15():
-    from diffusers import StableDiffusionPipeline
+def _build_sd15(lcm: bool = False):
+    """SD 1.5's pipeline, or LCM's: the same wiring, plus the UNet's guidance embedding and LCM's scheduler."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-    return StableDiffusionPipeline(
+    pipeline_class = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
+    return pipeline_class(
         vae=_vae(1, 4, 0.18215),
         text_encoder=_clip_l(2),
         tokenizer=clip_tokenizer(),
-        unet=_unet_sd15(3),
-        scheduler=_scheduler("sd15"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _build_lcm():
-    from diffusers import LatentConsistencyModelPipeline
-
-    return LatentConsistencyModelPipeline(
-        vae=_vae(1, 4, 0.18215),
-        text_encoder=_clip_l(2),
-        tokenizer=clip_tokenizer(),
-        unet=_unet_sd15(3, time_cond_proj_dim=32),
-        scheduler=_scheduler("lcm"),
+        unet=_unet_sd15(3, time_cond_proj_dim=32 if lcm else None),
+        scheduler=_scheduler("lcm" if lcm else "sd15"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -267,7 +254,7 @@ def _build_flux(guidance_embeds: bool):
 _BUILDERS = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
-    "lcm": _build_lcm,
+    "lcm": lambda: _build_sd15(lcm=True),
     "sd3": _build_sd3,
     "flux-schnell": lambda: _build_flux(guidance_embeds=False),
     "flux-dev": lambda: _build_flux(guidance_embeds=True),
