@@ -16,17 +16,19 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 
 def _series(data: dict) -> dict[str, list[float]]:
     steps = range(1, MAX_STEPS + 1)
-    return {name: [total_seconds(data, name, n) for n in steps] for name in data["results"]}
+    return {name: [total_seconds(data, name, n) or 0.0 for n in steps] for name in data["results"]}
 
 
 def _title(data: dict) -> str:
     cpu = data.get("machine", {}).get("cpu", "CPU")
-    return f"{data['model']} {data['width']}x{data['height']}, guidance on, {data['threads']} threads, {cpu}"
+    guidance = "guidance on" if data.get("guidance", 1) is not None else "no guidance"
+    est = ", estimated from reduced depth" if "estimate" in data else ""
+    return f"{data['model']} {data['width']}x{data['height']}, {guidance}, {data['threads']} threads, {cpu}{est}"
 
 
 def _label(data: dict, name: str) -> str:
     step_s, vae_s = normalized(data, name)
-    return f"{name} ({step_s:.2f} s/step, VAE {vae_s:.1f} s)"
+    return f"{name} ({step_s:.2f} s/step, VAE {vae_s or 0:.1f} s)"
 
 
 def _draw_matplotlib(data: dict, path: Path) -> None:

@@ -1,4 +1,9 @@
-"""``python -m bench`` / ``stepwise bench``: build, export and time a full-size random-weight model."""
+"""``python -m bench`` / ``stepwise bench``: build, export and time a full-size random-weight model.
+
+SD 1.5 is built and timed in full. SDXL, SD 3 Medium and FLUX.1-schnell do not fit beside another engine in
+fp32 on a 24 GB machine: their ``configs/<family>.json`` name a repeated unit (``reduced``), the model is
+built full width at two reduced depths, each timed, and the step extrapolated linearly to the real depth
+(``run.combine_depths``): those rows are estimates, and the two measured runs are kept in the JSON."""
 
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ def _default_threads() -> int:
 @click.option(
     "--model", default="sd15", show_default=True, help="random:<family> (sd15 = random:sd15) or tiny:<family>"
 )
-@click.option("--width", type=int, default=512, show_default=True)
-@click.option("--height", type=int, default=512, show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True, help="schedule length; the table's total column")
+@click.option("--width", type=int, default=None, help="[the family's native size: SD 1.5 512, others 1024; tiny 64]")
+@click.option("--height", type=int, default=None, help="[as --width]")
+@click.option(
+    "--steps", type=int, default=None, help="schedule length; the table's total column [the model's default steps]"
+)
 @click.option("--threads", type=int, default=None, help="intra-op threads for every engine [physical cores]")
 @click.option("--repeats", type=int, default=3, show_default=True, help="timed rounds after one warm-up")
 @click.option(
@@ -46,27 +53,47 @@ def bench_cmd(model, width, height, steps, threads, repeats, engines, json_path,
     """Time our engine against PyTorch and OpenVINO on a full-size random-weight model, interleaved."""
     from . import chart, report, run
     from .export import exported_folder
-    from .random_model import cache_name, cache_root, source_folder
+    from .random_model import cache_name, cache_root, parse, reduced, source_folder
 
+    kind, family = parse(model)
+    entry = _registry_entry(kind, family)
+    size = _default_size(kind, family)
+    width, height = width or size, height or size
     if width % 8 or height % 8:
         raise click.BadParameter("width and height must be multiples of 8")
     threads = threads or _default_threads()
-    folder = exported_folder(model)
-    data = run.run(
-        model=model,
-        folder=folder,
-        source=source_folder(model),
-        work=cache_root() / f"{cache_name(model)}-graphs",
-        width=width,
-        height=height,
-        steps=steps,
-        threads=threads,
-        repeats=repeats,
-        engines=[e.strip() for e in engines.split(",") if e.strip()],
-        measure_peak=not no_peak,
-        min_free_mb=min_free_mb,
-        progress=lambda m: click.echo(m, err=True),
-    )
+    steps = steps or entry.default_steps
+    say = lambda m: click.echo(m, err=True)  # noqa: E731
+    plan = reduced(family) if kind == "random" else None
+    builds = [model] if plan is None else [f"random:{family}@u{u}" for u in plan["units"]]
+    folders = [exported_folder(m, say) for m in builds]  # every build exported before anything is timed
+    points = []
+    for i, (build, folder) in enumerate(zip(builds, folders, strict=True)):
+        if plan:
+            say(f"=== {build}: depth {plan['units'][i]} of {plan['denoiser']['real']} units ===")
+        points.append(
+            run.run(
+                model=build,
+                folder=folder,
+                source=source_folder(build, say),
+                work=cache_root() / f"{cache_name(build)}-graphs",
+                width=width,
+                height=height,
+                steps=steps,
+                threads=threads,
+                repeats=repeats,
+                engines=[e.strip() for e in engines.split(",") if e.strip()],
+                measure_peak=not no_peak and i == 0,
+                min_free_mb=min_free_mb,
+                guidance=entry.guidance,
+                decode=i == 0,  # the reduced builds share the full-size VAE: decoded once
+                progress=say,
+            )
+        )
+    data = points[0] if plan is None else run.combine_depths(model, plan, points)
+    for point in points if plan else ():
+        click.echo(report.tables(point))
+        click.echo("")
     click.echo(report.tables(data))
     if json_path:
         report.write_json(data, json_path)
@@ -74,6 +101,26 @@ def bench_cmd(model, width, height, steps, threads, repeats, engines, json_path,
     if chart_path:
         chart.draw(data, chart_path)
         click.echo(f"wrote {chart_path}", err=True)
+
+
+def _registry_entry(kind: str, family: str):
+    import registry
+
+    from .random_model import config, split_units
+
+    if kind == "tiny":
+        from exporters.families import TINY_SOURCES
+
+        if family not in TINY_SOURCES:
+            raise click.BadParameter(f"no tiny:{family}; known: {', '.join(TINY_SOURCES)}")
+        return registry.get(TINY_SOURCES[family][1])
+    return registry.get(config(split_units(family)[0])["registry_model"])
+
+
+def _default_size(kind: str, family: str) -> int:
+    from .random_model import config, split_units
+
+    return 64 if kind == "tiny" else int(config(split_units(family)[0]).get("default_size", 512))
 
 
 def main() -> None:

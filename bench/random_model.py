@@ -20,11 +20,44 @@ def families() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.json"))
 
 
+def split_units(family: str) -> tuple[str, int | None]:
+    """``sdxl@u2`` (the reduced-depth build at 2 units) → ("sdxl", 2); ``sdxl`` → ("sdxl", None)."""
+    base, _, units = family.partition("@u")
+    return base, (int(units) if units else None)
+
+
 def config(family: str) -> dict:
-    path = CONFIGS / f"{family}.json"
+    """The family's config; for ``<family>@u<N>`` with the repeated blocks cut to N units (``reduced``)."""
+    base, units = split_units(family)
+    path = CONFIGS / f"{base}.json"
     if not path.is_file():
-        raise SystemExit(f"no random build for '{family}'; known: {', '.join(families())}")
-    return json.loads(path.read_text())
+        raise SystemExit(f"no random build for '{base}'; known: {', '.join(families())}")
+    cfg = json.loads(path.read_text())
+    if units is not None:
+        cfg = reduce_depth(cfg, units)
+    return cfg
+
+
+def reduced(family: str) -> dict | None:
+    """The family's reduced-depth plan (``units``, ``denoiser``/``text`` real depths), None if built in full."""
+    return config(split_units(family)[0]).get("reduced")
+
+
+def reduce_depth(cfg: dict, units: int) -> dict:
+    """A copy of ``cfg`` whose repeated blocks are cut to ``units`` units: every ``[component, key, index,
+    per_unit]`` of ``reduced.denoiser.set`` and ``reduced.text.set`` becomes ``units × per_unit``."""
+    plan = cfg.get("reduced")
+    if not plan:
+        raise SystemExit(f"{cfg.get('registry_model')}: built in full, no reduced depth")
+    cfg = json.loads(json.dumps(cfg))
+    for part in ("denoiser", "text"):
+        for component, key, index, per_unit in plan.get(part, {}).get("set", []):
+            if index is None:
+                cfg[component][key] = units * per_unit
+            else:
+                cfg[component][key][index] = units * per_unit
+    cfg["depth_units"] = units
+    return cfg
 
 
 def cache_root() -> Path:
@@ -44,33 +77,57 @@ def _scheduler(registry_model: str):
     return getattr(diffusers, cfg.pop("_class_name")).from_config(cfg)
 
 
-def build(family: str):
-    """The random pipeline of ``family`` in PyTorch (fp32, eval mode, seeded)."""
+def _text_encoder(cfg: dict, seed: int):
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    import transformers
 
-    from exporters.vocab import clip_tokenizer
+    torch.manual_seed(seed)
+    arch = cfg.get("architectures", ["CLIPTextModel"])[0]
+    config_cls = transformers.T5Config if arch == "T5EncoderModel" else transformers.CLIPTextConfig
+    extra = {"is_encoder_decoder": False, "use_cache": False} if arch == "T5EncoderModel" else {}
+    return getattr(transformers, arch)(config_cls(**{**_strip(cfg), **extra})).eval()
+
+
+def _module(cls_name: str, cfg: dict, seed: int):
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls_name)(**_strip(cfg)).eval()
+
+
+def build(family: str):
+    """The random pipeline of ``family`` (or ``<family>@u<N>``, reduced depth) in PyTorch (fp32, eval, seeded)."""
+    import diffusers
+
+    from exporters.vocab import clip_tokenizer, t5_tokenizer
 
     cfg = config(family)
-    if cfg["pipeline"] != "StableDiffusionPipeline":
-        raise SystemExit(f"random:{family}: building {cfg['pipeline']} is not written yet")
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**_strip(cfg["unet"])).eval()
-    torch.manual_seed(SEED + 1)
-    vae = AutoencoderKL(**_strip(cfg["vae"])).eval()
-    torch.manual_seed(SEED + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_strip(cfg["text_encoder"]))).eval()
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=_scheduler(cfg["registry_model"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    kind = cfg["pipeline"]
+    parts = {"scheduler": _scheduler(cfg["registry_model"])}
+    parts["vae"] = _module("AutoencoderKL", cfg["vae"], SEED + 1)
+    parts["text_encoder"] = _text_encoder(cfg["text_encoder"], SEED + 2)
+    parts["tokenizer"] = clip_tokenizer()
+    if kind == "StableDiffusionPipeline":
+        parts["unet"] = _module("UNet2DConditionModel", cfg["unet"], SEED)
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif kind == "StableDiffusionXLPipeline":
+        parts["unet"] = _module("UNet2DConditionModel", cfg["unet"], SEED)
+        parts["text_encoder_2"] = _text_encoder(cfg["text_encoder_2"], SEED + 4)
+        parts["tokenizer_2"] = clip_tokenizer(pad_token="!")  # CLIP-G pads with "!", as the real checkpoint
+    elif kind == "StableDiffusion3Pipeline":
+        parts["transformer"] = _module("SD3Transformer2DModel", cfg["transformer"], SEED + 3)
+        parts["text_encoder_2"] = _text_encoder(cfg["text_encoder_2"], SEED + 4)
+        parts["tokenizer_2"] = clip_tokenizer(pad_token="!")
+        parts["text_encoder_3"] = _text_encoder(cfg["text_encoder_3"], SEED + 5)
+        parts["tokenizer_3"] = t5_tokenizer()
+    elif kind == "FluxPipeline":
+        parts["transformer"] = _module("FluxTransformer2DModel", cfg["transformer"], SEED + 3)
+        parts["text_encoder_2"] = _text_encoder(cfg["text_encoder_2"], SEED + 5)
+        parts["tokenizer_2"] = t5_tokenizer()
+    else:
+        raise SystemExit(f"random:{family}: building {kind} is not written yet")
+    pipe = getattr(diffusers, kind)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -86,7 +143,7 @@ def parse(model: str) -> tuple[str, str]:
 
 def cache_name(model: str) -> str:
     kind, family = parse(model)
-    return f"{kind}-{family}"
+    return f"{kind}-{family.replace('@', '-')}"
 
 
 def source_folder(model: str, progress=print) -> Path:

@@ -23,42 +23,79 @@ from .worker import Worker, WorkerError
 
 PROMPT = "a red apple on a wooden table, studio lighting"
 NEGATIVE = ""
-GUIDANCE = 7.5
+GUIDANCE = 7.5  # SD 1.5's; other families run at their registry model's guidance (SDXL 5, SD3 7, FLUX none)
 SEED = 0
+# the engines every family has; the ort_* tuning candidates and int8 modes are written for SD 1.5's UNet
+FAMILY_ENGINES = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def count_flops(folder: Path, width: int, height: int, embed_dim: int) -> dict:
+class Plan:
+    """The family's latent layout and schedule, from the engine's own family code (engine/families) without
+    loading a graph: latent shape, FLUX's 2x2 packing, SD3/FLUX's resolution-dependent shift."""
+
+    def __init__(self, folder: Path, width: int, height: int):
+        from engine.families import FAMILIES
+        from engine.families.base import Family
+        from registry import manifest
+
+        info = manifest.read(folder, check_files=False)
+        self.family_name = info.family
+        family = FAMILIES[info.family].__new__(FAMILIES[info.family])
+        Family.__init__(family, info, {}, {}, {})
+        family.patch_size = int(info.config.get("patch_size") or 2)  # SD3's set_timesteps reads it
+        family.time_cond_dim = info.config.get("time_cond_proj_dim")  # the UNets' uses_cfg reads it (LCM)
+        self.family, self.width, self.height = family, width, height
+        self.denoiser = FAMILIES[info.family].denoiser_component
+        self.latent_shape = family.latent_shape(width, height)
+
+    def set_timesteps(self, sched, steps: int) -> None:
+        self.family.set_timesteps(sched, steps, self.width, self.height)
+
+    def pack(self, latents):
+        return self.family.pack(latents)
+
+    def unpack(self, latents):
+        return self.family.unpack(latents, self.width, self.height)
+
+
+def count_flops(graphs: dict, denoiser: str) -> dict:
     """In a child process: parsing the graphs costs a few GB that the engines need more."""
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_count_flops, folder, width, height, embed_dim).result()
+        return pool.submit(_count_flops, graphs, denoiser).result()
 
 
-def _count_flops(folder: Path, width: int, height: int, embed_dim: int) -> dict:
-    h, w = height // 8, width // 8
-    unet = flop_count.count(
-        folder / "unet" / "model.onnx",
-        {"sample": (2, 4, h, w), "timestep": (), "encoder_hidden_states": (2, 77, embed_dim)},
-    )
-    vae = flop_count.count(folder / "vae_decoder" / "model.onnx", {"latent_sample": (1, 4, h, w)})
-    text = flop_count.count(folder / "text_encoder" / "model.onnx", {"input_ids": (1, 77)})
+def _count_flops(graphs: dict, denoiser: str) -> dict:
+    """FLOPs of each graph at the input shapes the reference engine fed it (``StepwiseEngine.graph_shapes``):
+    the denoiser step (guidance batch included), the VAE decode, the text encoders for one prompt."""
+    counted = {name: flop_count.count(Path(g["path"]), g["shapes"]) for name, g in graphs.items() if g["shapes"]}
+    den, vae = counted[denoiser], counted["vae_decoder"]
+    text = {name: c for name, c in counted.items() if name.startswith("text_encoder")}
     return {
-        "unet": unet.total,
-        "unet_by_op": dict(unet.by_op),
-        "unet_unresolved": len(unet.unresolved),
+        "unet": den.total,  # the denoiser's, UNet or transformer (the key SD 1.5's JSON has always had)
+        "unet_by_op": dict(den.by_op),
+        "unet_unresolved": len(den.unresolved),
+        "denoiser": denoiser,
+        "denoiser_inputs": graphs[denoiser]["shapes"],
         "vae_decoder": vae.total,
         "vae_unresolved": len(vae.unresolved),
-        "text_encoder": text.total,
+        "text_encoder": sum(c.total for c in text.values()),
+        "text_encoders": {name: c.total for name, c in text.items()},
     }
 
 
-def start_engine(name: str, ctx: variants.Context, progress) -> Worker | None:
+def start_engine(name: str, ctx: variants.Context, progress, family: str = "sd15") -> Worker | None:
+    if family != "sd15" and name not in FAMILY_ENGINES:
+        progress(f"  {name}: the ORT tuning candidates and int8 modes are SD 1.5 (UNet) only; left out")
+        return None
     kind, options = variants.spec(name, ctx)
+    if kind in ("pytorch", "openvino", "stepwise"):  # the size: SDXL's time ids, FLUX's position ids
+        options = {**options, "width": ctx.width, "height": ctx.height}
     progress(f"loading {name} ({kind}) … [{machine.available_mb():,.0f} MB available]")
     worker = Worker(name, kind, options)
     try:
@@ -77,27 +114,38 @@ def _rotated(items: list, shift: int) -> list:
 
 
 def measure_group(
-    workers: dict[str, Worker], folder: Path, latent_shape: tuple, steps: int, repeats: int, ref: str, progress
+    workers: dict[str, Worker],
+    folder: Path,
+    plan: Plan,
+    steps: int,
+    repeats: int,
+    ref: str,
+    progress,
+    guidance: float = GUIDANCE,
+    decode: bool = True,
 ) -> dict:
     """Text encoding, warm-up + ``repeats`` denoiser steps and VAE decodes, each round alternating the
-    engines in a rotated order. Every engine follows its own trajectory from the same noise."""
+    engines in a rotated order. Every engine follows its own trajectory from the same noise. ``decode``
+    False leaves the VAE out (a second reduced-depth build has the same VAE as the first)."""
     names = list(workers)
     raw = {n: {"text": [], "steps": [], "glue": [], "vae": []} for n in names}
 
     embeds = {}
+    for name in names:  # warm-up: first-run allocations (OpenVINO: compilation) are not the encoding's cost
+        _, embeds[name] = workers[name].call("encode", PROMPT, NEGATIVE, guidance)
     for r in range(repeats):
         for name in _rotated(names, r):
-            seconds, embeds[name] = workers[name].call("encode", PROMPT, NEGATIVE)
+            seconds, embeds[name] = workers[name].call("encode", PROMPT, NEGATIVE, guidance)
             raw[name]["text"].append(seconds)
-    cond = embeds[ref]  # every engine denoises with the same states: the step comparison is the UNet's alone
+    cond = embeds[ref]  # every engine denoises with the same states: the step comparison is the denoiser's alone
 
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheds = {n: schedulers.from_config(config) for n in names}
     for sched in scheds.values():
-        sched.set_timesteps(steps)
+        plan.set_timesteps(sched, steps)
     timesteps = list(scheds[ref].timesteps)
-    noise = np.random.default_rng(SEED).standard_normal(latent_shape, dtype=np.float32)
-    x = {n: noise * np.float32(scheds[n].init_noise_sigma) for n in names}
+    noise = np.random.default_rng(SEED).standard_normal(plan.latent_shape, dtype=np.float32)
+    x = {n: plan.pack(noise * np.float32(scheds[n].init_noise_sigma)) for n in names}
     total = min(repeats + 1, len(timesteps))  # the first step is the warm-up, reported apart
     for i in range(total):
         t = timesteps[i]
@@ -106,24 +154,29 @@ def measure_group(
             g0 = time.perf_counter()
             x_in = sched.scale_model_input(x[name], t)
             g1 = time.perf_counter()
-            seconds, eps = workers[name].call("step", x_in, t, cond, GUIDANCE)
+            seconds, eps = workers[name].call("step", x_in, t, cond, guidance)
             g2 = time.perf_counter()
             x[name] = sched.step(eps, t, x[name]).prev_sample
             g3 = time.perf_counter()
             raw[name]["steps"].append(seconds)
             raw[name]["glue"].append((g1 - g0) + (g3 - g2))
-        progress(f"  step {i + 1}/{total} (t={t}): " + ", ".join(f"{n} {raw[n]['steps'][-1]:.2f}s" for n in names))
+        progress(
+            f"  step {i + 1}/{total} (t={float(t):g}): " + ", ".join(f"{n} {raw[n]['steps'][-1]:.2f}s" for n in names)
+        )
 
-    images = {}
-    for name in names:  # warm-up: first-run allocations are not the decode's cost
-        _, images[name] = workers[name].call("decode", x[name])
-    for r in range(repeats):
-        for name in _rotated(names, r):
-            seconds, images[name] = workers[name].call("decode", x[name])
-            raw[name]["vae"].append(seconds)
-        progress(f"  VAE decode {r + 1}/{repeats}: " + ", ".join(f"{n} {raw[n]['vae'][-1]:.2f}s" for n in names))
+    images = {n: None for n in names}
+    if decode:
+        for name in names:  # warm-up: first-run allocations are not the decode's cost
+            _, images[name] = workers[name].call("decode", plan.unpack(x[name]))
+        for r in range(repeats):
+            for name in _rotated(names, r):
+                seconds, images[name] = workers[name].call("decode", plan.unpack(x[name]))
+                raw[name]["vae"].append(seconds)
+            progress(f"  VAE decode {r + 1}/{repeats}: " + ", ".join(f"{n} {raw[n]['vae'][-1]:.2f}s" for n in names))
     for name in names:
-        raw[name]["latents"], raw[name]["image"] = x[name], images[name]
+        raw[name]["latents"], raw[name]["image"] = plan.unpack(x[name]), images[name]
+    if "stepwise" in workers:
+        _, raw["_graphs"] = workers["stepwise"].call("graph_shapes")
     return raw
 
 
@@ -133,22 +186,23 @@ def _summary(raw: dict, ref_raw: dict, flops: dict, peak_gflops: float | None) -
     ref_step = _median(ref_raw["steps"][1:] or ref_raw["steps"])
     vae_s = _median(raw["vae"])
     gflops = flops["unet"] / median_step / 1e9
+    decoded = vae_s is not None and raw["image"] is not None and ref_raw["image"] is not None
     return {
         "median_step_s": round(median_step, 4),
         "step_s": [round(s, 4) for s in timed],
         "first_step_s": round(raw["steps"][0], 4),
         "glue_ms_per_step": round(1000 * _median(raw["glue"]), 3),
         "text_encode_s": round(_median(raw["text"]), 4),
-        "vae_decode_s": round(vae_s, 4),
+        "vae_decode_s": round(vae_s, 4) if vae_s is not None else None,
         "gflops": round(gflops, 1),
         "peak_fraction": round(gflops / peak_gflops, 3) if peak_gflops else None,
-        "vae_gflops": round(flops["vae_decoder"] / vae_s / 1e9, 1),
+        "vae_gflops": round(flops["vae_decoder"] / vae_s / 1e9, 1) if vae_s else None,
         # against the reference engine's steps and decodes timed in the same rounds
         "ratio_to_stepwise": round(median_step / ref_step, 3),
-        "vae_ratio_to_stepwise": round(vae_s / _median(ref_raw["vae"]), 3),
+        "vae_ratio_to_stepwise": round(vae_s / _median(ref_raw["vae"]), 3) if decoded else None,
         "latent_max_diff": round(max_abs_diff(raw["latents"], ref_raw["latents"]), 6),
         "latent_max_abs": round(float(np.max(np.abs(ref_raw["latents"]))), 4),
-        "psnr_db": round(min(psnr(raw["image"], ref_raw["image"]), 999.0), 2),
+        "psnr_db": round(min(psnr(raw["image"], ref_raw["image"]), 999.0), 2) if decoded else None,
     }
 
 
@@ -167,14 +221,20 @@ def run(
     reference: str = "stepwise",
     measure_peak: bool = True,
     min_free_mb: float = 15_000,
+    guidance: float = GUIDANCE,
+    decode: bool = True,
     progress=print,
 ) -> dict:
     """Time ``engines`` against ``reference``. The reference stays loaded; the others are loaded beside it
     in groups, as many at a time as leave ``min_free_mb`` of memory, so every ratio is measured in rounds
-    that interleave the engine with the reference."""
+    that interleave the engine with the reference. FLOPs are counted afterwards from the ONNX graphs at the
+    shapes the reference fed them (its workers gone, the memory free)."""
+    if reference != "stepwise":
+        raise SystemExit("the reference engine must be stepwise (its graph shapes give the FLOP count)")
     started = time.time()
     load_before = os.getloadavg()
     vae_config = json.loads((folder / "vae_decoder" / "config.json").read_text())
+    plan = Plan(folder, width, height)
     ctx = variants.Context(
         folder=folder,
         source=source,
@@ -185,69 +245,71 @@ def run(
         work=work,
         progress=progress,
     )
-    embed_dim = json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"]
-    progress("counting FLOPs from the ONNX graphs …")
-    counted = count_flops(folder, width, height, embed_dim)
-    progress(
-        f"  UNet step (batch 2) {counted['unet'] / 1e12:.3f} TFLOP, VAE decode {counted['vae_decoder'] / 1e12:.3f}"
-    )
     peak_info = peak.measure(threads) if measure_peak else {"peak_gflops": None}
     progress(f"matmul peak: {peak_info}")
     peak_gflops = peak_info.get("peak_gflops")
 
-    latent_shape = (1, 4, height // 8, width // 8)
-    ref_worker = start_engine(reference, ctx, progress)
+    ref_worker = start_engine(reference, ctx, progress, plan.family_name)
     if ref_worker is None:
         raise SystemExit(f"the reference engine {reference} could not be loaded")
     pending = [e for e in engines if e != reference]
-    results, groups, ref_runs = {}, [], []
+    raws, loads, groups, ref_runs, graphs = {}, {}, [], [], {}
     try:
         while True:
             group = {reference: ref_worker}
             while pending and (len(group) == 1 or machine.available_mb() > min_free_mb):
                 name = pending.pop(0)
-                worker = start_engine(name, ctx, progress)
+                worker = start_engine(name, ctx, progress, plan.family_name)
                 if worker is not None:
                     group[name] = worker
             progress(f"timing {', '.join(group)} interleaved")
-            raw = measure_group(group, folder, latent_shape, steps, repeats, reference, progress)
+            raw = measure_group(group, folder, plan, steps, repeats, reference, progress, guidance, decode)
+            graphs = raw.pop("_graphs", None) or graphs
             for name, worker in group.items():
                 if name == reference:
                     continue
                 rss = worker.stop()
-                results[name] = {"load_s": round(worker.load_s, 2), "peak_rss_mb": rss and round(rss, 1)}
-                results[name].update(_summary(raw[name], raw[reference], counted, peak_gflops))
+                loads[name] = {"load_s": round(worker.load_s, 2), "peak_rss_mb": rss and round(rss, 1)}
+                raws[name] = (raw[name], raw[reference])
             groups.append(list(group))
             ref_runs.append(raw[reference])
             if not pending:
                 break
     finally:
         rss = ref_worker.stop()
+    progress("counting FLOPs from the ONNX graphs at the shapes the engine fed them …")
+    counted = count_flops(graphs, plan.denoiser)
+    progress(
+        f"  {plan.denoiser} step {counted['unet'] / 1e12:.3f} TFLOP, VAE decode {counted['vae_decoder'] / 1e12:.3f}"
+    )
     if measure_peak:  # the machine may be shared: the best of a measurement before and one after the run
         again = peak.measure(threads)
         progress(f"matmul peak again: {again}")
         if again["peak_gflops"] > peak_gflops:
             peak_info, peak_gflops = again, again["peak_gflops"]
+    results = {}
+    for name, (engine_raw, ref_raw) in raws.items():
+        results[name] = dict(loads[name])
+        results[name].update(_summary(engine_raw, ref_raw, counted, peak_gflops))
     # the reference: all its rounds from every group together
     merged = {key: [v for r in ref_runs for v in r[key]] for key in ("text", "glue", "vae")}
     merged["steps"] = [ref_runs[0]["steps"][0]] + [v for r in ref_runs for v in r["steps"][1:]]
     merged["latents"], merged["image"] = ref_runs[0]["latents"], ref_runs[0]["image"]
     ref_result = {"load_s": round(ref_worker.load_s, 2), "peak_rss_mb": rss and round(rss, 1)}
     ref_result.update(_summary(merged, merged, counted, peak_gflops))
-    for result in results.values():  # the peak may have risen with the second measurement
-        result["peak_fraction"] = round(result["gflops"] / peak_gflops, 3) if peak_gflops else None
     ref_result["psnr_db"] = None
     # the same engine, the same noise in every group: its runs must agree, or the comparison is off
     ref_result["latent_max_diff"] = max(max_abs_diff(r["latents"], merged["latents"]) for r in ref_runs)
     results = {reference: ref_result, **{n: results[n] for n in engines if n in results}}
     return {
         "model": model,
+        "family": plan.family_name,
         "width": width,
         "height": height,
         "threads": threads,
         "steps": steps,
         "repeats": repeats,
-        "guidance": GUIDANCE,
+        "guidance": guidance if plan.family.uses_cfg(guidance) else None,
         "reference": reference,
         "groups": groups,
         "flops_per_step": counted["unet"],
@@ -262,4 +324,80 @@ def run(
         # other work on the machine during the run: the 1-minute load average before and after
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
+    }
+
+
+def extrapolate(t1: float, t2: float, d1: float, d2: float, real: float) -> float:
+    """The straight line through (d1, t1) and (d2, t2) at ``real``: t1 + (t2 − t1)·(real − d1)/(d2 − d1)."""
+    return t1 + (t2 - t1) * (real - d1) / (d2 - d1)
+
+
+def combine_depths(model: str, reduced: dict, points: list[dict]) -> dict:
+    """Two runs of reduced-depth builds (``reduced["units"]``, full width) → the real depth's estimate.
+
+    Per engine: the step (warm-up too) and its FLOPs extrapolate along the denoiser's repeated unit to
+    ``reduced["denoiser"]["real"]``, the text encoding along the text encoder's (``reduced["text"]``, when
+    cut); the VAE (full size in both builds) and the fidelity are the first build's measurements; peak
+    memory is left as the two measured points. Every combined row is an estimate; the runs are kept."""
+    (u1, u2), (p1, p2) = reduced["units"], points
+    real = reduced["denoiser"]["real"]
+    text_real = reduced.get("text", {}).get("real")
+
+    def step(a, b):
+        return extrapolate(a, b, u1, u2, real)
+
+    def text(a, b):
+        return extrapolate(a, b, u1, u2, text_real) if text_real else a
+
+    flops = step(p1["flops_per_step"], p2["flops_per_step"])
+    names = [n for n in p1["results"] if n in p2["results"]]
+    ref = p1["reference"]
+    ref_step = step(p1["results"][ref]["median_step_s"], p2["results"][ref]["median_step_s"])
+    peak_gflops = max(p["peak_gflops"] or 0 for p in points) or None
+    results = {}
+    for name in names:
+        r1, r2 = p1["results"][name], p2["results"][name]
+        median = step(r1["median_step_s"], r2["median_step_s"])
+        gflops = flops / median / 1e9
+        results[name] = {
+            "estimate": True,
+            "median_step_s": round(median, 4),
+            "first_step_s": round(step(r1["first_step_s"], r2["first_step_s"]), 4),
+            "text_encode_s": round(text(r1["text_encode_s"], r2["text_encode_s"]), 4),
+            "vae_decode_s": r1["vae_decode_s"],
+            "vae_ratio_to_stepwise": r1["vae_ratio_to_stepwise"],
+            "vae_gflops": r1["vae_gflops"],
+            "ratio_to_stepwise": round(median / ref_step, 3),
+            "gflops": round(gflops, 1),
+            "peak_fraction": round(gflops / peak_gflops, 3) if peak_gflops else None,
+            "glue_ms_per_step": r1["glue_ms_per_step"],
+            "load_s": None,
+            "load_s_points": [r1["load_s"], r2["load_s"]],
+            "peak_rss_mb": None,
+            "peak_rss_mb_points": [r1["peak_rss_mb"], r2["peak_rss_mb"]],
+            "median_step_s_points": [r1["median_step_s"], r2["median_step_s"]],
+            "latent_max_diff": max(r1["latent_max_diff"], r2["latent_max_diff"]),
+            "latent_max_abs": r1["latent_max_abs"],
+            "psnr_db": r1["psnr_db"],
+        }
+    return {
+        **{k: p1[k] for k in ("family", "width", "height", "threads", "steps", "repeats", "guidance", "reference")},
+        "model": model,
+        "estimate": {
+            "units": [u1, u2],
+            "denoiser_real_units": real,
+            "text_real_units": text_real,
+            "method": "t(real) = t(u1) + (t(u2) - t(u1)) * (real - u1) / (u2 - u1), per engine, steps and FLOPs",
+        },
+        "flops_per_step": round(flops),
+        "flops_per_step_points": [p1["flops_per_step"], p2["flops_per_step"]],
+        "vae_decode_flops": p1["vae_decode_flops"],
+        "text_encoder_flops": round(text(p1["text_encoder_flops"], p2["text_encoder_flops"])),
+        "peak_gflops": peak_gflops,
+        "machine": p1["machine"],
+        "versions": p1["versions"],
+        "wall_s": round(sum(p["wall_s"] for p in points), 1),
+        "load_average": [p1["load_average"][0], p2["load_average"][1]],
+        "results": results,
+        "points": points,
     }

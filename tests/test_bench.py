@@ -112,3 +112,129 @@ def test_bench_end_to_end_on_tiny_sd15(tmp_path, monkeypatch):
     # the same graph on the same session settings but spinning: the same numbers
     assert data["results"]["ort_no_spin"]["latent_max_diff"] < 1e-4
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- other families: reduced-depth builds, extrapolation, every family's engines on its tiny model ---------
+
+
+def test_extrapolation_to_the_real_depth_matches_hand_computed_values():
+    from bench.run import combine_depths, extrapolate
+
+    assert extrapolate(10.0, 14.0, 1, 2, 24) == 10.0 + 4.0 * 23  # 102 s: 23 more units at 4 s each
+    assert extrapolate(3.0, 5.0, 1, 2, 19) == 39.0
+    assert extrapolate(2.0, 3.0, 2, 4, 10) == 6.0  # (10 − 2) / (4 − 2) = 4 slopes of 0.5
+
+    def point(ref_step, other_step, flops, text):
+        result = {
+            "median_step_s": ref_step,
+            "first_step_s": ref_step + 1,
+            "text_encode_s": text,
+            "vae_decode_s": 7.0,
+            "vae_ratio_to_stepwise": 1.0,
+            "vae_gflops": 1.0,
+            "glue_ms_per_step": 0.1,
+            "load_s": 1.0,
+            "peak_rss_mb": 100.0,
+            "latent_max_diff": 0.0,
+            "latent_max_abs": 1.0,
+            "psnr_db": None,
+        }
+        other = dict(result, median_step_s=other_step, latent_max_diff=1e-5, psnr_db=60.0)
+        return {
+            "family": "sd3", "width": 1024, "height": 1024, "threads": 2, "steps": 20, "repeats": 2,
+            "guidance": 7.0, "reference": "stepwise", "flops_per_step": flops, "vae_decode_flops": 5,
+            "text_encoder_flops": 10, "peak_gflops": 100.0, "machine": {}, "versions": {}, "wall_s": 1.0,
+            "load_average": [1.0, 2.0], "results": {"stepwise": result, "pytorch": other},
+        }  # fmt: skip
+
+    plan = {"units": [1, 2], "denoiser": {"real": 24}, "text": {"real": 24}}
+    data = combine_depths("random:sd3-medium", plan, [point(10, 20, 1e12, 0.5), point(14, 30, 1.5e12, 0.7)])
+    ref, torch = data["results"]["stepwise"], data["results"]["pytorch"]
+    assert ref["median_step_s"] == 102.0 and torch["median_step_s"] == 20 + 10 * 23  # 250
+    assert ref["first_step_s"] == 103.0
+    assert torch["ratio_to_stepwise"] == round(250 / 102, 3)
+    assert data["flops_per_step"] == round(1e12 + 0.5e12 * 23)  # FLOPs extrapolate the same way
+    assert ref["gflops"] == round(12.5e12 / 102 / 1e9, 1)
+    assert ref["text_encode_s"] == round(0.5 + 0.2 * 23, 4)
+    assert ref["vae_decode_s"] == 7.0  # the first build's, the VAE is full size in both
+    assert torch["latent_max_diff"] == 1e-5 and torch["median_step_s_points"] == [20, 30]
+    assert ref["estimate"] and data["estimate"]["denoiser_real_units"] == 24 and len(data["points"]) == 2
+
+    from bench import report
+
+    table = report.tables(data)
+    assert "| stepwise | est. (1, 2 → 24 units) | 102.00 |" in table
+    assert "| pytorch | est. (1, 2 → 24 units) | 250.00 | 2.45 |" in table
+
+
+def test_reduced_configs_cut_the_repeated_units_only():
+    from bench import random_model
+
+    full = random_model.config("sdxl")
+    assert full["unet"]["transformer_layers_per_block"] == [1, 2, 10]
+    assert full["text_encoder_2"]["num_hidden_layers"] == 32
+    two = random_model.config("sdxl@u2")
+    assert two["unet"]["transformer_layers_per_block"] == [1, 2, 2]
+    assert two["text_encoder_2"]["num_hidden_layers"] == 2
+    assert two["unet"]["block_out_channels"] == full["unet"]["block_out_channels"]  # full width
+    flux = random_model.config("flux-schnell@u2")["transformer"]
+    assert (flux["num_layers"], flux["num_single_layers"], flux["num_attention_heads"]) == (2, 4, 24)
+    sd3 = random_model.config("sd3-medium@u1")
+    assert sd3["transformer"]["num_layers"] == 1 and sd3["text_encoder_3"]["num_layers"] == 1
+    assert sd3["text_encoder_2"]["num_hidden_layers"] == 32  # CLIP-G stays full for SD3
+    assert random_model.reduced("sd15") is None and random_model.reduced("sd3-medium")["denoiser"]["real"] == 24
+    assert random_model.cache_name("random:flux-schnell@u2") == "random-flux-schnell-u2"
+    for family in ("sdxl", "sd3-medium", "flux-schnell"):
+        assert random_model.config(family)["registry_model"] == family
+
+
+# PyTorch's step against ours after the timed steps: independent implementations (diffusers eager vs the
+# exported graph under our family code) on the same weights; fp32 reorderings only.
+STEP_TOLERANCE = 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux-schnell"])
+def test_family_bench_end_to_end_on_tiny_model(family, exported_tiny, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    import registry
+    from bench import random_model, report, run
+    from exporters.families import TINY_SOURCES
+
+    monkeypatch.setenv("STEPWISE_HOME", str(tmp_path / "home"))
+    engines = ["stepwise", "pytorch", "ort_plain"]  # ort_plain: SD 1.5 only, left out with one line
+    if importlib.util.find_spec("openvino"):
+        engines.append("openvino_fp32")
+    messages = []
+    entry = registry.get(TINY_SOURCES[family][1])
+    data = run.run(
+        model=f"tiny:{family}",
+        folder=exported_tiny(family),
+        source=random_model.source_folder(f"tiny:{family}", progress=messages.append),
+        work=tmp_path / "graphs",
+        width=64,
+        height=64,
+        steps=entry.default_steps,
+        threads=2,
+        repeats=1,
+        engines=engines,
+        measure_peak=False,
+        guidance=entry.guidance,
+        progress=messages.append,
+    )
+    assert any("ort_plain: the ORT tuning candidates" in m for m in messages)
+    assert set(data["results"]) == {e for e in engines if e != "ort_plain"}
+    assert data["flops_per_step"] > 0 and data["vae_decode_flops"] > 0 and data["text_encoder_flops"] > 0
+    assert data["flops_detail"]["unet_unresolved"] == 0
+    assert (data["guidance"] is None) == (family == "flux-schnell")  # schnell runs without CFG
+    for result in data["results"].values():
+        assert result["median_step_s"] > 0 and result["vae_decode_s"] > 0
+    torch = data["results"]["pytorch"]
+    assert torch["latent_max_diff"] < STEP_TOLERANCE * max(1.0, torch["latent_max_abs"]), torch
+    assert torch["psnr_db"] > 40
+    if "openvino_fp32" in data["results"]:
+        assert data["results"]["openvino_fp32"]["latent_max_diff"] < STEP_TOLERANCE * max(1.0, torch["latent_max_abs"])
+    assert "| pytorch | measured |" in report.tables(data)

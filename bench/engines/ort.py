@@ -40,6 +40,15 @@ def session_options(threads: int, options: dict):
     return so
 
 
+def refuse_other_families(folder: Path) -> None:
+    """The tuning candidates feed a UNet with SD 1.5's inputs only: a one-line refusal for other families."""
+    from registry import manifest
+
+    family = manifest.read(folder, check_files=False).family
+    if family != "sd15":
+        raise SystemExit(f"the ORT tuning candidates are written for SD 1.5's UNet, not for a {family} model")
+
+
 class OrtEngine(Engine):
     def __init__(
         self,
@@ -55,6 +64,7 @@ class OrtEngine(Engine):
     ):
         import onnxruntime as ort
 
+        refuse_other_families(Path(text_encoder).parent.parent)
         options = options or {}
         providers = ["CPUExecutionProvider"]
         self.unet = ort.InferenceSession(unet, session_options(threads, options), providers=providers)
@@ -72,9 +82,10 @@ class OrtEngine(Engine):
         self.io_binding = io_binding
         self.sessions = [self.unet, self.vae]
 
-    def encode(self, prompt, negative):
+    def encode(self, prompt, negative, guidance=7.5):
         ids = [self.tokenizer(text).ids for text in (negative, prompt)]
-        return np.concatenate([self.text.run(["last_hidden_state"], {"input_ids": i})[0] for i in ids])
+        embeds = np.concatenate([self.text.run(["last_hidden_state"], {"input_ids": i})[0] for i in ids])
+        return {"embeds": embeds, "pooled": None}
 
     def _feeds(self, sample, t, embeds):
         t_type = np.int64 if "int64" in self.types["timestep"] else np.float32
@@ -94,7 +105,8 @@ class OrtEngine(Engine):
         self.unet.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    def step(self, latents, t, embeds, guidance):
+    def step(self, latents, t, cond, guidance):
+        embeds = cond["embeds"]
         if self.split_guidance:  # two batch-1 runs instead of one batch of two
             uncond = self._run(self._feeds(latents, t, embeds[:1]))
             cond = self._run(self._feeds(latents, t, embeds[1:2]))
