@@ -78,13 +78,77 @@ def _shape_table(model) -> dict[str, list[int] | None]:
     return table
 
 
+# ops of the exporters' shape arithmetic (chunk sizes, head splits) that are folded to constants when all their
+# inputs are known small tensors: what onnx's data propagation leaves open (e.g. FLUX's AdaLayerNorm chunks)
+_FOLDABLE = {
+    "Gather", "Unsqueeze", "Squeeze", "Concat", "Mul", "Add", "Sub", "Div", "Slice", "Cast", "Equal", "Where",
+    "Range", "Reshape", "Floor", "Ceil", "Max", "Min", "Neg", "Abs", "ReduceProd", "Identity", "Mod",
+}  # fmt: skip
+_SMALL = 64  # elements: shape vectors and scalars only, never activations
+
+
+def _all_resolved(model, table) -> bool:
+    return all(table.get(o) for n in model.graph.node if n.op_type in MATMUL_OPS | CONV_OPS for o in n.output)
+
+
+def _fold_shape_arithmetic(model, table) -> int:
+    """Replace, in place, ``Shape`` of tensors whose shape is known and small integer arithmetic on constants
+    by initializers (evaluated with onnx's reference evaluator). Returns how many nodes were folded."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if np.prod(t.dims) <= _SMALL}
+    keep, folded = [], 0
+    for node in model.graph.node:
+        out = None
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].t else None
+        elif node.op_type == "Shape" and table.get(node.input[0]) is not None:
+            dims = np.array(table[node.input[0]], dtype=np.int64)
+            start, end = _attr(node, "start", 0), _attr(node, "end", None)
+            out = [dims[start:end]]
+        elif node.op_type in _FOLDABLE and all(not i or values.get(i) is not None for i in node.input):
+            inputs = [values[i] for i in node.input if i]
+            if all(np.size(v) <= _SMALL for v in inputs):
+                sub = helper.make_graph(
+                    [node], "fold",
+                    [helper.make_tensor_value_info(i, numpy_helper.from_array(values[i]).data_type, None)
+                     for i in dict.fromkeys(i for i in node.input if i)],
+                    [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+                )  # fmt: skip
+                try:
+                    sub_model = helper.make_model(sub, opset_imports=model.opset_import)
+                    out = ReferenceEvaluator(sub_model).run(None, {i: values[i] for i in node.input if i})
+                except Exception:  # noqa: BLE001 - left to shape inference as it is
+                    out = None
+        if out is not None and all(np.size(v) <= _SMALL for v in out):
+            for name, value in zip(node.output, out, strict=False):
+                values[name] = np.asarray(value)
+                model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            folded += 1
+            continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return folded
+
+
 def infer_shapes(model, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int] | None]:
     import onnx
 
     concrete = _with_input_shapes(model, input_shapes)
     inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
     table = _shape_table(inferred)
-    if all(table.get(o) for n in inferred.graph.node if n.op_type in MATMUL_OPS | CONV_OPS for o in n.output):
+    for _ in range(6):  # fold what is now known, infer again, while that resolves more
+        if _all_resolved(inferred, table):
+            return table
+        if not _fold_shape_arithmetic(concrete, table):
+            break
+        del concrete.graph.value_info[:]
+        inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
+        table = {**table, **{k: v for k, v in _shape_table(inferred).items() if v}}
+    if _all_resolved(inferred, table):
         return table
     try:  # ONNX Runtime's symbolic inference folds more of the shape arithmetic
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
