@@ -25,6 +25,8 @@ def export(
     lora_scale: float = 1.0,
     opset: int = 17,
     use_optimum: bool | None = None,
+    weights: str = "fp32",
+    fuse: bool = True,
     progress=print,
 ):
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to a validated ONNX folder.
@@ -32,6 +34,9 @@ def export(
     ``out``: the folder (default: ``registry.models_home() / (model_id or a name from the source)``);
     ``model_id``: tie the export to a registry entry (its family must match; its ``parts`` apply);
     ``unet``/``lora``: ``FILE`` or ``REPO:FILE``; ``use_optimum``: None = optimum when importable;
+    ``weights``: the denoiser's precision, ``fp32``, ``int8`` (static int8 convolutions calibrated on the
+    model's own sampling, dynamic int8 MatMuls) or ``int4`` (4-bit block-wise MatMul weights);
+    ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
     ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
     Raises ExportError, one line naming the problem and the fix.
     """
@@ -46,6 +51,8 @@ def export(
         lora_scale=lora_scale,
         opset=opset,
         use_optimum=use_optimum,
+        weights=weights,
+        fuse=fuse,
         progress=progress,
     )
 

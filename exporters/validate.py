@@ -64,11 +64,22 @@ def signature(sess) -> dict:
 
 
 def check(
-    component: Component, path: Path, refs: list[tuple[dict, dict]], *, atol: float = ATOL, rtol: float = RTOL
+    component: Component,
+    path: Path,
+    refs: list[tuple[dict, dict]],
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    min_snr_db: float | None = None,
+    trajectory: list[tuple[dict, dict]] | None = None,
 ) -> dict:
     """Compare the graph with the PyTorch outputs; the numbers for the manifest (and ``graph``: its
     input/output names, dtypes and shapes). Raises ValidationFailed when the names differ from the
-    contract, a shape does not run, or max|diff| exceeds ``atol + rtol * max|reference|``."""
+    contract, a shape does not run, or max|diff| exceeds ``atol + rtol * max|reference|`` — or, for a
+    quantized graph (``min_snr_db``), when the outputs' signal-to-noise ratio against PyTorch,
+    10·log10(Σ ref² / Σ (graph − ref)²) over every output, is below ``min_snr_db``. The SNR is taken on
+    ``trajectory`` (inputs and PyTorch outputs recorded while the model sampled: the inputs a quantized graph
+    was calibrated for and will see) when given; ``refs`` then only prove the shapes run."""
     try:
         sess = session(path)
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -82,6 +93,7 @@ def check(
         )
     worst = 0.0
     largest = 0.0
+    signal = noise = 0.0
     shapes = []
     for feeds, reference in refs:
         feeds = feeds_for(sess, feeds)
@@ -101,8 +113,11 @@ def check(
             if not np.all(np.isfinite(value)):
                 raise ValidationFailed(f"output {name} has NaN/inf at inputs {shapes[-1]}")
             if ref.size:
-                worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - ref))))
+                diff = value.astype(np.float64) - ref
+                worst = max(worst, float(np.max(np.abs(diff))))
                 largest = max(largest, float(np.max(np.abs(ref))))
+                signal += float(np.sum(np.square(ref, dtype=np.float64)))
+                noise += float(np.sum(np.square(diff)))
     tolerance = atol + rtol * largest
     result = {
         "max_abs_diff": worst,
@@ -113,12 +128,35 @@ def check(
         "shapes": shapes,
         "graph": signature(sess),
     }
+    if min_snr_db is not None:
+        snr = _snr_db(signal, noise)
+        del result["tolerance"], result["atol"], result["rtol"]
+        if trajectory:
+            result["snr_db_test_inputs"] = round(snr, 2)
+            signal = noise = 0.0
+            for feeds, reference in trajectory:
+                got = sess.run(outputs, feeds_for(sess, feeds))
+                for name, value in zip(outputs, got, strict=True):
+                    signal += float(np.sum(np.square(reference[name], dtype=np.float64)))
+                    noise += float(np.sum(np.square(value.astype(np.float64) - reference[name])))
+            snr = _snr_db(signal, noise)
+            result["snr_inputs"] = f"{len(trajectory)} sampling-trajectory inputs"
+        result.update(snr_db=round(snr, 2), min_snr_db=min_snr_db)
+        if not snr >= min_snr_db:
+            raise ValidationFailed(
+                f"the quantized outputs are {snr:.1f} dB from PyTorch's (signal-to-noise), below {min_snr_db:g} dB"
+            )
+        return result
     if not worst <= tolerance:
         raise ValidationFailed(
             f"max|onnx - torch| = {worst:.3g} exceeds the tolerance {tolerance:.3g} "
             f"(atol {atol:g} + rtol {rtol:g} x max|reference| {largest:.3g})"
         )
     return result
+
+
+def _snr_db(signal: float, noise: float) -> float:
+    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
 
 
 def validate(component: Component, path: Path, **tolerances) -> dict:

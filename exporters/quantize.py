@@ -1,0 +1,134 @@
+"""Weight precision modes for the denoiser graph (``--weights``), with ONNX Runtime's quantization tools.
+
+- ``int8``: convolutions static QDQ int8 (weights per channel, uint8 activations with ranges calibrated on
+  the model's own sampling trajectory) → ``QLinearConv``; then every MatMul dynamic int8 (activations
+  quantized at run time from their own range) → ``DynamicQuantizeMatMul``. Both run on VNNI/AMX-INT8.
+  Dynamic int8 *convolutions* are never used: ONNX Runtime runs ``ConvInteger`` on a slow generic path
+  (2.9× slower steps). Static QDQ MatMuls were slower too: the calibrator leaves the MatMuls behind the
+  fused LayerNorms fp32 and ONNX Runtime turns them into weight-only kernels (docs/benchmarks.md).
+  Transformers (SD3, FLUX) have no convolutions to speak of: their int8 is the dynamic MatMul part only.
+- ``int4``: MatMul weights 4-bit, block-wise (``MatMulNBits``), activations fp32: for transformers too big
+  for memory in fp32; compute in int8 (accuracy level 4) where the CPU has VNNI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import optimize
+
+WEIGHTS = ("fp32", "int8", "int4")
+INT4_BLOCK = 32
+# ONNX Runtime's MatMulNBits accuracy level 4: activations quantized to int8 per block, int8 dot products
+INT4_ACCURACY_LEVEL = 4
+
+
+def _convs(path: Path) -> tuple[list[str], list[str]]:
+    """(all Conv nodes, the ones that read a graph input or write a graph output). Those two (the UNet's
+    conv_in on the latent, conv_out writing the noise prediction) stay fp32: their error goes straight into
+    the sample, and with 4 channels they cost next to nothing."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    edges = [n.name for n in convs if n.input[0] in inputs or n.output[0] in outputs]
+    return [n.name for n in convs], edges
+
+
+def _static_int8_conv(src: Path, dst: Path, samples: list[dict], exclude: list[str]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(samples)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv"],
+        nodes_to_exclude=exclude,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=True,
+        # contrib ops of the fused graph leave some tensor types to guess: all are float. (Not
+        # CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the collected batches instead of merging them.)
+        extra_options={"DefaultTensorType": 1},
+    )
+
+
+def _dynamic_int8_matmul(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul"],
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        use_external_data_format=True,
+        extra_options={"DefaultTensorType": 1},
+    )
+
+
+def _int4_matmul(src: Path):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize(path: Path, data_name: str, weights: str, samples: list[dict] | None) -> dict:
+    """Rewrite the graph at ``path`` (weights in ``data_name`` when over 2 GB) to ``weights``; returns what
+    was done, for the manifest. ``samples``: calibration inputs for the static int8 convolutions."""
+    import onnx
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    done = {"weights": weights}
+    if weights == "fp32":
+        return done
+    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=path.parent.parent))
+    try:
+        if weights == "int4":
+            model = _int4_matmul(path)
+            done["matmul"] = f"MatMulNBits 4-bit, block {INT4_BLOCK}, symmetric, accuracy level {INT4_ACCURACY_LEVEL}"
+        else:
+            src = path
+            convs, edges = _convs(path)
+            if samples and len(convs) > len(edges):
+                src = work / "conv" / "model.onnx"
+                src.parent.mkdir()
+                _static_int8_conv(path, src, samples, edges)
+                done["conv"] = (
+                    f"static QDQ int8 per channel, MinMax over {len(samples)} calibration inputs; "
+                    f"fp32: {', '.join(edges) or 'none'}"
+                )
+            dst = work / "matmul" / "model.onnx"
+            dst.parent.mkdir()
+            _dynamic_int8_matmul(src, dst)
+            done["matmul"] = "dynamic int8 (weights per channel, activations per run)"
+            model = onnx.load(str(dst))
+        optimize.save(model, path, data_name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return done
