@@ -156,6 +156,8 @@ def test_cli_export_weights_and_the_plan_names_them(exported_tiny, tmp_path):
     bad = stepwise(tmp_path, "export", "tiny:sd15", "--weights", "fp16")
     assert bad.returncode == 2 and "fp16" in bad.stderr and "Traceback" not in bad.stderr
     folder = shutil.copytree(exported_tiny("sd15", weights="int4"), tmp_path / "sd15-int4")
-    gen = stepwise(tmp_path, "generate", "a red apple", "--model", str(folder), "--steps", "2", "--force", "--out", "x.png")
+    gen = stepwise(
+        tmp_path, "generate", "a red apple", "--model", str(folder), "--steps", "2", "--force", "--out", "x.png"
+    )
     assert gen.returncode == 0, gen.stderr
     assert "(int4 weights)" in gen.stdout + gen.stderr
