@@ -1,18 +1,19 @@
 """The named engines a run can time: the comparison (``stepwise``, ``pytorch``, ``openvino_fp32``,
-``openvino_default``), the tuning candidates of our ONNX Runtime path (``ort_*``) and the fast precision
-modes (``stepwise_int8``, …). Each name → (engine kind, options), built from the run's context."""
+``openvino_default``), the tuning candidates of our ONNX Runtime path (``ort_*``, each one change against
+the engine) and the fast precision modes (``stepwise_int8``, ``stepwise_int4``: ``stepwise export
+--weights``). Each name → (engine kind, options), built from the run's context."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import graphs
+from . import export
 
 COMPARISON = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
-# the best fp32 tuning candidate and the fastest precision mode found so far (docs/benchmarks.md)
-TUNED = ("ort_fused_mha",)
-FAST_MODES = ("stepwise_int8_mha", "stepwise_int8_hybrid")
+# the plain export (no CPU attention fusion) under the engine's session: what the exporter's fusion gains
+TUNED = ("ort_plain",)
+FAST_MODES = ("stepwise_int8",)
 
 
 @dataclass
@@ -53,58 +54,41 @@ def _static_dims(ctx: Context) -> tuple[dict, dict]:
     return {"free_dims": unet}, {"free_dims": vae}
 
 
-def _int8(
-    ctx: Context, op_types: tuple[str, ...], name: str, vae_ops: tuple[str, ...] | None = None, fused: bool = False
-):
-    source = ctx.unet
-    if fused:  # the attention-fused graph with MultiHeadAttention everywhere (ort_fused_mha)
-        source = graphs.split_self_attention(graphs.fused_unet(ctx.unet, ctx.work), ctx.work, ctx.progress)
-    unet = graphs.dynamic_int8(source, ctx.work, name, op_types, "unet", ctx.progress)
-    vae = graphs.dynamic_int8(ctx.vae, ctx.work, name, vae_ops, "vae_decoder", ctx.progress) if vae_ops else None
-    return ctx.ort(unet=unet, vae=vae)
+def _plain(ctx: Context) -> Path:
+    """The export without the CPU attention fusion: OpenVINO reads standard ONNX ops only. Transformer
+    exports have no fusion, so they are their own plain export."""
+    from registry import manifest
+
+    components = manifest.read(ctx.folder, check_files=False).components
+    if not any("fusion" in entry for entry in components.values()):
+        return ctx.folder
+    return export.sibling(ctx.folder, ctx.source, "fp32-plain", ctx.progress)
 
 
-def _static_int8(ctx: Context, op_types: tuple[str, ...], name: str, dynamic_after: tuple[str, ...] = ()):
-    source = graphs.split_self_attention(graphs.fused_unet(ctx.unet, ctx.work), ctx.work, ctx.progress)
-    samples = lambda: graphs.unet_calibration_samples(ctx.folder, ctx.width, ctx.height, CALIBRATION_PROMPT)  # noqa: E731
-    unet = graphs.static_int8(source, ctx.work, name, op_types, samples, ctx.progress)
-    if dynamic_after:  # then the remaining ops quantized at run time (MatMul: U8S8 with activations' own ranges)
-        unet = graphs.dynamic_int8(unet, ctx.work, f"{name}+dynamic", dynamic_after, "unet", ctx.progress)
-    return ctx.ort(unet=unet)
+def _engine(ctx: Context, folder: Path) -> tuple[str, dict]:
+    return "stepwise", {"folder": str(folder), "threads": ctx.threads, "width": ctx.width, "height": ctx.height}
 
 
-CALIBRATION_PROMPT = "a red apple on a wooden table, studio lighting"
+def _openvino(ctx: Context, precision: str | None) -> tuple[str, dict]:
+    options = {
+        "folder": str(_plain(ctx)),
+        "threads": ctx.threads,
+        "width": ctx.width,
+        "height": ctx.height,
+        "scaling_factor": ctx.scaling_factor,
+        "precision": precision,
+    }
+    return "openvino", options
+
 
 BUILDERS = {
-    "stepwise": lambda c: (
-        "stepwise",
-        {"folder": str(c.folder), "threads": c.threads, "width": c.width, "height": c.height},
-    ),
+    "stepwise": lambda c: _engine(c, c.folder),
     "pytorch": lambda c: ("pytorch", {"source": str(c.source), "threads": c.threads}),
-    "openvino_fp32": lambda c: (
-        "openvino",
-        {
-            "folder": str(c.folder),
-            "threads": c.threads,
-            "width": c.width,
-            "height": c.height,
-            "scaling_factor": c.scaling_factor,
-            "precision": "f32",
-        },
-    ),
-    "openvino_default": lambda c: (
-        "openvino",
-        {
-            "folder": str(c.folder),
-            "threads": c.threads,
-            "width": c.width,
-            "height": c.height,
-            "scaling_factor": c.scaling_factor,
-            "precision": None,
-        },
-    ),
-    # --- tuning candidates: one change each against the engine's session
-    "ort_plain": lambda c: c.ort(),
+    "openvino_fp32": lambda c: _openvino(c, "f32"),
+    "openvino_default": lambda c: _openvino(c, None),
+    # --- tuning candidates: one change each against the engine's session or graph
+    "ort_plain": lambda c: c.ort(unet=_plain(c) / "unet" / "model.onnx"),
+    "ort_engine": lambda c: c.ort(),  # the engine's graphs and settings through the candidates' runner
     "ort_no_spin": lambda c: c.ort(options={"config": {"session.intra_op.allow_spinning": "0"}}),
     "ort_mem_pattern": lambda c: c.ort(options={"mem_pattern": True}),  # the engine's setting before 19b5ab4
     "ort_no_arena": lambda c: c.ort(options={"cpu_arena": False}),
@@ -113,19 +97,9 @@ BUILDERS = {
     "ort_static_dims": lambda c: c.ort(options=_static_dims(c)[0], vae_options=_static_dims(c)[1]),
     "ort_split_guidance": lambda c: c.ort(split_guidance=True),
     "ort_io_binding": lambda c: c.ort(io_binding=True),
-    "ort_fused": lambda c: c.ort(unet=graphs.fused_unet(c.unet, c.work, c.progress)),
-    "ort_fused_mha": lambda c: c.ort(
-        unet=graphs.split_self_attention(graphs.fused_unet(c.unet, c.work, c.progress), c.work, c.progress)
-    ),
-    # --- fast precision modes
-    "stepwise_int8": lambda c: _int8(c, ("MatMul",), "int8-matmul"),
-    "stepwise_int8_conv": lambda c: _int8(c, ("MatMul", "Conv"), "int8-matmul-conv", vae_ops=("Conv",)),
-    "stepwise_int8_static": lambda c: _static_int8(c, ("Conv", "MatMul"), "int8-static-qdq"),
-    "stepwise_int8_hybrid": lambda c: _static_int8(c, ("Conv",), "int8-static-conv", dynamic_after=("MatMul",)),
-    "stepwise_int8_mha": lambda c: _int8(c, ("MatMul",), "int8-mha-matmul", fused=True),
-    "stepwise_int8_mha_conv": lambda c: _int8(
-        c, ("MatMul", "Conv"), "int8-mha-matmul-conv", vae_ops=("Conv",), fused=True
-    ),
+    # --- fast precision modes: the engine on `stepwise export --weights …`
+    "stepwise_int8": lambda c: _engine(c, export.sibling(c.folder, c.source, "int8", c.progress)),
+    "stepwise_int4": lambda c: _engine(c, export.sibling(c.folder, c.source, "int4", c.progress)),
 }
 
 
