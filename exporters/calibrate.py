@@ -46,9 +46,13 @@ def _as_feeds(args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
     return feeds
 
 
-def unet_trajectory(pipeline, *, steps: int, guidance: float | None, progress=None) -> list[tuple[dict, dict]]:
+def unet_trajectory(
+    pipeline, *, steps: int, guidance: float | None, scheduler: dict | None = None, progress=None
+) -> list[tuple[dict, dict]]:
     """(the UNet's inputs, its output ``out_sample``) at each step of ``len(PROMPTS)`` seeded runs of
-    ``pipeline`` (a diffusers UNet pipeline, still whole)."""
+    ``pipeline`` (a diffusers UNet pipeline, still whole), sampled with ``scheduler`` (the config the export
+    will carry; default the pipeline's own) and ``guidance`` (default the pipeline's)."""
+    import diffusers
     import torch
 
     steps = max(1, min(steps, MAX_STEPS))
@@ -61,6 +65,10 @@ def unet_trajectory(pipeline, *, steps: int, guidance: float | None, progress=No
 
     hook = pipeline.unet.register_forward_hook(record, with_kwargs=True)
     pipeline.set_progress_bar_config(disable=True)
+    original = pipeline.scheduler
+    if scheduler:
+        config = dict(scheduler)
+        pipeline.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
     try:
         for seed, prompt in enumerate(PROMPTS):
             if progress:
@@ -78,4 +86,5 @@ def unet_trajectory(pipeline, *, steps: int, guidance: float | None, progress=No
                 )
     finally:
         hook.remove()
+        pipeline.scheduler = original
     return recorded

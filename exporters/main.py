@@ -105,7 +105,9 @@ def export(
             trajectory = calibrate.unet_trajectory(
                 pipeline,
                 steps=model.default_steps if model else calibrate.MAX_STEPS,
-                guidance=model.guidance if model and model.uses_guidance else None,
+                # a registry model samples with its own guidance (Turbo's 0: no CFG batch) and scheduler
+                guidance=model.guidance if model else None,
+                scheduler=scheduler,
                 progress=say,
             )
     final.parent.mkdir(parents=True, exist_ok=True)
