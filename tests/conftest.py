@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# --- engine: the graph cache writes beside an export; the shared tiny exports are read-only, so it is off
+# unless a test turns it on (tests/test_graph_cache.py does, on its own copies) ------------------------------
+os.environ.setdefault("STEPWISE_GRAPH_CACHE", "0")
 
 # --- exporters: tiny exports shared by the whole session (tests/test_export*.py, engine tests) ---------
 
