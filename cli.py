@@ -49,15 +49,18 @@ class Target:
 
     @property
     def weights(self) -> str | None:
-        """The export's denoiser precision (fp32, int8, int4), None when not exported."""
+        """The export's precision, e.g. "int8 weights, int8 VAE"; None when not exported."""
         if self.folder is None:
             return None
         from registry import manifest
 
         try:
-            return manifest.read(self.folder, check_files=False).data.get("precision", "fp32")
+            data = manifest.read(self.folder, check_files=False).data
         except ManifestError:
             return None
+        text = f"{data.get('precision', 'fp32')} weights"
+        vae = data.get("vae_precision", "fp32")
+        return text if vae == "fp32" else f"{text}, {vae} VAE"
 
     @property
     def native_size(self) -> tuple[int, int] | None:
@@ -105,7 +108,7 @@ def _estimate(target: Target, steps: int, width: int, height: int, threads: int 
 
 def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads) -> None:
     m = target.model
-    where = f"{target.folder} ({target.weights} weights)" if target.folder else "not exported"
+    where = f"{target.folder} ({target.weights})" if target.folder else "not exported"
     note = (
         "default" if decision.default else ("recommended" if decision.verdict == policy.OK else "outside recommended")
     )
@@ -275,8 +278,16 @@ def models_cmd(as_json):
     help="Denoiser precision: int8 = static int8 convs calibrated on the model's own sampling + dynamic int8 "
     "MatMuls (~2x faster SD 1.5 steps); int4 = 4-bit MatMul weights (MatMulNBits), for big transformers.",
 )
+@click.option(
+    "--vae-weights",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="VAE decoder precision: int8 = static int8 convs calibrated on the model's own samples (~0.5x the "
+    "decode time, ~35 dB against fp32). UNet models only.",
+)
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
-def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weights, no_fuse):
+def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weights, vae_weights, no_fuse):
     """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once.
 
     With --model and no SOURCE, the registry's checkpoint (and its parts, e.g. SDXL Lightning's UNet) is used.
@@ -301,6 +312,7 @@ def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weight
             lora_scale=lora_scale,
             use_optimum=False if no_optimum else None,
             weights=weights,
+            vae_weights=vae_weights,
             fuse=not no_fuse,
             progress=lambda line: click.echo(line, err=True),
         )

@@ -139,22 +139,10 @@ def decoder_input(latents: np.ndarray) -> dict:
 
 
 def _lean_calibration_session() -> None:
-    """The calibrator's own session (ORT_DISABLE_ALL, memory pattern on, all cores) peaks above 10 GB on the
-    512x512 decoder; the same graph and optimisation level with the memory pattern off stays near the engine's
-    footprint. The ranges it collects are the same: only the allocation plan changes."""
-    import onnxruntime
-    from onnxruntime.quantization import calibrate
+    """The calibrator's session with the memory pattern off, for the whole run (exporters/quantize.py)."""
+    from exporters.quantize import lean_calibration_session
 
-    def create_inference_session(self):
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_mem_pattern = False
-        options.intra_op_num_threads = 2
-        self.infer_session = onnxruntime.InferenceSession(
-            self.augmented_model_path, sess_options=options, providers=self.execution_providers
-        )
-
-    calibrate.CalibraterBase.create_inference_session = create_inference_session
+    lean_calibration_session(threads=2).__enter__()
 
 
 def build(mode: str, source: Path, work: Path, calibration: list[dict]) -> Path:

@@ -26,6 +26,7 @@ def export(
     opset: int = 17,
     use_optimum: bool | None = None,
     weights: str = "fp32",
+    vae_weights: str = "fp32",
     fuse: bool = True,
     progress=print,
 ):
@@ -36,6 +37,8 @@ def export(
     ``unet``/``lora``: ``FILE`` or ``REPO:FILE``; ``use_optimum``: None = optimum when importable;
     ``weights``: the denoiser's precision, ``fp32``, ``int8`` (static int8 convolutions calibrated on the
     model's own sampling, dynamic int8 MatMuls) or ``int4`` (4-bit block-wise MatMul weights);
+    ``vae_weights``: the VAE decoder's, ``fp32`` or ``int8`` (static int8 convolutions calibrated on the
+    pipeline's own sampled latents; UNet pipelines);
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
     ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
     Raises ExportError, one line naming the problem and the fix.
@@ -52,6 +55,7 @@ def export(
         opset=opset,
         use_optimum=use_optimum,
         weights=weights,
+        vae_weights=vae_weights,
         fuse=fuse,
         progress=progress,
     )

@@ -48,16 +48,18 @@ def _as_feeds(args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
 
 def unet_trajectory(
     pipeline, *, steps: int, guidance: float | None, scheduler: dict | None = None, progress=None
-) -> list[tuple[dict, dict]]:
+) -> tuple[list[tuple[dict, dict]], list[np.ndarray]]:
     """(the UNet's inputs, its output ``out_sample``) at each step of ``len(PROMPTS)`` seeded runs of
     ``pipeline`` (a diffusers UNet pipeline, still whole), sampled with ``scheduler`` (the config the export
-    will carry; default the pipeline's own) and ``guidance`` (default the pipeline's)."""
+    will carry; default the pipeline's own) and ``guidance`` (default the pipeline's); and each run's final
+    latents."""
     import diffusers
     import torch
 
     steps = max(1, min(steps, MAX_STEPS))
     width, height = _size(pipeline)
     recorded: list[tuple[dict, dict]] = []
+    finals: list[np.ndarray] = []
 
     def record(_module, args, kwargs, output):
         sample = output[0] if isinstance(output, tuple) else output.sample
@@ -75,7 +77,7 @@ def unet_trajectory(
                 progress(f"calibrating: sampling {prompt[:40]!r} ({steps} steps, {width}x{height})")
             kwargs = {} if guidance is None else {"guidance_scale": guidance}
             with torch.inference_mode():
-                pipeline(
+                result = pipeline(
                     prompt,
                     num_inference_steps=steps,
                     width=width,
@@ -84,7 +86,28 @@ def unet_trajectory(
                     output_type="latent",
                     **kwargs,
                 )
+            finals.append(result.images.detach().float().numpy().copy())
     finally:
         hook.remove()
         pipeline.scheduler = original
-    return recorded
+    return recorded, finals
+
+
+def vae_decoder_trajectory(pipeline, latents: list[np.ndarray], seed: int = 101) -> list[tuple[dict, dict]]:
+    """(the decoder's input ``latent_sample``, PyTorch's decoded ``sample``) for sampled ``latents`` and as many
+    standard-normal ones (the range a decoder sees from a half-finished or unusual sample), scaled as the
+    engine scales them (engine/vae.py)."""
+    import torch
+
+    vae = pipeline.vae
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    rng = np.random.default_rng(seed)
+    inputs = list(latents) + [rng.standard_normal(z.shape, dtype=np.float32) for z in latents]
+    pairs = []
+    for z in inputs:
+        scaled = (z / scale + shift).astype(np.float32)
+        with torch.inference_mode():
+            image = vae.decode(torch.from_numpy(scaled), return_dict=False)[0]
+        pairs.append(({"latent_sample": scaled}, {"sample": image.float().numpy().copy()}))
+    return pairs

@@ -47,6 +47,7 @@ def export(
     opset: int = 17,
     use_optimum: bool | None = None,
     weights: str = "fp32",
+    vae_weights: str = "fp32",
     fuse: bool = True,
     progress=print,
 ) -> Path:
@@ -61,6 +62,10 @@ def export(
         raise ExportError(f"opset {opset} is not supported; use an opset from {MIN_OPSET} to {MAX_OPSET} (default 17)")
     if weights not in quantize.WEIGHTS:
         raise ExportError(f"--weights {weights} is not a precision mode; use one of {', '.join(quantize.WEIGHTS)}")
+    if vae_weights not in quantize.VAE_WEIGHTS:
+        raise ExportError(
+            f"--vae-weights {vae_weights} is not a precision mode; use one of {', '.join(quantize.VAE_WEIGHTS)}"
+        )
     if use_optimum and not backends.optimum_available():
         raise ExportError(
             "optimum's ONNX exporter is not importable; install it with pip install 'stepwise[export]' "
@@ -97,12 +102,19 @@ def export(
 
     scheduler = scheduler_config(pipeline, model)
     config = pipeline_config(pipeline, src.family, scheduler)
-    trajectory = None
-    if weights != "fp32" and getattr(pipeline, "unet", None) is not None:
-        # before any component is exported and freed: the whole pipeline samples; its UNet inputs calibrate
-        # the int8 convolutions and, with the UNet's outputs, measure any quantized UNet
+    rewrite = _Rewrite(fuse, weights, vae_weights)
+    unet_pipeline = getattr(pipeline, "unet", None) is not None
+    if vae_weights != "fp32" and not unet_pipeline:
+        raise ExportError(
+            f"--vae-weights {vae_weights} is calibrated on a UNet pipeline's samples; {src.family} is not supported "
+            f"yet: export with --vae-weights fp32"
+        )
+    if unet_pipeline and (weights != "fp32" or vae_weights != "fp32"):
+        # before any component is exported and freed: the whole pipeline samples. Its UNet inputs calibrate
+        # the int8 convolutions and, with the UNet's outputs, measure a quantized UNet; its final latents do
+        # the same for the VAE decoder.
         with backends.quiet():
-            trajectory = calibrate.unet_trajectory(
+            unet_trajectory, finals = calibrate.unet_trajectory(
                 pipeline,
                 steps=model.default_steps if model else calibrate.MAX_STEPS,
                 # a registry model samples with its own guidance (Turbo's 0: no CFG batch) and scheduler
@@ -110,6 +122,11 @@ def export(
                 scheduler=scheduler,
                 progress=say,
             )
+            if weights != "fp32":
+                rewrite.trajectories["unet"] = unet_trajectory
+            if vae_weights != "fp32":
+                say("calibrating: decoding the sampled latents")
+                rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -121,7 +138,7 @@ def export(
                 f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
                 f"try the plain torch.onnx exporter (stepwise export --no-optimum)"
             ) from exc
-        entries = _export_components(pipeline, backend, tmp, opset, say, _Rewrite(fuse, weights, trajectory))
+        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite)
         data = {
             "model_id": model.id if model else None,
             "family": src.family,
@@ -131,6 +148,7 @@ def export(
             "scheduler_source": f"registry:{model.id}" if model else "checkpoint",
             "opset": opset,
             "precision": weights,
+            "vae_precision": vae_weights,
             "exporter": backend.name,
             "components": entries,
             "config": config,
@@ -151,38 +169,52 @@ def export(
 
 
 class _Rewrite:
-    """What happens to a denoiser graph between export and validation: the CPU attention fusion (UNets)
-    and the weight precision mode."""
+    """What happens to a graph between export and validation: the CPU attention fusion (UNets), the
+    denoiser's weight precision, the VAE decoder's. ``trajectories``: component → (inputs, PyTorch outputs)
+    recorded while the pipeline sampled, which calibrate and then measure a quantized graph."""
 
-    def __init__(self, fuse: bool, weights: str, trajectory: list | None):
-        self.fuse, self.weights, self.trajectory = fuse, weights, trajectory
+    def __init__(self, fuse: bool, weights: str, vae_weights: str):
+        self.fuse, self.weights, self.vae_weights = fuse, weights, vae_weights
+        self.trajectories: dict[str, list] = {}
 
-    def apply(self, component_kind: str, path: Path, say) -> dict:
+    def precision(self, name: str) -> str:
+        if name in DENOISERS:
+            return self.weights
+        return self.vae_weights if name == "vae_decoder" else "fp32"
+
+    def apply(self, name: str, kind: str, path: Path, say) -> dict:
         data_name = path.name + backends.DATA_SUFFIX
         done = {}
-        if self.fuse and component_kind == "unet":
+        if self.fuse and kind == "unet":
             say("fusing unet attention for the CPU (onnxruntime.transformers + MultiHeadAttention)")
             try:
                 done["fusion"] = optimize.fuse_unet_for_cpu(path, data_name)
             except Exception as exc:  # the optimizer's pattern matching is not ours to fix: keep the plain graph
                 say(f"note: attention fusion skipped ({type(exc).__name__}: {_first_line(exc)})")
-        if self.weights != "fp32":
-            say(f"quantizing the denoiser to {self.weights}")
-            try:
-                done["quantization"] = quantize.quantize(
-                    path, data_name, self.weights, [feeds for feeds, _ in self.trajectory or ()]
-                )
-            except Exception as exc:
-                raise ExportError(
-                    f"quantizing to {self.weights} failed ({type(exc).__name__}: {_first_line(exc)}); "
-                    f"export with --weights fp32"
-                ) from exc
+        weights = self.precision(name)
+        if weights == "fp32":
+            return done
+        say(f"quantizing {name} to {weights}")
+        samples = [feeds for feeds, _ in self.trajectories.get(name, ())]
+        try:
+            if name in DENOISERS:
+                done["quantization"] = quantize.quantize(path, data_name, weights, samples)
+            else:
+                done["quantization"] = quantize.int8_convs(path, data_name, samples)
+        except Exception as exc:
+            raise ExportError(
+                f"quantizing {name} to {weights} failed ({type(exc).__name__}: {_first_line(exc)}); {self.fix(name)}"
+            ) from exc
         return done
 
-    def tolerances(self) -> dict:
-        if self.weights == "fp32":
+    def tolerances(self, name: str) -> dict:
+        weights = self.precision(name)
+        if weights == "fp32":
             return {}
-        return {"min_snr_db": MIN_SNR_DB[self.weights], "trajectory": self.trajectory}
+        return {"min_snr_db": MIN_SNR_DB[weights], "trajectory": self.trajectories.get(name)}
+
+    def fix(self, name: str) -> str:
+        return "export with --weights fp32" if name in DENOISERS else "export with --vae-weights fp32"
 
 
 def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite) -> dict:
@@ -215,12 +247,12 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
         _release(pipeline, name, todo)
         if params > BIG_COMPONENT:
             gc.collect()
-        rewritten = rewrite.apply(kind, path, say) if name in DENOISERS else {}
-        tolerances = rewrite.tolerances() if name in DENOISERS else {}
+        rewritten = rewrite.apply(name, kind, path, say)
+        tolerances = rewrite.tolerances(name)
         try:
             result = validate.check(_Contract(refs), path, refs, **tolerances)
         except validate.ValidationFailed as exc:
-            fix = "export with --weights fp32" if tolerances else _other_exporter(backend)
+            fix = rewrite.fix(name) if tolerances else _other_exporter(backend)
             raise ExportError(f"validating {name} failed: {exc}; {fix}") from None
         if "snr_db" in result:
             say(f"validating {name}: SNR {result['snr_db']:.1f} dB against PyTorch (minimum {result['min_snr_db']:g})")

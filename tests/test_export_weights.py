@@ -29,6 +29,9 @@ from tests.test_engine_parity import MAX_PIXEL_DIFF, reference_image  # noqa: E4
 # 64x64, 4 steps). Measured: int8 sd15 35.8 dB, sdxl 34.4 dB; int4 sd15 52.8 dB (fp32: identical). The
 # full-size SD 1.5 in int8 gives ~40 dB against fp32 (docs/benchmarks.md).
 MIN_PSNR_DB = {"int8": 28.0, "int4": 40.0}
+# int8 VAE decoder alone (fp32 UNet): measured 47.4 dB on tiny sd15; the full-size SD 1.5 decoder gives
+# 33.6-37.6 dB (docs/vae-modes.md)
+MIN_PSNR_DB_VAE_INT8 = 35.0
 
 
 def op_types(path) -> set[str]:
@@ -106,6 +109,26 @@ def test_quantized_unet_stays_close_to_diffusers_fp32(exported_tiny, name, model
     expected = reference_image(name, model_id, steps, guidance, 64, 64, latents)
     assert expected.std() > 5
     assert psnr(image, expected) >= MIN_PSNR_DB[weights]
+
+
+@pytest.mark.slow
+def test_int8_vae_decoder_stays_close_to_diffusers_fp32(exported_tiny):
+    folder = exported_tiny("sd15", vae_weights="int8")
+    manifest = json.loads((folder / "stepwise.json").read_text())
+    entry = manifest["components"]["vae_decoder"]
+    assert manifest["vae_precision"] == "int8" and manifest["precision"] == "fp32"
+    assert "QuantizeLinear" in op_types(folder / "vae_decoder" / "model.onnx")
+    assert "conv_out" in entry["quantization"]["conv"]  # the image-side convs stay fp32
+    assert entry["validation"]["snr_db"] >= export_main.MIN_SNR_DB["int8"]
+    image, latents = engine_image(folder, "sd15", "sd15", 4, 7.5)
+    expected = reference_image("sd15", "sd15", 4, 7.5, 64, 64, latents)
+    assert psnr(image, expected) >= MIN_PSNR_DB_VAE_INT8
+
+
+def test_int8_vae_is_refused_for_transformer_pipelines(tmp_path):
+    with pytest.raises(exporters.ExportError, match="--vae-weights fp32"):
+        exporters.export("tiny:sd3", out=tmp_path / "x", vae_weights="int8", progress=None)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
