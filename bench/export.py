@@ -3,7 +3,7 @@
 One folder per export variant, beside each other under ``$STEPWISE_HOME/bench``: ``<kind>-<family>-fp32``
 is what ``stepwise export`` writes by default (the engine's graph: fp32, UNet attention fused for the CPU),
 ``-fp32-plain`` the same without the fusion (what OpenVINO reads, and the fusion's baseline), ``-int8`` and
-``-int4`` the ``--weights`` precision modes.
+``-int4`` the precision modes (``--weights int8 --vae-weights int8``, ``--weights int4``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from . import random_model
 VARIANTS = {
     "fp32": {"weights": "fp32", "fuse": True},
     "fp32-plain": {"weights": "fp32", "fuse": False},
-    "int8": {"weights": "int8", "fuse": True},
+    "int8": {"weights": "int8", "vae_weights": "int8", "fuse": True},
     "int4": {"weights": "int4", "fuse": True},
 }
 
