@@ -90,6 +90,8 @@ def bench_cmd(model, width, height, steps, threads, repeats, engines, json_path,
                 progress=say,
             )
         )
+        if plan and json_path:  # each measured build as soon as it is done
+            report.write_json(points[-1], Path(json_path).with_suffix(f".u{plan['units'][i]}.json"))
     data = points[0] if plan is None else run.combine_depths(model, plan, points)
     for point in points if plan else ():
         click.echo(report.tables(point))

@@ -57,7 +57,7 @@ def tables(data: dict) -> str:
     lines = [
         f"{data['model']} {data['width']}×{data['height']}, {guidance}, {data['threads']} threads; "
         f"{denoiser} step {data['flops_per_step'] / 1e12:.3f} TFLOP, "
-        f"VAE decode {data['vae_decode_flops'] / 1e12:.3f} TFLOP; "
+        f"VAE decode {(data['vae_decode_flops'] or 0) / 1e12:.3f} TFLOP; "
         f"fp32 matmul peak {_fmt(peak, '{:.0f}')} GFLOP/s; medians of {data['repeats']} (first step apart)",
         "",
         "| engine | basis | step s | × stepwise | GFLOP/s | % peak | first step s | text s | VAE s | VAE × stepwise "

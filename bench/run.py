@@ -74,7 +74,7 @@ def _count_flops(graphs: dict, denoiser: str) -> dict:
     """FLOPs of each graph at the input shapes the reference engine fed it (``StepwiseEngine.graph_shapes``):
     the denoiser step (guidance batch included), the VAE decode, the text encoders for one prompt."""
     counted = {name: flop_count.count(Path(g["path"]), g["shapes"]) for name, g in graphs.items() if g["shapes"]}
-    den, vae = counted[denoiser], counted["vae_decoder"]
+    den, vae = counted[denoiser], counted.get("vae_decoder")  # no decode in a run without one
     text = {name: c for name, c in counted.items() if name.startswith("text_encoder")}
     return {
         "unet": den.total,  # the denoiser's, UNet or transformer (the key SD 1.5's JSON has always had)
@@ -82,8 +82,8 @@ def _count_flops(graphs: dict, denoiser: str) -> dict:
         "unet_unresolved": len(den.unresolved),
         "denoiser": denoiser,
         "denoiser_inputs": graphs[denoiser]["shapes"],
-        "vae_decoder": vae.total,
-        "vae_unresolved": len(vae.unresolved),
+        "vae_decoder": vae.total if vae else None,
+        "vae_unresolved": len(vae.unresolved) if vae else None,
         "text_encoder": sum(c.total for c in text.values()),
         "text_encoders": {name: c.total for name, c in text.items()},
     }
@@ -279,9 +279,7 @@ def run(
         rss = ref_worker.stop()
     progress("counting FLOPs from the ONNX graphs at the shapes the engine fed them …")
     counted = count_flops(graphs, plan.denoiser)
-    progress(
-        f"  {plan.denoiser} step {counted['unet'] / 1e12:.3f} TFLOP, VAE decode {counted['vae_decoder'] / 1e12:.3f}"
-    )
+    progress(f"  {plan.denoiser} step {counted['unet'] / 1e12:.3f} TFLOP, VAE decode {counted['vae_decoder'] or 0:.3g}")
     if measure_peak:  # the machine may be shared: the best of a measurement before and one after the run
         again = peak.measure(threads)
         progress(f"matmul peak again: {again}")
