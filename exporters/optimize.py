@@ -130,15 +130,15 @@ def split_packed_attention(model) -> int:
 
 
 def save(model, path: Path, data_name: str) -> None:
-    """Save a ModelProto over ``path``: weights in ``data_name`` beside it when they pass 2 GB (protobuf's
-    limit), else inline. A stale data file is removed."""
+    """Save a ModelProto over ``path``, keeping the graph's layout: weights in ``data_name`` beside it when they
+    were there before or pass 2 GB (protobuf's limit), else inline."""
     import onnx
 
     data = path.with_name(data_name)
+    external = data.exists() or sum(len(t.raw_data) for t in model.graph.initializer) >= TWO_GB
     if data.exists():
         data.unlink()
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size >= TWO_GB:
+    if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
     else:
         onnx.save_model(model, str(path))
