@@ -37,7 +37,8 @@ def _basis(data: dict, result: dict) -> str:
     if not result.get("estimate"):
         return "measured"
     est = data["estimate"]
-    return f"est. ({est['units'][0]}, {est['units'][1]} → {est['denoiser_real_units']} units)"
+    how = "" if result.get("method", "linear") == "linear" else ", FLOP-scaled"
+    return f"est. ({est['units'][0]}, {est['units'][1]} → {est['denoiser_real_units']} units{how})"
 
 
 def _rss(result: dict) -> str:
@@ -84,7 +85,9 @@ def tables(data: dict) -> str:
             f"est.: full-width builds at {est['units'][0]} and {est['units'][1]} repeated units, each timed; step, "
             f"first step and FLOPs extrapolated linearly to the real {est['denoiser_real_units']} units"
             + (f", text encoding to {est['text_real_units']}" if est.get("text_real_units") else "")
-            + "; VAE, latent diff and PSNR measured on the first build; peak RSS: the two builds' measurements."
+            + "; FLOP-scaled: the two runs disagree (the machine's load changed), the deeper build's time × "
+            "FLOPs(real)/FLOPs(deeper build); VAE, latent diff and PSNR measured on the first build; "
+            "peak RSS: the two builds' measurements."
         )
     return "\n".join(lines)
 

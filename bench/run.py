@@ -330,42 +330,63 @@ def extrapolate(t1: float, t2: float, d1: float, d2: float, real: float) -> floa
     return t1 + (t2 - t1) * (real - d1) / (d2 - d1)
 
 
+def _estimate(t1: float, t2: float, f1: float, f2: float, units: tuple, real: float, peak: float | None):
+    """(estimate, method) for one time measured at two depths with FLOPs f1, f2.
+
+    ``linear``: the two-point line. It needs the two runs' machines to be alike: on a shared machine whose
+    load changed between them, the slope can come out negative or imply a per-unit speed above the matmul
+    peak. Then ``flops-scaled``: the deeper build's time × FLOPs(real) / FLOPs(u2), i.e. the deeper build's
+    achieved speed carried to the real depth."""
+    u1, u2 = units
+    slope = (t2 - t1) / (u2 - u1)
+    unit_flops = (f2 - f1) / (u2 - u1)
+    if slope > 0 and (not peak or unit_flops / slope / 1e9 <= peak):
+        return extrapolate(t1, t2, u1, u2, real), "linear"
+    return t2 * extrapolate(f1, f2, u1, u2, real) / f2, "flops-scaled"
+
+
 def combine_depths(model: str, reduced: dict, points: list[dict]) -> dict:
     """Two runs of reduced-depth builds (``reduced["units"]``, full width) → the real depth's estimate.
 
     Per engine: the step (warm-up too) and its FLOPs extrapolate along the denoiser's repeated unit to
     ``reduced["denoiser"]["real"]``, the text encoding along the text encoder's (``reduced["text"]``, when
-    cut); the VAE (full size in both builds) and the fidelity are the first build's measurements; peak
-    memory is left as the two measured points. Every combined row is an estimate; the runs are kept."""
+    cut), linearly through the two points, or scaled by FLOPs from the deeper build where the two runs
+    disagree (``_estimate``); the VAE (full size in both builds) and the fidelity are the first build's
+    measurements; peak memory is left as the two measured points. Every combined row is an estimate; the
+    runs are kept."""
     (u1, u2), (p1, p2) = reduced["units"], points
     real = reduced["denoiser"]["real"]
     text_real = reduced.get("text", {}).get("real")
+    peak_gflops = max(p["peak_gflops"] or 0 for p in points) or None
+    f1, f2 = p1["flops_per_step"], p2["flops_per_step"]
+    tf1, tf2 = p1["text_encoder_flops"], p2["text_encoder_flops"]
+    flops = extrapolate(f1, f2, u1, u2, real)
+    text_flops = extrapolate(tf1, tf2, u1, u2, text_real) if text_real else tf1
 
     def step(a, b):
-        return extrapolate(a, b, u1, u2, real)
+        return _estimate(a, b, f1, f2, (u1, u2), real, peak_gflops)
 
     def text(a, b):
-        return extrapolate(a, b, u1, u2, text_real) if text_real else a
+        return _estimate(a, b, tf1, tf2, (u1, u2), text_real, peak_gflops) if text_real else (a, "measured")
 
-    flops = step(p1["flops_per_step"], p2["flops_per_step"])
     names = [n for n in p1["results"] if n in p2["results"]]
     ref = p1["reference"]
-    ref_step = step(p1["results"][ref]["median_step_s"], p2["results"][ref]["median_step_s"])
-    peak_gflops = max(p["peak_gflops"] or 0 for p in points) or None
     results = {}
     for name in names:
         r1, r2 = p1["results"][name], p2["results"][name]
-        median = step(r1["median_step_s"], r2["median_step_s"])
+        median, method = step(r1["median_step_s"], r2["median_step_s"])
+        text_s, text_method = text(r1["text_encode_s"], r2["text_encode_s"])
         gflops = flops / median / 1e9
         results[name] = {
             "estimate": True,
+            "method": method,
+            "text_method": text_method,
             "median_step_s": round(median, 4),
-            "first_step_s": round(step(r1["first_step_s"], r2["first_step_s"]), 4),
-            "text_encode_s": round(text(r1["text_encode_s"], r2["text_encode_s"]), 4),
+            "first_step_s": round(step(r1["first_step_s"], r2["first_step_s"])[0], 4),
+            "text_encode_s": round(text_s, 4),
             "vae_decode_s": r1["vae_decode_s"],
             "vae_ratio_to_stepwise": r1["vae_ratio_to_stepwise"],
             "vae_gflops": r1["vae_gflops"],
-            "ratio_to_stepwise": round(median / ref_step, 3),
             "gflops": round(gflops, 1),
             "peak_fraction": round(gflops / peak_gflops, 3) if peak_gflops else None,
             "glue_ms_per_step": r1["glue_ms_per_step"],
@@ -374,10 +395,13 @@ def combine_depths(model: str, reduced: dict, points: list[dict]) -> dict:
             "peak_rss_mb": None,
             "peak_rss_mb_points": [r1["peak_rss_mb"], r2["peak_rss_mb"]],
             "median_step_s_points": [r1["median_step_s"], r2["median_step_s"]],
+            "ratio_to_stepwise_points": [r1["ratio_to_stepwise"], r2["ratio_to_stepwise"]],
             "latent_max_diff": max(r1["latent_max_diff"], r2["latent_max_diff"]),
             "latent_max_abs": r1["latent_max_abs"],
             "psnr_db": r1["psnr_db"],
         }
+    for result in results.values():
+        result["ratio_to_stepwise"] = round(result["median_step_s"] / results[ref]["median_step_s"], 3)
     return {
         **{k: p1[k] for k in ("family", "width", "height", "threads", "steps", "repeats", "guidance", "reference")},
         "model": model,
@@ -385,12 +409,13 @@ def combine_depths(model: str, reduced: dict, points: list[dict]) -> dict:
             "units": [u1, u2],
             "denoiser_real_units": real,
             "text_real_units": text_real,
-            "method": "t(real) = t(u1) + (t(u2) - t(u1)) * (real - u1) / (u2 - u1), per engine, steps and FLOPs",
+            "method": "linear: t(real) = t(u1) + (t(u2) - t(u1)) * (real - u1) / (u2 - u1); flops-scaled where "
+            "the two runs disagree (slope <= 0 or above the matmul peak): t(u2) * FLOPs(real) / FLOPs(u2)",
         },
         "flops_per_step": round(flops),
-        "flops_per_step_points": [p1["flops_per_step"], p2["flops_per_step"]],
+        "flops_per_step_points": [f1, f2],
         "vae_decode_flops": p1["vae_decode_flops"],
-        "text_encoder_flops": round(text(p1["text_encoder_flops"], p2["text_encoder_flops"])),
+        "text_encoder_flops": round(text_flops),
         "peak_gflops": peak_gflops,
         "machine": p1["machine"],
         "versions": p1["versions"],

@@ -139,11 +139,13 @@ def test_extrapolation_to_the_real_depth_matches_hand_computed_values():
             "latent_max_abs": 1.0,
             "psnr_db": None,
         }
+        result["ratio_to_stepwise"] = 1.0
         other = dict(result, median_step_s=other_step, latent_max_diff=1e-5, psnr_db=60.0)
+        other["ratio_to_stepwise"] = other_step / ref_step
         return {
             "family": "sd3", "width": 1024, "height": 1024, "threads": 2, "steps": 20, "repeats": 2,
             "guidance": 7.0, "reference": "stepwise", "flops_per_step": flops, "vae_decode_flops": 5,
-            "text_encoder_flops": 10, "peak_gflops": 100.0, "machine": {}, "versions": {}, "wall_s": 1.0,
+            "text_encoder_flops": 10, "peak_gflops": 1000.0, "machine": {}, "versions": {}, "wall_s": 1.0,
             "load_average": [1.0, 2.0], "results": {"stepwise": result, "pytorch": other},
         }  # fmt: skip
 
@@ -160,8 +162,17 @@ def test_extrapolation_to_the_real_depth_matches_hand_computed_values():
     assert torch["latent_max_diff"] == 1e-5 and torch["median_step_s_points"] == [20, 30]
     assert ref["estimate"] and data["estimate"]["denoiser_real_units"] == 24 and len(data["points"]) == 2
 
+    # a second run on a busier machine: the deeper build came out faster, the line is unusable → FLOP-scaled
+    slower = point(10, 20, 1e12, 0.5)
+    data = combine_depths("random:sd3-medium", plan, [slower, point(8, 16, 1.5e12, 0.4)])
+    flops_real = 1e12 + 0.5e12 * 23
+    assert data["results"]["stepwise"]["method"] == "flops-scaled"
+    assert data["results"]["stepwise"]["median_step_s"] == round(8 * flops_real / 1.5e12, 4)
+    assert data["results"]["pytorch"]["ratio_to_stepwise"] == 2.0  # the deeper build's same-round ratio
+
     from bench import report
 
+    data = combine_depths("random:sd3-medium", plan, [point(10, 20, 1e12, 0.5), point(14, 30, 1.5e12, 0.7)])
     table = report.tables(data)
     assert "| stepwise | est. (1, 2 → 24 units) | 102.00 |" in table
     assert "| pytorch | est. (1, 2 → 24 units) | 250.00 | 2.45 |" in table
