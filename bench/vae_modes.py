@@ -138,55 +138,20 @@ def decoder_input(latents: np.ndarray) -> dict:
 # --- graphs ------------------------------------------------------------------------------------------------
 
 
-def _lean_calibration_session() -> None:
-    """The calibrator's session with the memory pattern off, for the whole run (exporters/quantize.py)."""
-    from exporters.quantize import lean_calibration_session
-
-    lean_calibration_session(threads=2).__enter__()
-
-
 def build(mode: str, source: Path, work: Path, calibration: list[dict]) -> Path:
     if mode == "fp32":
         return source
     out = work / mode / "model.onnx"
     if out.is_file():
         return out
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from exporters.quantize import static_int8
 
     _, op_types, exclude = MODES[mode]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, feeds):
-            self.feeds = iter(feeds)
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    _lean_calibration_session()
     print(
         f"  quantizing {mode}: {op_types}, {len(exclude)} nodes fp32, {len(calibration)} calibration inputs", flush=True
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(source),
-        str(out),
-        Reader(calibration),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(op_types),
-        nodes_to_exclude=list(exclude),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=True,
-        extra_options={"DefaultTensorType": 1},
-    )
+    static_int8(source, out, calibration, exclude=list(exclude), op_types=tuple(op_types))
     for leftover in out.parent.glob("*augmented*"):  # the calibrator's copy of the graph
         leftover.unlink()
     return out

@@ -75,12 +75,16 @@ def lean_calibration_session(threads: int | None = None):
         calibrate.CalibraterBase.create_inference_session = original
 
 
-def _static_int8_conv(src: Path, dst: Path, samples: list[dict], exclude: list[str]) -> None:
+def static_int8(
+    src: Path, dst: Path, samples: list[dict], exclude: list[str] = (), op_types: tuple[str, ...] = ("Conv",)
+) -> None:
+    """QDQ int8 of ``op_types`` (weights int8 per channel, uint8 activations with MinMax ranges over
+    ``samples``) except the nodes named in ``exclude``: ``src`` → ``dst``."""
     with lean_calibration_session():
-        _quantize_static(src, dst, samples, exclude)
+        _quantize_static(src, dst, samples, list(exclude), list(op_types))
 
 
-def _quantize_static(src: Path, dst: Path, samples: list[dict], exclude: list[str]) -> None:
+def _quantize_static(src: Path, dst: Path, samples: list[dict], exclude: list[str], op_types: list[str]) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -101,7 +105,7 @@ def _quantize_static(src: Path, dst: Path, samples: list[dict], exclude: list[st
         str(dst),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"],
+        op_types_to_quantize=op_types,
         nodes_to_exclude=exclude,
         per_channel=True,
         activation_type=QuantType.QUInt8,
@@ -147,7 +151,7 @@ def int8_convs(path: Path, data_name: str, samples: list[dict]) -> dict:
     try:
         convs, edges = _convs(path)
         dst = work / "model.onnx"
-        _static_int8_conv(path, dst, samples, edges)
+        static_int8(path, dst, samples, edges)
         optimize.save(onnx.load(str(dst)), path, data_name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -179,7 +183,7 @@ def quantize(path: Path, data_name: str, weights: str, samples: list[dict] | Non
             if samples and len(convs) > len(edges):
                 src = work / "conv" / "model.onnx"
                 src.parent.mkdir()
-                _static_int8_conv(path, src, samples, edges)
+                static_int8(path, src, samples, edges)
                 done["conv"] = (
                     f"static QDQ int8 per channel, MinMax over {len(samples)} calibration inputs; "
                     f"fp32: {', '.join(edges) or 'none'}"
