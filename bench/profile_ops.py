@@ -1,6 +1,6 @@
 """Where a UNet step's time goes: ONNX Runtime's own profiler (``enable_profiling``), summed per op type.
 
-``python -m bench.profile_ops [--engine ort_plain|ort_fused|stepwise_int8…] [--component unet|vae_decoder]``
+``python -m bench.profile_ops [--engine stepwise|ort_plain|stepwise_int8…] [--component unet|vae_decoder]``
 profiles a graph of a bench engine for a few runs (guided steps at batch 2, or decodes; the first run, the
 warm-up, is dropped) and prints the top op types by time.
 """
@@ -91,7 +91,12 @@ def main(model, engine, component, width, height, threads, runs, top, json_path)
     ctx = variants.Context(folder, source_folder(model), threads, width, height, 0.18215, work)
     kind, options = variants.spec(engine, ctx)
     default = {"unet": ctx.unet, "vae_decoder": ctx.vae}[component]
-    graph = Path(options[component]) if kind == "ort" else default
+    if kind == "ort":
+        graph = Path(options[component])
+    elif kind == "stepwise":  # an export: the engine's own graphs (the default export, or a precision mode's)
+        graph = Path(options["folder"]) / component / "model.onnx"
+    else:
+        graph = default
     embed_dim = json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"]
     trace = profile_graph(graph, threads, width, height, embed_dim, runs, work / f"profile-{engine}-{component}")
     rows = summarize(trace)
