@@ -219,12 +219,13 @@ def test_a_changed_graph_invalidates_and_old_entries_are_removed(unet, calls):
 
 
 def test_a_short_disk_or_a_failing_save_falls_back_and_leaves_nothing(unet, calls, monkeypatch):
-    usage = shutil.disk_usage(unet.parent)
+    real_disk_usage = shutil.disk_usage
+    usage = real_disk_usage(unet.parent)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
     Graph(unet, threads=1)
     assert [(c.path, c.level, c.saved_to) for c in calls] == [(unet, ALL, "")]
     assert entries(unet) == []
-    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "disk_usage", real_disk_usage)  # (not undo(): that would turn the cache off)
 
     real = ort.InferenceSession
 
