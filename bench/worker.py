@@ -31,17 +31,22 @@ def _serve(conn, kind: str, options: dict) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides
         conn.send(("error", traceback.format_exc(), None))
         return
-    while True:
-        command, args = conn.recv()
-        if command == "stop":
-            conn.send(("stopped", 0.0, _peak_rss_mb()))
-            return
-        try:
-            t0 = time.perf_counter()
-            result = getattr(engine, command)(*args)
-            conn.send(("ok", time.perf_counter() - t0, result))
-        except BaseException:  # noqa: BLE001
-            conn.send(("error", traceback.format_exc(), None))
+    try:
+        while True:
+            command, args = conn.recv()
+            if command == "stop":
+                conn.send(("stopped", 0.0, _peak_rss_mb()))
+                return
+            try:
+                t0 = time.perf_counter()
+                result = getattr(engine, command)(*args)
+                conn.send(("ok", time.perf_counter() - t0, result))
+            except (BrokenPipeError, EOFError):
+                raise
+            except BaseException:  # noqa: BLE001
+                conn.send(("error", traceback.format_exc(), None))
+    except (BrokenPipeError, EOFError):  # the parent has gone (finished or interrupted): nothing to report to
+        return
 
 
 class WorkerError(RuntimeError):
