@@ -143,23 +143,37 @@ def _int4_matmul(src: Path):
     return quantizer.model.model
 
 
+@contextlib.contextmanager
+def _workdir(path: Path):
+    """A scratch folder beside the export's temporary folder (same disk), removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=path.parent.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _static_convs(src: Path, dst: Path, samples: list[dict] | None) -> str | None:
+    """The convolutions of ``src`` static QDQ int8 into ``dst``, the latent/image-side ones kept fp32; what was
+    done, for the manifest, or None (``dst`` not written) when there is no calibration or nothing to quantize."""
+    convs, edges = _convs(src)
+    if not samples or len(convs) <= len(edges):
+        return None
+    static_int8(src, dst, samples, edges)
+    kept = ", ".join(edges) or "none"
+    return f"static QDQ int8 per channel, MinMax over {len(samples)} calibration inputs; fp32: {kept}"
+
+
 def int8_convs(path: Path, data_name: str, samples: list[dict]) -> dict:
     """Static QDQ int8 for the convolutions only (the VAE decoder's fast mode); the graph rewritten in place."""
     import onnx
 
-    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=path.parent.parent))
-    try:
-        convs, edges = _convs(path)
+    with _workdir(path) as work:
         dst = work / "model.onnx"
-        static_int8(path, dst, samples, edges)
-        optimize.save(onnx.load(str(dst)), path, data_name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {
-        "weights": "int8",
-        "conv": f"static QDQ int8 per channel, MinMax over {len(samples)} calibration inputs; "
-        f"fp32: {', '.join(edges) or 'none'}",
-    }
+        conv = _static_convs(path, dst, samples)
+        if conv is not None:
+            optimize.save(onnx.load(str(dst)), path, data_name)
+    return {"weights": "int8", "conv": conv or "none (no convolution to quantize)"}
 
 
 def quantize(path: Path, data_name: str, weights: str, samples: list[dict] | None) -> dict:
@@ -172,28 +186,19 @@ def quantize(path: Path, data_name: str, weights: str, samples: list[dict] | Non
     done = {"weights": weights}
     if weights == "fp32":
         return done
-    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=path.parent.parent))
-    try:
+    with _workdir(path) as work:
         if weights == "int4":
             model = _int4_matmul(path)
             done["matmul"] = f"MatMulNBits 4-bit, block {INT4_BLOCK}, symmetric, accuracy level {INT4_ACCURACY_LEVEL}"
         else:
-            src = path
-            convs, edges = _convs(path)
-            if samples and len(convs) > len(edges):
-                src = work / "conv" / "model.onnx"
-                src.parent.mkdir()
-                static_int8(path, src, samples, edges)
-                done["conv"] = (
-                    f"static QDQ int8 per channel, MinMax over {len(samples)} calibration inputs; "
-                    f"fp32: {', '.join(edges) or 'none'}"
-                )
+            convs = work / "conv.onnx"
+            conv = _static_convs(path, convs, samples)
+            if conv is not None:
+                done["conv"] = conv
             dst = work / "matmul" / "model.onnx"
             dst.parent.mkdir()
-            _dynamic_int8_matmul(src, dst)
+            _dynamic_int8_matmul(convs if conv is not None else path, dst)
             done["matmul"] = "dynamic int8 (weights per channel, activations per run)"
             model = onnx.load(str(dst))
         optimize.save(model, path, data_name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return done
