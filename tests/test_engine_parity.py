@@ -72,6 +72,24 @@ def reference_image(name, model_id, steps, guidance, width, height, latents, neg
     return (image * 255).round().astype(np.uint8)
 
 
+def engine_image(folder, model_id, steps, guidance, width, height, seed):
+    """The engine's image of the parity prompt on ``folder`` with ``model_id``'s scheduler, from the seeded
+    initial latents (returned too, for the reference run)."""
+    pipe = engine.load_pipeline(folder, threads=1)
+    pipe.scheduler_config = registry.get(model_id).scheduler
+    latents = np.random.default_rng(7).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
+    result = pipe.generate(
+        prompt="a red apple on a table",
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        latents=latents,
+    )
+    return result.image, latents
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, model_id, steps, guidance, width, height, noisy",
@@ -79,27 +97,13 @@ def reference_image(name, model_id, steps, guidance, width, height, latents, neg
     ids=[f"{c[1]}-{c[2]}steps-{c[4]}x{c[5]}" for c in CASES],
 )
 def test_engine_matches_diffusers(exported_tiny, monkeypatch, name, model_id, steps, guidance, width, height, noisy):
-    folder = exported_tiny(name)
-    pipe = engine.load_pipeline(folder, threads=1)
-    pipe.scheduler_config = registry.get(model_id).scheduler
-    shape = pipe.family.latent_shape(width, height)
-    latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
-
-    result = pipe.generate(
-        prompt="a red apple on a table",
-        steps=steps,
-        guidance=guidance,
-        width=width,
-        height=height,
-        seed=SEED,
-        latents=latents,
-    )
+    image, latents = engine_image(exported_tiny(name), model_id, steps, guidance, width, height, seed=SEED)
     if noisy:
         numpy_randn_patch(monkeypatch, noisy, SEED)
     expected = reference_image(name, model_id, steps, guidance, width, height, latents * 1.0)
 
-    assert result.image.shape == expected.shape == (height, width, 3)
-    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
+    assert image.shape == expected.shape == (height, width, 3)
+    diff = np.abs(image.astype(int) - expected.astype(int)).max()
     assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
     # and the image is not trivially flat: a broken pipeline that outputs grey would also "match" grey
     assert expected.std() > 5

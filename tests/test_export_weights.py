@@ -15,15 +15,13 @@ import numpy as np
 import onnx
 import pytest
 
-import registry
-
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import engine  # noqa: E402
 import exporters  # noqa: E402
 from exporters import main as export_main  # noqa: E402
-from tests.test_engine_parity import MAX_PIXEL_DIFF, reference_image  # noqa: E402
+from tests.test_engine_parity import MAX_PIXEL_DIFF, engine_image, reference_image  # noqa: E402
 
 # PSNR of the engine's image on a quantized export against diffusers' fp32 image (tiny random models,
 # 64x64, 4 steps). Measured: int8 sd15 35.8 dB, sdxl 34.4 dB; int4 sd15 52.8 dB (fp32: identical). The
@@ -41,22 +39,6 @@ def op_types(path) -> set[str]:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def engine_image(folder, name, model_id, steps, guidance, size=64):
-    pipe = engine.load_pipeline(folder, threads=1)
-    pipe.scheduler_config = registry.get(model_id).scheduler
-    latents = np.random.default_rng(7).standard_normal(pipe.family.latent_shape(size, size), dtype=np.float32)
-    result = pipe.generate(
-        prompt="a red apple on a table",
-        steps=steps,
-        guidance=guidance,
-        width=size,
-        height=size,
-        seed=1,
-        latents=latents,
-    )
-    return result.image, latents
 
 
 @pytest.mark.slow
@@ -79,8 +61,8 @@ def test_no_fuse_keeps_standard_onnx_ops(exported_tiny):
 
 @pytest.mark.slow
 def test_fused_and_plain_graphs_give_the_same_image(exported_tiny):
-    fused, _ = engine_image(exported_tiny("sd15"), "sd15", "sd15", 3, 7.5)
-    plain, _ = engine_image(exported_tiny("sd15", fuse=False), "sd15", "sd15", 3, 7.5)
+    fused, _ = engine_image(exported_tiny("sd15"), "sd15", 3, 7.5, 64, 64, seed=1)
+    plain, _ = engine_image(exported_tiny("sd15", fuse=False), "sd15", 3, 7.5, 64, 64, seed=1)
     assert np.abs(fused.astype(int) - plain.astype(int)).max() <= MAX_PIXEL_DIFF
 
 
@@ -105,7 +87,7 @@ def test_quantized_unet_stays_close_to_diffusers_fp32(exported_tiny, name, model
     assert entry["validation"]["snr_db"] >= export_main.MIN_SNR_DB[weights]
     assert "sampling-trajectory" in entry["validation"]["snr_inputs"]
 
-    image, latents = engine_image(folder, name, model_id, steps, guidance)
+    image, latents = engine_image(folder, model_id, steps, guidance, 64, 64, seed=1)
     expected = reference_image(name, model_id, steps, guidance, 64, 64, latents)
     assert expected.std() > 5
     assert psnr(image, expected) >= MIN_PSNR_DB[weights]
@@ -120,7 +102,7 @@ def test_int8_vae_decoder_stays_close_to_diffusers_fp32(exported_tiny):
     assert "QuantizeLinear" in op_types(folder / "vae_decoder" / "model.onnx")
     assert "conv_out" in entry["quantization"]["conv"]  # the image-side convs stay fp32
     assert entry["validation"]["snr_db"] >= export_main.MIN_SNR_DB["int8"]
-    image, latents = engine_image(folder, "sd15", "sd15", 4, 7.5)
+    image, latents = engine_image(folder, "sd15", 4, 7.5, 64, 64, seed=1)
     expected = reference_image("sd15", "sd15", 4, 7.5, 64, 64, latents)
     assert psnr(image, expected) >= MIN_PSNR_DB_VAE_INT8
 
