@@ -5,6 +5,7 @@ from __future__ import annotations
 # model_index.json `_class_name` -> registry family (registry/models.json "families")
 PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusionPipeline": "sd15",
+    "StableDiffusionInpaintPipeline": "sd15",  # a 9-channel UNet (latents, mask, masked-image latents)
     "StableDiffusionXLPipeline": "sdxl",
     "LatentConsistencyModelPipeline": "sd15",
     "StableDiffusion3Pipeline": "sd3",
@@ -17,6 +18,7 @@ TINY_SOURCES: dict[str, tuple[str, str, str]] = {
     "sd15": ("sd15", "sd15", "StableDiffusionPipeline"),
     "sdxl": ("sdxl", "sdxl", "StableDiffusionXLPipeline"),
     "lcm": ("sd15", "lcm", "LatentConsistencyModelPipeline"),
+    "sd15-inpaint": ("sd15", "sd15", "StableDiffusionInpaintPipeline"),
     "sd3": ("sd3", "sd3-medium", "StableDiffusion3Pipeline"),
     "flux-schnell": ("flux", "flux-schnell", "FluxPipeline"),
     "flux-dev": ("flux", "flux-dev", "FluxPipeline"),

@@ -119,13 +119,13 @@ def _scheduler(model_id: str):
     return cls.from_config(config)
 
 
-def _unet_sd15(seed: int, time_cond_proj_dim: int | None = None):
+def _unet_sd15(seed: int, time_cond_proj_dim: int | None = None, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     _seed(seed)
     return UNet2DConditionModel(
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,
         block_out_channels=(32, 64),
@@ -163,16 +163,24 @@ def _unet_sdxl(seed: int):
     ).eval()
 
 
-def _build_sd15(lcm: bool = False):
-    """SD 1.5's pipeline, or LCM's: the same wiring, plus the UNet's guidance embedding and LCM's scheduler."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+def _build_sd15(lcm: bool = False, inpaint: bool = False):
+    """SD 1.5's pipeline, or LCM's: the same wiring, plus the UNet's guidance embedding and LCM's scheduler;
+    or SD 1.5 inpainting's: the same wiring with a 9-channel UNet input (4 noisy latent channels, 1 mask,
+    4 masked-image latent channels, concatenated in that order by StableDiffusionInpaintPipeline)."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    pipeline_class = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
+    if lcm and inpaint:
+        raise ValueError("no tiny LCM inpainting pipeline")
+    pipeline_class = StableDiffusionPipeline
+    if lcm:
+        pipeline_class = LatentConsistencyModelPipeline
+    elif inpaint:
+        pipeline_class = StableDiffusionInpaintPipeline
     return pipeline_class(
         vae=_vae(1, 4, 0.18215),
         text_encoder=_clip_l(2),
         tokenizer=clip_tokenizer(),
-        unet=_unet_sd15(3, time_cond_proj_dim=32 if lcm else None),
+        unet=_unet_sd15(3, time_cond_proj_dim=32 if lcm else None, in_channels=9 if inpaint else 4),
         scheduler=_scheduler("lcm" if lcm else "sd15"),
         safety_checker=None,
         feature_extractor=None,
@@ -255,6 +263,7 @@ _BUILDERS = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
     "lcm": lambda: _build_sd15(lcm=True),
+    "sd15-inpaint": lambda: _build_sd15(inpaint=True),
     "sd3": _build_sd3,
     "flux-schnell": lambda: _build_flux(guidance_embeds=False),
     "flux-dev": lambda: _build_flux(guidance_embeds=True),
