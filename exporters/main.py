@@ -109,7 +109,14 @@ def export(
             f"--vae-weights {vae_weights} is calibrated on a UNet pipeline's samples; {src.family} is not supported "
             f"yet: export with --vae-weights fp32"
         )
-    if unet_pipeline and (weights != "fp32" or vae_weights != "fp32"):
+    quantized = weights != "fp32" or vae_weights != "fp32"
+    if quantized and unet_pipeline and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels:
+        flags = " ".join(f"--{k} fp32" for k, v in (("weights", weights), ("vae-weights", vae_weights)) if v != "fp32")
+        raise ExportError(
+            f"quantization is calibrated by text-to-image sampling, which a {pipeline.unet.config.in_channels}-channel "
+            f"UNet ({src.pipeline_class}: latents, mask and masked-image latents) cannot do; export with {flags}"
+        )
+    if unet_pipeline and quantized:
         # before any component is exported and freed: the whole pipeline samples. Its UNet inputs calibrate
         # the int8 convolutions and, with the UNet's outputs, measure a quantized UNet; its final latents do
         # the same for the VAE decoder.
@@ -468,6 +475,12 @@ def _check_policy(model, src, pipeline) -> None:
     if model is None:
         return
     den_name, den = parts.denoiser(pipeline)
+    if den_name == "unet" and den.config.in_channels != pipeline.vae.config.latent_channels:
+        # every registry entry is a text-to-image checkpoint: its policy and an engine run assume 4 input channels
+        raise ExportError(
+            f"--model {model.id} is a text-to-image model, but {src.spec} is a {src.pipeline_class} with a "
+            f"{den.config.in_channels}-channel UNet (latents, mask, masked-image latents); export it without --model"
+        )
     if den_name == "unet":
         embedded = getattr(den.config, "time_cond_proj_dim", None) is not None
         what = "a guidance-embedding UNet (time_cond_proj_dim, as LCM has)"
