@@ -33,6 +33,8 @@ class Scheduler:
     """
 
     name: ClassVar[str] = "Scheduler"
+    #: the sampler's name in AUTOMATIC1111's convention, which PNG readers (A1111, ComfyUI, Civitai) show
+    sampler_name: ClassVar[str] = "Scheduler"
     order: ClassVar[int] = 1
     defaults: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
@@ -164,6 +166,15 @@ class Scheduler:
         if not isinstance(generator, np.random.Generator):
             raise TypeError(f"{self.name}: generator must be a numpy.random.Generator")
         return generator.standard_normal(tuple(shape), dtype=np.float32)
+
+    def noise_sample(self, sample: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        """The forward process at one schedule timestep, as image-to-image pipelines start: ``add_noise``
+        (flow-matching schedulers override this with their ``scale_noise``)."""
+        return self.add_noise(sample, noise, np.atleast_1d(np.asarray(timestep)))
+
+    def final_sample(self, output: SchedulerOutput) -> np.ndarray:
+        """What a pipeline decodes after the last step: the last ``prev_sample`` (LCM overrides this)."""
+        return output.prev_sample
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)

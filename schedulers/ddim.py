@@ -11,6 +11,7 @@ from .spacing import spaced_timesteps
 
 class DDIMScheduler(AlphaProductMixin, Scheduler):
     name = "DDIMScheduler"
+    sampler_name = "DDIM"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,

@@ -13,6 +13,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_
 
 class DDPMScheduler(AlphaProductMixin, Scheduler):
     name = "DDPMScheduler"
+    sampler_name = "DDPM"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,

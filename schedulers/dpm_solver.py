@@ -21,6 +21,7 @@ SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint
 
 class DPMSolverMultistepScheduler(MultistepScheduler):
     name = "DPMSolverMultistepScheduler"
+    sampler_name = "DPM++ 2M"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,

@@ -12,6 +12,7 @@ from .sigmas import interp_sigmas, sigma_to_t, sigmas_to_timesteps
 
 class EulerDiscreteScheduler(SigmaScheduler):
     name = "EulerDiscreteScheduler"
+    sampler_name = "Euler"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,

@@ -15,6 +15,7 @@ from .sigmas import interp_sigmas
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
     name = "EulerAncestralDiscreteScheduler"
+    sampler_name = "Euler a"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,

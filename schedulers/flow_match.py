@@ -16,6 +16,7 @@ from .sigmas import exponential_sigmas, karras_sigmas
 
 class FlowMatchEulerDiscreteScheduler(Scheduler):
     name = "FlowMatchEulerDiscreteScheduler"
+    sampler_name = "Euler (flow)"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,
@@ -135,6 +136,9 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         indices = self._noise_indices(timestep)
         sigma = broadcast_per_sample(sigmas[indices], sample.ndim)
         return (sigma * np.asarray(noise, dtype=dtype) + (1.0 - sigma) * sample).astype(dtype)
+
+    def noise_sample(self, sample: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        return self.scale_noise(sample, timestep, noise)
 
     def step(
         self,

@@ -15,6 +15,7 @@ from .sigmas import interp_sigmas, sigmas_to_timesteps
 
 class HeunDiscreteScheduler(SigmaScheduler):
     name = "HeunDiscreteScheduler"
+    sampler_name = "Heun"
     order = 2
     defaults = {
         "num_train_timesteps": 1000,

@@ -16,6 +16,7 @@ SIGMA_DATA = 0.5
 
 class LCMScheduler(AlphaProductMixin, Scheduler):
     name = "LCMScheduler"
+    sampler_name = "LCM"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,
@@ -122,6 +123,10 @@ class LCMScheduler(AlphaProductMixin, Scheduler):
         c_skip = np.float32(SIGMA_DATA**2) / (scaled_timestep * scaled_timestep + np.float32(SIGMA_DATA**2))
         c_out = scaled_timestep / np.sqrt(scaled_timestep * scaled_timestep + np.float32(SIGMA_DATA**2))
         return c_skip, c_out
+
+    def final_sample(self, output: SchedulerOutput) -> np.ndarray:
+        """LatentConsistencyModelPipeline decodes the last denoised estimate, not the re-noised sample."""
+        return output.denoised
 
     def step(
         self,

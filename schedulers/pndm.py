@@ -14,6 +14,7 @@ from .base import TIMESTEP_SPACINGS, AlphaProductMixin, Scheduler, SchedulerOutp
 
 class PNDMScheduler(AlphaProductMixin, Scheduler):
     name = "PNDMScheduler"
+    sampler_name = "PLMS"
     order = 1
     pndm_order = 4
     defaults = {

@@ -20,6 +20,7 @@ SOLVER_TYPE_ALIASES = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
 
 class UniPCMultistepScheduler(MultistepScheduler):
     name = "UniPCMultistepScheduler"
+    sampler_name = "UniPC"
     order = 1
     defaults = {
         "num_train_timesteps": 1000,
