@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import schedulers
+from engine import sampling
 
 from . import flops as flop_count
 from . import machine, peak, variants
@@ -34,23 +35,19 @@ def _median(values: list[float]) -> float | None:
 
 
 class Plan:
-    """The family's latent layout and schedule, from the engine's own family code (engine/families) without
+    """The family's latent layout and schedule, from the engine's own architecture (engine/families) without
     loading a graph: latent shape, FLUX's 2x2 packing, SD3/FLUX's resolution-dependent shift."""
 
     def __init__(self, folder: Path, width: int, height: int):
-        from engine.families import FAMILIES
-        from engine.families.base import Family
+        from engine.families import ARCHITECTURES
         from registry import manifest
 
         info = manifest.read(folder, check_files=False)
         self.family_name = info.family
-        family = FAMILIES[info.family].__new__(FAMILIES[info.family])
-        Family.__init__(family, info, {}, {}, {})
-        family.patch_size = int(info.config.get("patch_size") or 2)  # SD3's set_timesteps reads it
-        family.time_cond_dim = info.config.get("time_cond_proj_dim")  # the UNets' uses_cfg reads it (LCM)
-        self.family, self.width, self.height = family, width, height
-        self.denoiser = FAMILIES[info.family].denoiser_component
-        self.latent_shape = family.latent_shape(width, height)
+        self.family = ARCHITECTURES[info.family](info)
+        self.width, self.height = width, height
+        self.denoiser = self.family.denoiser_component
+        self.latent_shape = self.family.latent_shape(width, height)
 
     def set_timesteps(self, sched, steps: int) -> None:
         self.family.set_timesteps(sched, steps, self.width, self.height)
@@ -108,6 +105,17 @@ def start_engine(name: str, ctx: variants.Context, progress, family: str = "sd15
     return worker
 
 
+def _worker_denoiser(worker: Worker, cond: dict, guidance: float, raw: dict):
+    """An engine process as the sampling loop's ``denoise(x, t)``; the process's own step time is noted."""
+
+    def denoise(x, t):
+        seconds, prediction = worker.call("step", x, t, cond, guidance)
+        raw["steps"].append(seconds)
+        return prediction
+
+    return denoise
+
+
 def _rotated(items: list, shift: int) -> list:
     shift %= max(len(items), 1)
     return items[shift:] + items[:shift]
@@ -143,23 +151,19 @@ def measure_group(
     scheds = {n: schedulers.from_config(config) for n in names}
     for sched in scheds.values():
         plan.set_timesteps(sched, steps)
-    timesteps = list(scheds[ref].timesteps)
     noise = np.random.default_rng(SEED).standard_normal(plan.latent_shape, dtype=np.float32)
+    total = min(repeats + 1, len(scheds[ref].timesteps))  # the first step is the warm-up, reported apart
     x = {n: plan.pack(noise * np.float32(scheds[n].init_noise_sigma)) for n in names}
-    total = min(repeats + 1, len(timesteps))  # the first step is the warm-up, reported apart
+    # each engine runs the engine's own loop (engine.sampling.steps) over its worker's denoiser; the rounds
+    # advance the loops in turn, so engines alternate step by step
+    loops = {n: sampling.steps(_worker_denoiser(workers[n], cond, guidance, raw[n]), scheds[n], x[n]) for n in names}
     for i in range(total):
-        t = timesteps[i]
         for name in _rotated(names, i):
-            sched = scheds[name]
-            g0 = time.perf_counter()
-            x_in = sched.scale_model_input(x[name], t)
-            g1 = time.perf_counter()
-            seconds, eps = workers[name].call("step", x_in, t, cond, guidance)
-            g2 = time.perf_counter()
-            x[name] = sched.step(eps, t, x[name]).prev_sample
-            g3 = time.perf_counter()
-            raw[name]["steps"].append(seconds)
-            raw[name]["glue"].append((g1 - g0) + (g3 - g2))
+            step, _ = next(loops[name])
+            x[name] = step.latents
+            # glue: the scheduler's step in this process (the worker's step time is the denoiser's)
+            raw[name]["glue"].append(step.scheduler_ms / 1000)
+        t = step.timestep
         progress(
             f"  step {i + 1}/{total} (t={float(t):g}): " + ", ".join(f"{n} {raw[n]['steps'][-1]:.2f}s" for n in names)
         )

@@ -77,6 +77,7 @@ def make_trajectory(source: Path, seed: int, out: Path) -> None:
     import onnxruntime as ort
 
     import schedulers
+    from engine import sampling
     from engine.tokenize import PromptTokenizer
 
     from .run import GUIDANCE, NEGATIVE, PROMPT
@@ -101,18 +102,20 @@ def make_trajectory(source: Path, seed: int, out: Path) -> None:
     x = np.random.default_rng(seed).standard_normal((1, 4, 64, 64), dtype=np.float32) * np.float32(
         sched.init_noise_sigma
     )
-    for t in list(sched.timesteps)[:TRAJECTORY_STEPS]:
-        x_in = sched.scale_model_input(x, t).astype(np.float32)
+    def denoise(x_in, t):
         eps = unet.run(
             None,
             {
-                "sample": np.concatenate([x_in, x_in]),
+                "sample": np.concatenate([x_in, x_in]).astype(np.float32),
                 "timestep": np.asarray(t, t_type).reshape(()),
                 "encoder_hidden_states": states,
             },
         )[0]
-        eps = eps[:1] + np.float32(GUIDANCE) * (eps[1:2] - eps[:1])
-        x = sched.step(eps, t, x).prev_sample.astype(np.float32)
+        return eps[:1] + np.float32(GUIDANCE) * (eps[1:2] - eps[:1])
+
+    # the engine's own loop, stopped after TRAJECTORY_STEPS of the SCHEDULE (a mid-trajectory latent)
+    x = sampling.sample(denoise, sched, x, callback=lambda step: step.index + 1 < TRAJECTORY_STEPS).latents
+    x = x.astype(np.float32)
     np.save(out, x)
 
 

@@ -4,8 +4,22 @@ No torch, no diffusers: tests/test_boundaries.py proves it.
 """
 
 from .errors import EngineError
+from .memory import PHASED, RESIDENT, plan_memory
 from .pipeline import Pipeline, Result, load_pipeline
 from .png import save_png
 from .profile import format_profile
+from .sampling import Step, sample
 
-__all__ = ["EngineError", "Pipeline", "Result", "format_profile", "load_pipeline", "save_png"]
+__all__ = [
+    "PHASED",
+    "RESIDENT",
+    "EngineError",
+    "Pipeline",
+    "Result",
+    "Step",
+    "format_profile",
+    "load_pipeline",
+    "plan_memory",
+    "sample",
+    "save_png",
+]

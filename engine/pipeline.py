@@ -1,9 +1,13 @@
-"""The one denoising loop, shared by every family: load, encode, sample step by step, decode, profile."""
+"""A loaded export and its generations, in phases: encode the prompt → (encode the image) → denoise → decode.
+
+The pipeline holds only what the export is (manifest, architecture, tokenizers, sessions under their load
+policy); everything of one generation lives in ``generate``'s frame, so one pipeline serves several
+generations at once from several threads (ONNX Runtime sessions are safe to ``run`` concurrently).
+"""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,16 +16,15 @@ import numpy as np
 import schedulers
 from registry import manifest as manifest_format
 
+from . import img2img, sampling
 from .errors import EngineError
-from .families import FAMILIES
-from .memory import check_memory
+from .families import ARCHITECTURES
+from .loader import Sessions
+from .memory import plan_memory
 from .profile import Profiler, StepBar
 from .session import Graph
 from .tokenize import PromptTokenizer
-from .vae import VaeDecoder
-
-# LatentConsistencyModelPipeline decodes the scheduler's denoised estimate, not the re-noised sample.
-DECODES_DENOISED = {"LCMScheduler"}
+from .vae import Vae
 
 
 @dataclass
@@ -35,45 +38,63 @@ class Result:
 
 class Pipeline:
     def __init__(
-        self, folder: Path, *, threads: int | None = None, skip: tuple[str, ...] = (), available_mb: float | None = None
+        self,
+        folder: Path,
+        *,
+        threads: int | None = None,
+        skip: tuple[str, ...] = (),
+        available_mb: float | None = None,
+        policy: str | None = None,
+        graph_factory=Graph,
     ):
         self.folder = Path(folder)
         self.manifest = manifest_format.read(self.folder)
-        family_name = self.manifest.family
-        if family_name not in FAMILIES:
-            raise EngineError(f"{self.folder} holds a {family_name} model, which has no Stepwise engine yet")
-        self.family_cls = FAMILIES[family_name]
-        self.threads = threads
-        wanted = [name for name in self.family_cls.components if name in self.manifest.components and name not in skip]
-        required = [n for n, needed in self.family_cls.components.items() if needed] + ["vae_decoder"]
-        missing = [n for n in required if n not in self.manifest.components]
+        family = self.manifest.family
+        if family not in ARCHITECTURES:
+            raise EngineError(f"{self.folder} holds a {family} model, which has no Stepwise engine yet")
+        arch = ARCHITECTURES[family](self.manifest)
+        self.architecture = arch
+        present = self.manifest.components
+        required = [n for n, needed in arch.components.items() if needed] + ["vae_decoder"]
+        missing = [n for n in required if n not in present]
         if missing:
             raise EngineError(
-                f"{self.folder} lacks {', '.join(missing)}, which a {family_name} model needs; export the model again"
+                f"{self.folder} lacks {', '.join(missing)}, which a {family} model needs; export the model again"
             )
-        wanted.append("vae_decoder")
-        check_memory(self.manifest, wanted, available_mb=available_mb)
-        start = time.perf_counter()
-        graphs = {name: Graph(self.manifest.component_path(name), threads) for name in wanted}
-        lengths = self.family_cls.tokenizer_lengths(self.manifest.config)
-        tokenizers = {}
-        for name in wanted:
-            if name.startswith("text_encoder"):
-                tok = name.replace("text_encoder", "tokenizer")
-                tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok))
-        index_path = self.folder / "model_index.json"
-        model_index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-        self.family = self.family_cls(self.manifest, graphs, tokenizers, model_index)
-        config = self.manifest.config
-        self.vae = VaeDecoder(
-            graphs["vae_decoder"], float(config["vae_scaling_factor"]), config.get("vae_shift_factor")
-        )
+        text = [n for n in arch.text_components if n in present and n not in skip]
+        self.phases = {
+            "encode": text,
+            "image": ["vae_encoder"] if "vae_encoder" in present else [],
+            "denoise": [arch.denoiser_component],
+            "decode": ["vae_decoder"],
+        }
+        self.memory = plan_memory(self.manifest, self.phases, policy, available_mb)
+        paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
+        self.sessions = Sessions(paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory)
+        lengths = arch.tokenizer_lengths()
+        self.tokenizers = {}
+        for name in text:
+            tok = name.replace("text_encoder", "tokenizer")
+            self.tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok))
+        self.vae = Vae(self.manifest.config)
         self.scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
-        self.load_ms = (time.perf_counter() - start) * 1000
+
+    @property
+    def family(self):
+        """The architecture (latent layout, conditioning) — what callers knew as the pipeline's family."""
+        return self.architecture
+
+    @property
+    def load_ms(self) -> float:
+        return self.sessions.load_ms
 
     @property
     def model_label(self) -> str:
         return self.manifest.model_id or self.folder.name
+
+    @property
+    def has_image_encoder(self) -> bool:
+        return bool(self.phases["image"])
 
     def make_scheduler(self, name: str | None):
         config = dict(self.scheduler_config)
@@ -84,17 +105,24 @@ class Pipeline:
         except ValueError as exc:
             raise EngineError(f"--scheduler {name}: {exc}") from None
 
-    def initial_noise(self, width: int, height: int, seed: int, latents: np.ndarray | None, rng) -> np.ndarray:
-        shape = self.family.latent_shape(width, height)
+    def _noise(self, shape, latents: np.ndarray | None, rng) -> np.ndarray:
         if latents is None:
             return rng.standard_normal(shape, dtype=np.float32)
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
+            h, w = shape[2] * self.architecture.vae_scale_factor, shape[3] * self.architecture.vae_scale_factor
             raise EngineError(
-                f"--latents has shape {latents.shape}, but {width}x{height} needs {shape}; "
+                f"--latents has shape {latents.shape}, but {w}x{h} needs {shape}; "
                 f"save standard-normal noise of that shape"
             )
         return latents
+
+    def _phase(self, name: str, prof: Profiler):
+        return self.sessions.phase(self.phases[name], on_load=lambda ms: prof.add("phase_load", ms))
+
+    def _encode(self, prompt, negative, guidance, prof):
+        with self._phase("encode", prof) as graphs, prof.section("text_encoder"):
+            return self.architecture.encode(graphs, self.tokenizers, prompt, negative, guidance)
 
     def generate(
         self,
@@ -103,47 +131,64 @@ class Pipeline:
         negative_prompt: str = "",
         steps: int,
         guidance: float,
-        width: int,
-        height: int,
+        width: int | None = None,
+        height: int | None = None,
         seed: int,
         latents: np.ndarray | None = None,
         scheduler: str | None = None,
+        image=None,
+        mask=None,
+        strength: float | None = None,
+        callback=None,
         show_progress: bool = False,
     ) -> Result:
+        """One image. With ``image`` (a PIL image): image-to-image from ``strength`` of the schedule; with
+        ``mask`` too (white is repainted): inpainting. ``callback(sampling.Step)`` sees every step and may
+        stop the run by returning False. Every random tensor is drawn from ``default_rng(seed)`` in the
+        order diffusers calls ``randn_tensor``."""
+        arch = self.architecture
         prof = Profiler()
-        prof.sections["load"] = self.load_ms
-        family = self.family
-        family.warnings = []
+        prof.add("load", self.sessions.load_ms)
+        start_image = img2img.StartImage.check(image, mask, strength, self, width, height)
+        if start_image is not None:
+            width, height = start_image.width, start_image.height
+        if width is None or height is None:
+            raise EngineError("say the image size: width and height")
         sched = self.make_scheduler(scheduler)
         rng = np.random.default_rng(seed)
 
-        with prof.section("text_encoder"):
-            cond = family.encode(prompt, negative_prompt, guidance)
-        family.prepare(cond, width, height, guidance)
-        family.set_timesteps(sched, steps, width, height)
-        noise = self.initial_noise(width, height, seed, latents, rng)
-        x = family.pack(noise * np.float32(sched.init_noise_sigma))
+        cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
+        arch.set_timesteps(sched, steps, width, height)
+        start, after_step = 0, None
+        if start_image is None:
+            if arch.config.get("in_channels") == 9:
+                raise EngineError(
+                    f"{self.model_label} is an inpainting model: give --image and --mask, or use a text-to-image model"
+                )
+            noise = self._noise(arch.latent_shape(width, height), latents, rng)
+            x = arch.pack(noise * np.float32(sched.init_noise_sigma))
+        else:
+            start = sampling.schedule_start(sched, steps, start_image.strength)
+            if start >= len(sched.timesteps):
+                raise EngineError(
+                    f"--strength {start_image.strength} with {steps} steps runs no step (int(steps × strength) = 0); "
+                    f"raise --strength or --steps"
+                )
+            with self._phase("image", prof) as graphs, prof.section("vae_encode"):  # noqa: SIM117
+                x, cond, after_step = start_image.prepare(
+                    self, graphs["vae_encoder"], sched, start, cond, guidance, latents, rng
+                )
+        extra = arch.prepare(cond, width, height, guidance)
 
-        sigmas = getattr(sched, "sigmas", None)
-        bar = StepBar(len(sched.timesteps), show_progress)
-        result = None
-        for i, t in enumerate(sched.timesteps):
-            t0 = time.perf_counter()
-            model_in = sched.scale_model_input(x, t)
-            output = family.denoise(model_in, t, cond, guidance)
-            t1 = time.perf_counter()
-            result = sched.step(output, t, x, generator=rng)
-            x = result.prev_sample
-            t2 = time.perf_counter()
-            sigma = float(sigmas[i]) if sigmas is not None and i < len(sigmas) else None
-            prof.step(i, float(t), sigma, (t1 - t0) * 1000, (t2 - t1) * 1000)
-            bar.update(i + 1)
-
-        if type(sched).__name__ in DECODES_DENOISED and result is not None:
-            x = result.denoised
-        final = family.unpack(x, width, height)
-        with prof.section("vae_decode"):
-            image = self.vae(final)
+        bar = StepBar(len(sched.timesteps) - start, show_progress)
+        watch = sampling.callbacks(prof.on_step, bar.on_step, callback)
+        with self._phase("denoise", prof) as graphs:
+            denoise = arch.denoiser(graphs[arch.denoiser_component], cond, extra, guidance)
+            sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)
+            del denoise  # holds the session: released with the phase
+        final = arch.unpack(sampled.latents, width, height)
+        with self._phase("decode", prof) as graphs, prof.section("vae_decode"):
+            picture = self.vae.decode(graphs["vae_decoder"], final)
         parameters = {
             "prompt": prompt,
             "negative_prompt": negative_prompt,
@@ -153,17 +198,29 @@ class Pipeline:
             "width": width,
             "height": height,
             "model": self.model_label,
-            "scheduler": type(sched).__name__,
+            "scheduler": sched.name,
+            "sampler": sched.sampler_name,
         }
-        return Result(image, final, parameters, prof.result(), list(family.warnings))
+        if start_image is not None:
+            parameters["strength"] = start_image.strength
+            parameters["steps_run"] = sampled.steps_run
+        return Result(picture, final, parameters, prof.result(), warnings)
 
 
 def load_pipeline(
-    folder, *, threads: int | None = None, skip: tuple[str, ...] = (), available_mb: float | None = None
+    folder,
+    *,
+    threads: int | None = None,
+    skip: tuple[str, ...] = (),
+    available_mb: float | None = None,
+    policy: str | None = None,
+    graph_factory=Graph,
 ) -> Pipeline:
     if folder is None:
         raise EngineError("no exported model given; export one with `stepwise export`")
-    return Pipeline(Path(folder), threads=threads, skip=skip, available_mb=available_mb)
+    return Pipeline(
+        Path(folder), threads=threads, skip=skip, available_mb=available_mb, policy=policy, graph_factory=graph_factory
+    )
 
 
 __all__ = ["Pipeline", "Result", "load_pipeline"]

@@ -11,20 +11,6 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-# diffusers scheduler class → the sampler name those tools show
-SAMPLER_NAMES = {
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "EulerDiscreteScheduler": "Euler",
-    "FlowMatchEulerDiscreteScheduler": "Euler (flow)",
-    "HeunDiscreteScheduler": "Heun",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "UniPCMultistepScheduler": "UniPC",
-    "PNDMScheduler": "PLMS",
-    "DDIMScheduler": "DDIM",
-    "DDPMScheduler": "DDPM",
-    "LCMScheduler": "LCM",
-}
-
 
 def parameters_text(p: dict) -> str:
     lines = [p["prompt"]]
@@ -32,12 +18,14 @@ def parameters_text(p: dict) -> str:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     fields = [
         ("Steps", p["steps"]),
-        ("Sampler", SAMPLER_NAMES.get(p["scheduler"], p["scheduler"])),
+        ("Sampler", p.get("sampler") or p["scheduler"]),
         ("CFG scale", p["guidance"]),
         ("Seed", p["seed"]),
         ("Size", f"{p['width']}x{p['height']}"),
         ("Model", p["model"]),
     ]
+    if p.get("strength") is not None:  # image-to-image, as AUTOMATIC1111 writes it
+        fields.append(("Denoising strength", p["strength"]))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
 

@@ -26,14 +26,18 @@ class Profiler:
         yield
         self.sections[name] = self.sections.get(name, 0.0) + (time.perf_counter() - start) * 1000
 
-    def step(self, index: int, timestep: float, sigma: float | None, denoiser_ms: float, scheduler_ms: float):
+    def add(self, name: str, ms: float) -> None:
+        self.sections[name] = self.sections.get(name, 0.0) + ms
+
+    def on_step(self, step) -> None:
+        """The sampling callback (engine/sampling.py): one row per step."""
         self.steps.append(
             {
-                "index": index,
-                "timestep": float(timestep),
-                "sigma": None if sigma is None else float(sigma),
-                "denoiser_ms": round(denoiser_ms, 3),
-                "scheduler_ms": round(scheduler_ms, 3),
+                "index": step.index,
+                "timestep": float(step.timestep),
+                "sigma": None if step.sigma is None else float(step.sigma),
+                "denoiser_ms": round(step.denoiser_ms, 3),
+                "scheduler_ms": round(step.scheduler_ms, 3),
             }
         )
 
@@ -41,10 +45,13 @@ class Profiler:
         step_ms = [s["denoiser_ms"] + s["scheduler_ms"] for s in self.steps]
         return {
             "steps": self.steps,
-            "load_ms": round(self.sections.get("load", 0.0), 3),
+            # sessions created before the run (resident) and inside it (phased): load_ms counts both,
+            # total_ms neither, so totals compare across policies
+            "load_ms": round(self.sections.get("load", 0.0) + self.sections.get("phase_load", 0.0), 3),
             "text_encoder_ms": round(self.sections.get("text_encoder", 0.0), 3),
+            "vae_encode_ms": round(self.sections.get("vae_encode", 0.0), 3),
             "vae_decode_ms": round(self.sections.get("vae_decode", 0.0), 3),
-            "total_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "total_ms": round((time.perf_counter() - self.started) * 1000 - self.sections.get("phase_load", 0.0), 3),
             "mean_step_ms": round(statistics.fmean(step_ms), 3) if step_ms else 0.0,
             "median_step_ms": round(statistics.median(step_ms), 3) if step_ms else 0.0,
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -62,6 +69,7 @@ def format_profile(p: dict) -> str:
     lines += [
         f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
         f"VAE decode         {p['vae_decode_ms']:>10.1f} ms",
+        *([f"VAE encode         {p['vae_encode_ms']:>10.1f} ms"] if p.get("vae_encode_ms") else []),
         f"model load         {p['load_ms']:>10.1f} ms",
         f"total              {p['total_ms']:>10.1f} ms",
         f"mean per step      {p['mean_step_ms'] / 1000:>10.3f} s",
@@ -76,6 +84,10 @@ class StepBar:
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+
+    def on_step(self, step) -> None:
+        """The sampling callback (engine/sampling.py)."""
+        self.update(step.index + 1)
 
     def update(self, done: int):
         if not self.enabled:

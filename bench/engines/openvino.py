@@ -67,13 +67,8 @@ class OpenVinoEngine(StepwiseEngine):
         super().__init__(folder, threads, width, height)
         self.precision = precision or str(self.core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
 
-    def _load(self, engine, folder, threads):
-        from unittest import mock
-
-        import engine.pipeline
-
+    def graph_factory(self):
         def graph(path, threads=None):
             return OvGraph(path, threads, self.core, self.config)
 
-        with mock.patch.object(engine.pipeline, "Graph", graph):
-            return engine.load_pipeline(folder, threads=threads)
+        return graph

@@ -23,35 +23,42 @@ class _Recording:
 
 
 class StepwiseEngine(Engine):
+    """The pipeline loaded resident (every session kept, as a benchmark of steps wants); its sessions are
+    made by ``graph_factory`` (the engine's own ``Graph``, or another runtime's in a subclass)."""
+
     def __init__(self, folder: str, threads: int, width: int, height: int, **_):
         import engine
 
-        self.pipeline = self._load(engine, folder, threads)
-        self.family = self.pipeline.family
+        self.pipeline = engine.load_pipeline(
+            folder, threads=threads, policy=engine.RESIDENT, graph_factory=self.graph_factory()
+        )
+        self.arch = self.pipeline.architecture
         self.width, self.height = width, height
-        self.prepared = False
         self.recorded: dict[str, dict] = {}
-        for name, graph in self.family.graphs.items():
+        with self.pipeline.sessions.phase(list(self.pipeline.sessions.paths)) as graphs:
+            self.graphs = graphs
+        for name, graph in self.graphs.items():
             if hasattr(graph, "session"):
                 self.recorded[name] = {"path": str(graph.path), "shapes": {}}
                 graph.session = _Recording(graph.session, self.recorded[name]["shapes"])
 
-    def _load(self, engine, folder, threads):
-        return engine.load_pipeline(folder, threads=threads)
+    def graph_factory(self):
+        from engine.session import Graph
+
+        return Graph
 
     def encode(self, prompt, negative, guidance):
-        cond = self.family.encode(prompt, negative, guidance)
+        cond, _ = self.arch.encode(self.graphs, self.pipeline.tokenizers, prompt, negative, guidance)
         return {"embeds": cond["embeds"], "pooled": cond.get("pooled")}
 
     def step(self, latents, t, cond, guidance):
-        cond = dict(cond)
-        if not self.prepared:  # the same conditioning every step: per-generation inputs once
-            self.family.prepare(cond, self.width, self.height, guidance)
-            self.prepared = True
-        return self.family.denoise(latents, t, cond, guidance)
+        # the conditioning arrives anew each step (pickled): its per-generation inputs cost microseconds
+        extra = self.arch.prepare(cond, self.width, self.height, guidance)
+        den = self.arch.denoiser(self.graphs[self.arch.denoiser_component], cond, extra, guidance)
+        return den(latents, t)
 
     def decode(self, latents):
-        return self.pipeline.vae(np.asarray(latents, dtype=np.float32))
+        return self.pipeline.vae.decode(self.graphs["vae_decoder"], np.asarray(latents, dtype=np.float32))
 
     def graph_shapes(self) -> dict:
         """{component: {"path", "shapes": {input: shape}}} of the runs so far."""

@@ -1,10 +1,17 @@
-"""Family-specific parts of the one denoising loop: conditioning, graph inputs, latent layout.
+"""Architecture-specific parts of the one denoising loop: conditioning, graph inputs, latent layout.
 
-Everything else (scheduler loop, guidance arithmetic, VAE, PNG, profile) is shared in engine/pipeline.py.
+Everything else (the sampling loop, guidance arithmetic, VAE, PNG, profile) is shared in engine/.
+Keyed by the registry's family name.
 """
 
-from .flux import FluxFamily
-from .sd3 import SD3Family
-from .unet import UNetFamily
+from .base import Architecture
+from .flux import FluxArchitecture
+from .sd3 import SD3Architecture
+from .unet import UNetArchitecture
 
-FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "sd3": SD3Family, "flux": FluxFamily}
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    "sd15": UNetArchitecture,
+    "sdxl": UNetArchitecture,
+    "sd3": SD3Architecture,
+    "flux": FluxArchitecture,
+}

@@ -1,8 +1,16 @@
-"""What the shared loop needs from a family, and the pieces families share."""
+"""What the shared loop needs from an architecture, and the pieces architectures share.
+
+An architecture object is built from the manifest alone and holds only what the export recorded (constants):
+nothing of one generation is stored on it. Its methods take the graphs of the phase that runs them and
+return what they compute, so one loaded pipeline can serve several generations at once.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..sampling import Denoise
+from ..text_encoders import TextEncoder
 
 
 def classifier_free_guidance(output: np.ndarray, scale: float) -> np.ndarray:
@@ -11,27 +19,39 @@ def classifier_free_guidance(output: np.ndarray, scale: float) -> np.ndarray:
     return uncond + scale * (cond - uncond)
 
 
-class Family:
+class Architecture:
     """A family of architectures; subclasses define how prompts and latents meet the denoiser graph."""
 
-    #: components this family loads, in order: name → required?
+    #: components this architecture loads, in order: name → required?
     components: dict[str, bool] = {}
     denoiser_component = "unet"
+    #: the text encoder that is a T5 (its window is the manifest's max_sequence_length), if any
+    t5_component: str | None = None
+    #: a denoiser that takes the mask and the masked image's latents as inputs (9-channel UNets)
+    inpainting = False
 
-    def __init__(self, manifest, graphs: dict, tokenizers: dict, model_index: dict):
-        self.manifest, self.graphs, self.tokenizers, self.model_index = manifest, graphs, tokenizers, model_index
-        self.config = manifest.config
-        self.vae_scale_factor = int(self.config.get("vae_scale_factor", 8))
-        self.latent_channels = int(self.config.get("latent_channels", 4))
-        self.warnings: list[str] = []
+    def __init__(self, manifest):
+        config = manifest.config
+        self.config = config
+        self.vae_scale_factor = int(config.get("vae_scale_factor", 8))
+        self.latent_channels = int(config.get("latent_channels", 4))
+        self.timestep_scale = float(config.get("timestep_scale", 1.0))
+        self.timestep_scalar = config.get("timestep_shape", "batch") == "scalar"
 
-    @staticmethod
-    def tokenizer_lengths(config: dict) -> dict[str, int]:
-        """Tokenizer windows that differ from the tokenizer's own model_max_length."""
-        return {}
+    @property
+    def text_components(self) -> list[str]:
+        return [name for name in self.components if name.startswith("text_encoder")]
+
+    def tokenizer_lengths(self) -> dict[str, int]:
+        """Tokenizer windows that differ from the tokenizer's own model_max_length (the T5 window)."""
+        length = self.config.get("max_sequence_length")
+        if self.t5_component is None or not length:
+            return {}
+        return {self.t5_component.replace("text_encoder", "tokenizer"): int(length)}
 
     # --- conditioning
-    def encode(self, prompt: str, negative: str, guidance: float) -> dict:
+    def encode(self, graphs: dict, tokenizers: dict, prompt: str, negative: str, guidance: float):
+        """→ (conditioning dict of arrays, warnings)."""
         raise NotImplementedError
 
     def uses_cfg(self, guidance: float) -> bool:
@@ -42,8 +62,17 @@ class Family:
         f = self.vae_scale_factor
         return (1, self.latent_channels, height // f, width // f)
 
+    @property
+    def image_scale_factor(self) -> int:
+        """The multiple an image's sides are rounded down to (FLUX: 16, its latents split into 2x2 patches)."""
+        return self.vae_scale_factor
+
     def pack(self, latents: np.ndarray) -> np.ndarray:
         return latents
+
+    def pack_mask(self, mask: np.ndarray) -> np.ndarray:
+        """A (1, 1, h, w) latent-size mask in the layout the scheduler holds latents in."""
+        return mask
 
     def unpack(self, latents: np.ndarray, width: int, height: int) -> np.ndarray:
         return latents
@@ -52,16 +81,33 @@ class Family:
     def set_timesteps(self, scheduler, steps: int, width: int, height: int) -> None:
         scheduler.set_timesteps(steps)
 
-    def prepare(self, cond: dict, width: int, height: int, guidance: float) -> None:
+    def prepare(self, cond: dict, width: int, height: int, guidance: float) -> dict:
         """Per-generation inputs that do not change across steps (ids, time ids, guidance embeddings)."""
+        return {}
 
     # --- the denoiser
-    def denoise(self, latents: np.ndarray, t, cond: dict, guidance: float) -> np.ndarray:
+    def denoiser(self, graph, cond: dict, extra: dict, guidance: float) -> Denoise:
+        """The graph wrapped as ``denoise(x, t)`` → the prediction the scheduler steps with."""
         raise NotImplementedError
 
-    def _note_truncation(self, encoder, truncated: bool):
-        if truncated:
-            self.warnings.append(
+    def timestep(self, t, batch: int) -> np.ndarray:
+        """t as the graph takes it: a scalar (optimum's UNets) or one per sample, times the recorded scale."""
+        # FLUX's pipeline divides by 1000; dividing (not multiplying by float32(0.001)) gives its exact float32
+        value = np.float32(t) / np.float32(1.0 / self.timestep_scale)
+        return np.asarray(value, dtype=np.float32) if self.timestep_scalar else np.full((batch,), value, np.float32)
+
+
+def encode_text(encoders: list[TextEncoder], text: str, warnings: list[str]) -> list:
+    """Run each encoder on ``text``, noting a truncated prompt once per encoder."""
+    outputs = []
+    for encoder in encoders:
+        out = encoder(text)
+        if out.truncated:
+            note = (
                 f"the prompt is longer than {encoder.tokenizer.name}'s {encoder.max_length}-token window "
                 f"and was truncated; shorten it to keep its end"
             )
+            if note not in warnings:
+                warnings.append(note)
+        outputs.append(out)
+    return outputs

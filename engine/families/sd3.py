@@ -12,58 +12,42 @@ import numpy as np
 import schedulers
 
 from ..text_encoders import TextEncoder
-from .base import Family, classifier_free_guidance
+from .base import Architecture, classifier_free_guidance, encode_text
 
 
-class SD3Family(Family):
+class SD3Architecture(Architecture):
     components = {"text_encoder": True, "text_encoder_2": True, "text_encoder_3": False, "transformer": True}
     denoiser_component = "transformer"
+    t5_component = "text_encoder_3"
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.clip = [
-            TextEncoder(self.graphs[n], self.tokenizers[t])
-            for n, t in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
-        ]
-        self.t5 = (
-            TextEncoder(self.graphs["text_encoder_3"], self.tokenizers["tokenizer_3"])
-            if "text_encoder_3" in self.graphs
-            else None
-        )
-        self.transformer = self.graphs["transformer"]
+    def __init__(self, manifest):
+        super().__init__(manifest)
         self.joint_dim = int(self.config["joint_attention_dim"])
-        self.t5_length = self.tokenizer_lengths(self.config)["tokenizer_3"]
-        self.patch_size = int(self.config.get("patch_size", 2))
+        self.t5_length = int(self.config["max_sequence_length"])
+        self.patch_size = int(self.config.get("patch_size") or 2)
 
-    @staticmethod
-    def tokenizer_lengths(config: dict) -> dict[str, int]:
-        return {"tokenizer_3": int(config.get("max_sequence_length") or 256)}  # the pipeline's default
-
-    def _encode_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        states, pooled = [], []
-        for encoder in self.clip:
-            out = encoder(text)
-            self._note_truncation(encoder, out.truncated)
-            states.append(out.penultimate)
-            pooled.append(out.pooled)
-        clip = np.concatenate(states, axis=-1)
-        if self.t5 is not None:
-            out = self.t5(text)
-            self._note_truncation(self.t5, out.truncated)
-            t5 = out.last_hidden
+    def _encode_one(self, clips, t5, text: str, warnings) -> tuple[np.ndarray, np.ndarray]:
+        outs = encode_text(clips, text, warnings)
+        clip = np.concatenate([o.penultimate for o in outs], axis=-1)
+        if t5 is not None:
+            t5_states = encode_text([t5], text, warnings)[0].last_hidden
         else:
-            t5 = np.zeros((1, self.t5_length, self.joint_dim), dtype=np.float32)
-        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
-        return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)
+            t5_states = np.zeros((1, self.t5_length, self.joint_dim), dtype=np.float32)
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5_states.shape[-1] - clip.shape[-1])))
+        return np.concatenate([clip, t5_states], axis=1), np.concatenate([o.pooled for o in outs], axis=-1)
 
-    def encode(self, prompt: str, negative: str, guidance: float) -> dict:
-        embeds, pooled = self._encode_one(prompt)
+    def encode(self, graphs, tokenizers, prompt, negative, guidance):
+        pairs = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        clips = [TextEncoder(graphs[n], tokenizers[t]) for n, t in pairs]
+        t5 = TextEncoder(graphs["text_encoder_3"], tokenizers["tokenizer_3"]) if "text_encoder_3" in graphs else None
+        warnings: list[str] = []
+        embeds, pooled = self._encode_one(clips, t5, prompt, warnings)
         if self.uses_cfg(guidance):
-            neg, neg_pooled = self._encode_one(negative)
+            neg, neg_pooled = self._encode_one(clips, t5, negative, warnings)
             embeds, pooled = np.concatenate([neg, embeds]), np.concatenate([neg_pooled, pooled])
-        return {"embeds": embeds, "pooled": pooled}
+        return {"embeds": embeds, "pooled": pooled}, warnings
 
-    def set_timesteps(self, scheduler, steps: int, width: int, height: int) -> None:
+    def set_timesteps(self, scheduler, steps, width, height) -> None:
         cfg = scheduler.config
         if cfg.get("use_dynamic_shifting"):
             _, _, h, w = self.latent_shape(width, height)
@@ -79,14 +63,18 @@ class SD3Family(Family):
         else:
             scheduler.set_timesteps(steps)
 
-    def denoise(self, latents: np.ndarray, t, cond: dict, guidance: float) -> np.ndarray:
+    def denoiser(self, graph, cond, extra, guidance):
         batch = cond["embeds"].shape[0]
-        sample = np.concatenate([latents] * batch) if batch > 1 else latents
-        out = self.transformer(
-            outputs=["out_hidden_states"],
-            hidden_states=sample,
-            timestep=np.full((batch,), t, dtype=np.float32),
-            encoder_hidden_states=cond["embeds"],
-            pooled_projections=cond["pooled"],
-        )["out_hidden_states"]
-        return classifier_free_guidance(out, guidance) if batch > 1 else out
+
+        def denoise(x, t):
+            sample = np.concatenate([x] * batch) if batch > 1 else x
+            out = graph(
+                outputs=["out_hidden_states"],
+                hidden_states=sample,
+                timestep=self.timestep(t, batch),
+                encoder_hidden_states=cond["embeds"],
+                pooled_projections=cond["pooled"],
+            )["out_hidden_states"]
+            return classifier_free_guidance(out, guidance) if batch > 1 else out
+
+        return denoise
