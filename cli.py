@@ -106,7 +106,7 @@ def _estimate(target: Target, steps: int, width: int, height: int, threads: int 
     return f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s (measured on this machine)"
 
 
-def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads) -> None:
+def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads, start=None) -> None:
     m = target.model
     where = f"{target.folder} ({target.weights})" if target.folder else "not exported"
     note = (
@@ -121,10 +121,14 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     lo, hi = m.recommended_steps
     click.echo(f"Model:    {m.name} [{m.id}] — {where}")
     click.echo(f"Steps:    {steps} ({note}; recommended {lo}-{hi}, max useful {m.max_useful_steps})")
+    if start is not None:
+        what = "inpainting" if start.mask is not None else "image-to-image"
+        run = f"{policy.plural(decision.steps_run)} of {steps} run"
+        click.echo(f"Image:    {what}, strength {start.strength:g}: {run}")
     click.echo(f"Guidance: {gtext}")
     click.echo(f"Size:     {width}x{height}")
     click.echo(f"Seed:     {seed}")
-    click.echo(f"Estimate: {_estimate(target, steps, width, height, threads)}")
+    click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads)}")
 
 
 def not_exported_message(target: Target) -> str:
@@ -336,6 +340,8 @@ def _run_generation(
     latents_file,
     scheduler,
     skip,
+    start,
+    low_memory,
     profile,
     profile_json,
 ):
@@ -350,7 +356,10 @@ def _run_generation(
         except (OSError, ValueError) as exc:
             _fail(f"--latents {latents_file}: cannot read it as a .npy array ({exc})", 2)
     try:
-        pipe = engine.load_pipeline(target.folder, threads=threads, skip=skip)
+        pipe = engine.load_pipeline(
+            target.folder, threads=threads, skip=skip, policy=engine.PHASED if low_memory else None
+        )
+        click.echo(f"Memory:   {pipe.memory.policy}, ~{pipe.memory.need_mb:,.0f} MB ({pipe.memory.reason})")
         result = pipe.generate(
             prompt=prompt,
             negative_prompt=negative,
@@ -361,6 +370,9 @@ def _run_generation(
             seed=seed,
             latents=latents,
             scheduler=scheduler,
+            image=start.image if start else None,
+            mask=start.mask if start else None,
+            strength=start.strength if start else None,
             show_progress=sys.stderr.isatty(),
         )
     except (engine.EngineError, InputError, ManifestError) as exc:
@@ -398,6 +410,23 @@ def _run_generation(
 )
 @click.option("--scheduler", help="Swap the sampler, by diffusers class name (e.g. DPMSolverMultistepScheduler).")
 @click.option("--no-t5", is_flag=True, help="SD3: run without the T5 encoder (zeros in its place) to save memory.")
+@click.option(
+    "--image",
+    "image_file",
+    type=click.Path(path_type=Path),
+    help="Image-to-image: start from this picture (the output takes its size unless --width/--height).",
+)
+@click.option("--mask", "mask_file", type=click.Path(path_type=Path), help="Inpainting: white is repainted.")
+@click.option(
+    "--strength",
+    type=float,
+    help="With --image: how much is repainted, in (0, 1]; int(steps x strength) steps run [default: the pipeline's].",
+)
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Load one phase at a time (text encoders, denoiser, decoder), releasing each before the next.",
+)
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
 def generate(
@@ -415,10 +444,16 @@ def generate(
     latents_file,
     scheduler,
     no_t5,
+    image_file,
+    mask_file,
+    strength,
+    low_memory,
     profile,
     profile_json,
 ):
-    """Generate an image. With no PROMPT, asks for model, prompt and steps as the steps guide shows."""
+    """Generate an image. With no PROMPT, asks for model, prompt and steps as the steps guide shows.
+
+    With --image: image-to-image; with --mask too: inpainting (white is repainted)."""
     interactive = prompt is None
     if interactive:
         if model_spec is None:
@@ -430,11 +465,13 @@ def generate(
     else:
         target = resolve_model(model_spec or DEMO_MODEL)
     m = target.model
+    start = _start_image(target, image_file, mask_file, strength, width, height)
     try:
         prompt = policy.check_prompt(prompt)
-        decision = policy.decide_steps(m, steps)
+        decision = policy.decide_steps(m, steps, strength=start.strength if start else None)
         guidance = policy.check_guidance(m, guidance)
-        width, height = policy.check_size(m, target.family, width, height, target.native_size)
+        native = start.size if start else target.native_size
+        width, height = policy.check_size(m, target.family, width, height, native)
         seed = policy.check_seed(seed)
         if threads is not None and threads < 1:
             raise InputError(f"--threads must be at least 1 (got {threads})")
@@ -446,7 +483,7 @@ def generate(
         click.echo(f"warning: {decision.advice}", err=True)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
-    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads)
+    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
@@ -464,9 +501,51 @@ def generate(
         latents_file=latents_file,
         scheduler=scheduler,
         skip=("text_encoder_3",) if no_t5 else (),
+        start=start,
+        low_memory=low_memory,
         profile=profile,
         profile_json=profile_json,
     )
+
+
+@dataclass
+class StartImage:
+    """--image/--mask/--strength as read and checked before anything is loaded."""
+
+    image: object  # PIL.Image
+    mask: object | None
+    strength: float  # the family's diffusers default when not given
+    size: tuple[int, int]  # the image's size, rounded down to the family's size multiple
+
+
+def _start_image(target: Target, image_file, mask_file, strength, width, height) -> StartImage | None:
+    if image_file is None:
+        if mask_file is not None:
+            _fail("--mask needs --image: the mask says which part of an image to repaint", 2)
+        if strength is not None:
+            _fail("--strength needs --image: it says how much of the image to repaint", 2)
+        return None
+    if strength is not None and not 0.0 < strength <= 1.0:
+        _fail(f"--strength must be in (0, 1] (got {strength}); 1 repaints everything", 2)
+    from engine.errors import EngineError
+    from engine.images import load_image
+
+    try:
+        image = load_image(image_file)
+        mask = load_image(mask_file) if mask_file is not None else None
+    except EngineError as exc:
+        _fail(str(exc), 2)
+    if mask is not None and mask.size != image.size:
+        _fail(
+            f"--mask is {mask.size[0]}x{mask.size[1]} but --image is {image.size[0]}x{image.size[1]}; "
+            f"give a mask of the image's size",
+            2,
+        )
+    if strength is None:
+        strength = target.family.default_strength(inpaint=mask is not None)
+    m = target.family.size_multiple
+    w, h = (max(v - v % m, target.family.min_size) for v in image.size)
+    return StartImage(image, mask, strength, (w, h))
 
 
 @main_group.command("demo")

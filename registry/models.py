@@ -20,6 +20,12 @@ class Family:
     max_size: int
     text_encoders: tuple[str, ...]
     policy_model: str  # the registry entry whose step policy an unregistered export of this family gets
+    # diffusers' default `strength` of the family's img2img and inpaint pipelines (None: no such pipeline)
+    img2img_strength: float | None = None
+    inpaint_strength: float | None = None
+
+    def default_strength(self, inpaint: bool) -> float | None:
+        return self.inpaint_strength if inpaint else self.img2img_strength
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ with more steps, so for them "too many" is the message that matters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .models import Family, Model
@@ -20,10 +21,15 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class StepDecision:
-    steps: int
+    steps: int  # the schedule's length (--steps)
     verdict: str  # OK, WARN or REFUSE
     advice: str  # one line: why, and what to use instead ("" when nothing needs saying)
     default: bool = False
+    steps_run: int | None = None  # image-to-image runs the schedule's tail: int(steps x strength)
+
+    def __post_init__(self):
+        if self.steps_run is None:
+            object.__setattr__(self, "steps_run", self.steps)
 
     @property
     def refused(self) -> bool:
@@ -39,42 +45,73 @@ def plural(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def decide_steps(model: Model, steps: int | None) -> StepDecision:
+def steps_run(steps: int, strength: float | None) -> int:
+    """How many steps image-to-image runs, as diffusers' ``get_timesteps``: int(steps x strength)."""
+    return steps if strength is None else min(int(steps * strength), steps)
+
+
+def steps_for(run: int, strength: float | None) -> int:
+    """The fewest --steps whose tail at ``strength`` runs ``run`` steps."""
+    if strength is None:
+        return run
+    steps = max(run, math.ceil(run / strength - 1e-9))
+    while steps_run(steps, strength) < run:
+        steps += 1
+    return steps
+
+
+def decide_steps(model: Model, steps: int | None, strength: float | None = None) -> StepDecision:
     """Judge a step count for a model: OK inside the recommended range, WARN inside [min, max useful],
-    REFUSE outside it. ``steps=None`` takes the model's default."""
+    REFUSE outside it. ``steps=None`` takes the model's default. With ``strength`` (image-to-image) the
+    steps judged are those that run, int(steps x strength), and the default runs the model's default."""
     if steps is None:
+        run = model.default_steps
         return StepDecision(
-            model.default_steps,
+            steps_for(run, strength),
             OK,
-            f"{plural(model.default_steps)}, the default for {model.name} ({model.reason})",
+            f"{plural(run)}, the default for {model.name} ({model.reason})",
             default=True,
+            steps_run=run,
         )
     if steps < 1:
         raise InputError(f"--steps must be at least 1 (got {steps}); {model.name} defaults to {model.default_steps}")
+    run = steps_run(steps, strength)
+    of = "" if strength is None else f" (with --strength {strength:g}, {run} of {plural(steps)} run)"
+    if strength is not None and run < 1:
+        return StepDecision(
+            steps,
+            REFUSE,
+            f"--strength {strength:g} with {plural(steps)} runs no step: int(steps x strength) = 0. "
+            f"Use --steps {steps_for(model.default_steps, strength)}, or a higher --strength",
+            steps_run=run,
+        )
     lo, hi = model.recommended_steps
     rec = f"recommended {step_range(model)}, default {model.default_steps}"
-    if lo <= steps <= hi:
-        return StepDecision(steps, OK, f"{plural(steps)} is in {model.name}'s recommended range ({step_range(model)})")
-    too_many = steps > hi
-    if model.few_step and too_many:
-        why = (
-            f"{model.name} is distilled for {step_range(model)} steps: {plural(steps)} make the image worse, not better"
+    if lo <= run <= hi:
+        return StepDecision(
+            steps, OK, f"{plural(run)} is in {model.name}'s recommended range ({step_range(model)}){of}", steps_run=run
         )
+    too_many = run > hi
+    if model.few_step and too_many:
+        why = f"{model.name} is distilled for {step_range(model)} steps: {plural(run)} make the image worse, not better"
     elif too_many:
         why = (
-            f"{plural(steps)} is past {model.name}'s recommended {step_range(model)}: slower, "
+            f"{plural(run)} is past {model.name}'s recommended {step_range(model)}: slower, "
             f"with little or no visible gain"
         )
     else:
-        why = f"{plural(steps)} is too few for {model.name}: expect a blurry, unfinished image"
-    if model.min_steps <= steps <= model.max_useful_steps:
-        use = f"--steps {hi if too_many else lo}"
-        return StepDecision(steps, WARN, f"{why}; {use} is the better choice")
+        why = f"{plural(run)} is too few for {model.name}: expect a blurry, unfinished image"
+    why += of
+    if model.min_steps <= run <= model.max_useful_steps:
+        use = f"--steps {steps_for(hi if too_many else lo, strength)}"
+        return StepDecision(steps, WARN, f"{why}; {use} is the better choice", steps_run=run)
     bound = f"at most {model.max_useful_steps}" if too_many else f"at least {model.min_steps}"
     return StepDecision(
         steps,
         REFUSE,
-        f"{why} ({model.name} takes {bound} steps; {rec}). Use --steps {model.default_steps}, or --force to run anyway",
+        f"{why} ({model.name} takes {bound} steps; {rec}). "
+        f"Use --steps {steps_for(model.default_steps, strength)}, or --force to run anyway",
+        steps_run=run,
     )
 
 
