@@ -468,7 +468,9 @@ def generate(
     start = _start_image(target, image_file, mask_file, strength, width, height)
     try:
         prompt = policy.check_prompt(prompt)
-        decision = policy.decide_steps(m, steps, strength=start.strength if start else None)
+        decision = policy.decide_steps(
+            m, steps, strength=start.strength if start else None, rounding=target.family.strength_steps
+        )
         guidance = policy.check_guidance(m, guidance)
         native = start.size if start else target.native_size
         width, height = policy.check_size(m, target.family, width, height, native)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+import registry
 import schedulers
 from registry import manifest as manifest_format
+from registry import policy
 
 from . import img2img, sampling
 from .errors import EngineError
@@ -168,12 +170,12 @@ class Pipeline:
             noise = self._noise(arch.latent_shape(width, height), latents, rng)
             x = arch.pack(noise * np.float32(sched.init_noise_sigma))
         else:
-            start = sampling.schedule_start(sched, steps, start_image.strength)
-            if start >= len(sched.timesteps):
+            run = policy.steps_run(steps, start_image.strength, registry.family(self.manifest.family).strength_steps)
+            if run < 1:
                 raise EngineError(
-                    f"--strength {start_image.strength} with {steps} steps runs no step (int(steps × strength) = 0); "
-                    f"raise --strength or --steps"
+                    f"--strength {start_image.strength:g} with {steps} steps runs no step; raise --strength or --steps"
                 )
+            start = sampling.schedule_start(sched, steps, run)
             with self._phase("image", prof) as graphs, prof.section("vae_encode"):  # noqa: SIM117
                 x, cond, after_step = start_image.prepare(
                     self, graphs["vae_encoder"], sched, start, cond, guidance, latents, rng

@@ -44,11 +44,10 @@ class Sampled:
     stopped: bool  # a callback stopped the run early
 
 
-def schedule_start(scheduler, steps: int, strength: float) -> int:
-    """Where image-to-image starts in the schedule, as diffusers' ``get_timesteps``: the last
-    ``int(steps × strength)`` steps run; the scheduler's begin index is set to the start."""
-    init = min(int(steps * strength), steps)
-    start = max(steps - init, 0) * scheduler.order
+def schedule_start(scheduler, steps: int, run: int) -> int:
+    """Where image-to-image starts in the schedule to run its last ``run`` steps (registry.policy.steps_run
+    counts them as the family's ``get_timesteps`` does); the scheduler's begin index is set there."""
+    start = max(steps - run, 0) * scheduler.order
     scheduler.set_begin_index(start)
     return start
 

@@ -23,6 +23,7 @@ class Family:
     # diffusers' default `strength` of the family's img2img and inpaint pipelines (None: no such pipeline)
     img2img_strength: float | None = None
     inpaint_strength: float | None = None
+    strength_steps: str = "floor"  # how get_timesteps counts the steps that run (registry/policy.steps_run)
 
     def default_strength(self, inpaint: bool) -> float | None:
         return self.inpaint_strength if inpaint else self.img2img_strength

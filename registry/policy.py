@@ -45,29 +45,36 @@ def plural(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def steps_run(steps: int, strength: float | None) -> int:
-    """How many steps image-to-image runs, as diffusers' ``get_timesteps``: int(steps x strength)."""
-    return steps if strength is None else min(int(steps * strength), steps)
+def steps_run(steps: int, strength: float | None, rounding: str = "floor") -> int:
+    """How many steps image-to-image runs, in the float arithmetic of diffusers' ``get_timesteps``:
+    SD/SDXL ("floor") int(steps x strength); SD3/FLUX ("ceil") steps - int(steps - steps x strength)."""
+    if strength is None:
+        return steps
+    if rounding == "ceil":
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return min(int(steps * strength), steps)
 
 
-def steps_for(run: int, strength: float | None) -> int:
+def steps_for(run: int, strength: float | None, rounding: str = "floor") -> int:
     """The fewest --steps whose tail at ``strength`` runs ``run`` steps."""
     if strength is None:
         return run
-    steps = max(run, math.ceil(run / strength - 1e-9))
-    while steps_run(steps, strength) < run:
+    steps = max(run, math.floor(run / strength) - 1, 1)
+    while steps_run(steps, strength, rounding) < run:
         steps += 1
     return steps
 
 
-def decide_steps(model: Model, steps: int | None, strength: float | None = None) -> StepDecision:
+def decide_steps(
+    model: Model, steps: int | None, strength: float | None = None, rounding: str = "floor"
+) -> StepDecision:
     """Judge a step count for a model: OK inside the recommended range, WARN inside [min, max useful],
     REFUSE outside it. ``steps=None`` takes the model's default. With ``strength`` (image-to-image) the
     steps judged are those that run, int(steps x strength), and the default runs the model's default."""
     if steps is None:
         run = model.default_steps
         return StepDecision(
-            steps_for(run, strength),
+            steps_for(run, strength, rounding),
             OK,
             f"{plural(run)}, the default for {model.name} ({model.reason})",
             default=True,
@@ -75,14 +82,14 @@ def decide_steps(model: Model, steps: int | None, strength: float | None = None)
         )
     if steps < 1:
         raise InputError(f"--steps must be at least 1 (got {steps}); {model.name} defaults to {model.default_steps}")
-    run = steps_run(steps, strength)
+    run = steps_run(steps, strength, rounding)
     of = "" if strength is None else f" (with --strength {strength:g}, {run} of {plural(steps)} run)"
     if strength is not None and run < 1:
         return StepDecision(
             steps,
             REFUSE,
-            f"--strength {strength:g} with {plural(steps)} runs no step: int(steps x strength) = 0. "
-            f"Use --steps {steps_for(model.default_steps, strength)}, or a higher --strength",
+            f"--strength {strength:g} with {plural(steps)} runs no step. "
+            f"Use --steps {steps_for(model.default_steps, strength, rounding)}, or a higher --strength",
             steps_run=run,
         )
     lo, hi = model.recommended_steps
@@ -103,14 +110,14 @@ def decide_steps(model: Model, steps: int | None, strength: float | None = None)
         why = f"{plural(run)} is too few for {model.name}: expect a blurry, unfinished image"
     why += of
     if model.min_steps <= run <= model.max_useful_steps:
-        use = f"--steps {steps_for(hi if too_many else lo, strength)}"
+        use = f"--steps {steps_for(hi if too_many else lo, strength, rounding)}"
         return StepDecision(steps, WARN, f"{why}; {use} is the better choice", steps_run=run)
     bound = f"at most {model.max_useful_steps}" if too_many else f"at least {model.min_steps}"
     return StepDecision(
         steps,
         REFUSE,
         f"{why} ({model.name} takes {bound} steps; {rec}). "
-        f"Use --steps {steps_for(model.default_steps, strength)}, or --force to run anyway",
+        f"Use --steps {steps_for(model.default_steps, strength, rounding)}, or --force to run anyway",
         steps_run=run,
     )
 

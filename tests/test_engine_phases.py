@@ -20,6 +20,7 @@ import registry
 import schedulers
 from engine import sampling
 from engine.memory import PHASED, RESIDENT, plan_memory
+from registry import policy
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red apple on a table"
@@ -104,15 +105,19 @@ def test_callback_sees_every_step_and_can_stop_the_run():
 def test_schedule_start_is_diffusers_get_timesteps():
     """strength → the schedule's tail and begin index, as StableDiffusionImg2ImgPipeline.get_timesteps."""
     diffusers = pytest.importorskip("diffusers")
-    for model_id, steps, strength in (("sd15", 10, 0.6), ("sdxl-turbo", 2, 0.5), ("sd3-medium", 7, 0.35)):
+    cases = (("sd15", 10, 0.6), ("sd15", 4, 0.6), ("sdxl-turbo", 2, 0.5), ("sd3-medium", 4, 0.6), ("sd3-medium", 7, 0.35))
+    for model_id, steps, strength in cases:
         config = dict(registry.get(model_id).scheduler)
         ours = schedulers.from_config(config)
         ours.set_timesteps(steps)
-        start = sampling.schedule_start(ours, steps, strength)
+        rounding = registry.family(registry.get(model_id).family).strength_steps
+        start = sampling.schedule_start(ours, steps, policy.steps_run(steps, strength, rounding))
         ref = getattr(diffusers, config.pop("_class_name")).from_config(config)
         ref.set_timesteps(steps)
-        init = min(int(steps * strength), steps)
-        t_start = max(steps - init, 0)
+        if rounding == "floor":  # StableDiffusion[XL]Img2ImgPipeline.get_timesteps
+            t_start = max(steps - min(int(steps * strength), steps), 0)
+        else:  # StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline.get_timesteps
+            t_start = int(max(steps - min(steps * strength, steps), 0))
         expected = ref.timesteps[t_start * ref.order :].numpy()
         assert np.allclose(ours.timesteps[start:], expected), model_id
         assert ours.begin_index == t_start * ref.order
