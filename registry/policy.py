@@ -84,13 +84,10 @@ def decide_steps(
         raise InputError(f"--steps must be at least 1 (got {steps}); {model.name} defaults to {model.default_steps}")
     run = steps_run(steps, strength, rounding)
     of = "" if strength is None else f" (with --strength {strength:g}, {run} of {plural(steps)} run)"
-    if strength is not None and run < 1:
-        return StepDecision(
-            steps,
-            REFUSE,
-            f"--strength {strength:g} with {plural(steps)} runs no step. "
-            f"Use --steps {steps_for(model.default_steps, strength, rounding)}, or a higher --strength",
-            steps_run=run,
+    if strength is not None and run < 1:  # not a policy question: nothing would run, --force or not
+        raise InputError(
+            f"--strength {strength:g} with {plural(steps)} runs no step; "
+            f"use --steps {steps_for(model.default_steps, strength, rounding)}, or a higher --strength"
         )
     lo, hi = model.recommended_steps
     rec = f"recommended {step_range(model)}, default {model.default_steps}"
