@@ -120,11 +120,13 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
         gtext = "none (distilled without classifier-free guidance)"
     lo, hi = m.recommended_steps
     click.echo(f"Model:    {m.name} [{m.id}] — {where}")
-    click.echo(f"Steps:    {steps} ({note}; recommended {lo}-{hi}, max useful {m.max_useful_steps})")
-    if start is not None:
+    ranges = f"recommended {lo}-{hi}, max useful {m.max_useful_steps}"
+    if start is None:
+        click.echo(f"Steps:    {steps} ({note}; {ranges})")
+    else:  # the policy judged the steps that run: the schedule's tail
         what = "inpainting" if start.mask is not None else "image-to-image"
-        run = f"{policy.plural(decision.steps_run)} of {steps} run"
-        click.echo(f"Image:    {what}, strength {start.strength:g}: {run}")
+        click.echo(f"Steps:    {decision.steps_run} run, the last of {steps} ({note}; {ranges})")
+        click.echo(f"Image:    {what}, strength {start.strength:g} (the image's size unless --width/--height)")
     click.echo(f"Guidance: {gtext}")
     click.echo(f"Size:     {width}x{height}")
     click.echo(f"Seed:     {seed}")
@@ -468,9 +470,8 @@ def generate(
     start = _start_image(target, image_file, mask_file, strength, width, height)
     try:
         prompt = policy.check_prompt(prompt)
-        decision = policy.decide_steps(
-            m, steps, strength=start.strength if start else None, rounding=target.family.strength_steps
-        )
+        rounding = m.strength_steps or target.family.strength_steps
+        decision = policy.decide_steps(m, steps, strength=start.strength if start else None, rounding=rounding)
         guidance = policy.check_guidance(m, guidance)
         native = start.size if start else target.native_size
         width, height = policy.check_size(m, target.family, width, height, native)

@@ -102,6 +102,7 @@ def make_trajectory(source: Path, seed: int, out: Path) -> None:
     x = np.random.default_rng(seed).standard_normal((1, 4, 64, 64), dtype=np.float32) * np.float32(
         sched.init_noise_sigma
     )
+
     def denoise(x_in, t):
         eps = unet.run(
             None,

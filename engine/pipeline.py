@@ -160,7 +160,10 @@ class Pipeline:
         rng = np.random.default_rng(seed)
 
         cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
-        arch.set_timesteps(sched, steps, width, height)
+        if start_image is not None and sched.strength_in_schedule:  # LCM: strength shapes the schedule itself
+            arch.set_timesteps(sched, steps, width, height, strength=start_image.strength)
+        else:
+            arch.set_timesteps(sched, steps, width, height)
         start, after_step = 0, None
         if start_image is None:
             if arch.config.get("in_channels") == 9:
@@ -170,7 +173,8 @@ class Pipeline:
             noise = self._noise(arch.latent_shape(width, height), latents, rng)
             x = arch.pack(noise * np.float32(sched.init_noise_sigma))
         else:
-            run = policy.steps_run(steps, start_image.strength, registry.family(self.manifest.family).strength_steps)
+            rounding = "all" if sched.strength_in_schedule else registry.family(self.manifest.family).strength_steps
+            run = policy.steps_run(steps, start_image.strength, rounding)
             if run < 1:
                 raise EngineError(
                     f"--strength {start_image.strength:g} with {steps} steps runs no step; raise --strength or --steps"

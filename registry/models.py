@@ -50,6 +50,9 @@ class Model:
     scheduler: dict
     guidance_embedded: bool = False
     parts: dict = field(default_factory=dict)
+    # how image-to-image counts the steps that run, when the model's sampler differs from its family's: LCM's
+    # scheduler takes strength into its own schedule and runs every step ("all")
+    strength_steps: str | None = None
 
     @property
     def few_step(self) -> bool:

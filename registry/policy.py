@@ -47,8 +47,9 @@ def plural(n: int) -> str:
 
 def steps_run(steps: int, strength: float | None, rounding: str = "floor") -> int:
     """How many steps image-to-image runs, in the float arithmetic of diffusers' ``get_timesteps``:
-    SD/SDXL ("floor") int(steps x strength); SD3/FLUX ("ceil") steps - int(steps - steps x strength)."""
-    if strength is None:
+    SD/SDXL ("floor") int(steps x strength); SD3/FLUX ("ceil") steps - int(steps - steps x strength); LCM
+    ("all") every step, from a schedule its scheduler starts lower."""
+    if strength is None or rounding == "all":
         return steps
     if rounding == "ceil":
         return steps - int(max(steps - min(steps * strength, steps), 0))

@@ -33,6 +33,9 @@ class Scheduler:
     """
 
     name: ClassVar[str] = "Scheduler"
+    #: img2img's strength goes into set_timesteps (LCM builds a lower-starting schedule) instead of the
+    #: pipeline starting part-way through the full one
+    strength_in_schedule: ClassVar[bool] = False
     #: the sampler's name in AUTOMATIC1111's convention, which PNG readers (A1111, ComfyUI, Civitai) show
     sampler_name: ClassVar[str] = "Scheduler"
     order: ClassVar[int] = 1

@@ -17,6 +17,7 @@ SIGMA_DATA = 0.5
 class LCMScheduler(AlphaProductMixin, Scheduler):
     name = "LCMScheduler"
     sampler_name = "LCM"
+    strength_in_schedule = True
     order = 1
     defaults = {
         "num_train_timesteps": 1000,

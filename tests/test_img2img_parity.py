@@ -200,6 +200,10 @@ IMG2IMG = [
     # SDXL Turbo: Euler Ancestral draws at every step, after the init draws (trailing [999, 499] → [499])
     Case("sdxl-turbo-2steps-0.5-64x64", "StableDiffusionXLImg2ImgPipeline", "sdxl", "sdxl-turbo", 2, 0.0, 0.5,
          (64, 64), (64, 64), (64, 64), ("vae", "pipeline", "scheduler")),
+    # LCM: the scheduler takes strength into its own schedule (every step runs, from a lower start); its per-step
+    # noise draws come after the init draws
+    Case("lcm-4steps-0.5-64x64", "LatentConsistencyModelImg2ImgPipeline", "lcm", "lcm", 4, 8.0, 0.5,
+         (64, 64), (64, 64), (64, 64), ("vae", "pipeline", "scheduler", "scheduler", "scheduler")),
     # SD3 and FLUX: flow matching, scale_noise, t_start = int(N - N*strength) (not SD's int(N*strength))
     Case("sd3-4steps-0.6-64x48", "StableDiffusion3Img2ImgPipeline", "sd3", "sd3-medium", 4, 7.0, 0.6,
          (64, 48), (64, 48), (64, 48), ("vae", "pipeline")),
@@ -264,7 +268,11 @@ def reference(case: Case, monkeypatch, seed: int = SEED, invert: bool = False) -
         num_inference_steps=case.steps, guidance_scale=case.guidance, strength=case.strength, **text_kwargs(case.name)
     )
     width, height = case.out_size
-    if case.pipeline_class in ("StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"):
+    if case.pipeline_class in (
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "LatentConsistencyModelImg2ImgPipeline",
+    ):
         # these take no width/height: they use the picture's size, rounded down. A size asked for is a resize
         # of the picture first, with the pipeline's own processor (what its width/height would do)
         if case.size is not None and image.size != case.size:

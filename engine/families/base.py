@@ -78,8 +78,8 @@ class Architecture:
         return latents
 
     # --- schedule
-    def set_timesteps(self, scheduler, steps: int, width: int, height: int) -> None:
-        scheduler.set_timesteps(steps)
+    def set_timesteps(self, scheduler, steps: int, width: int, height: int, **options) -> None:
+        scheduler.set_timesteps(steps, **options)
 
     def prepare(self, cond: dict, width: int, height: int, guidance: float) -> dict:
         """Per-generation inputs that do not change across steps (ids, time ids, guidance embeddings)."""
