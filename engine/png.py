@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from registry.files import atomic_write
+
 
 def parameters_text(p: dict) -> str:
     lines = [p["prompt"]]
@@ -30,14 +32,18 @@ def parameters_text(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _text(value: str) -> str:
+    """PNG tEXt is Latin-1 without NUL; Pillow stores other text as iTXt, and a NUL would end the chunk."""
+    return value.replace("\x00", "")
+
+
 def save_png(result, path, extra: dict | None = None) -> Path:
     params = {**result.parameters, **(extra or {})}
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text(params))
+    info.add_text("parameters", _text(parameters_text(params)))
     for key, value in params.items():
-        info.add_text(key, "" if value is None else str(value))
+        info.add_text(key, _text("" if value is None else str(value)))
     info.add_text("Software", "Stepwise")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.image).save(path, pnginfo=info)
-    return path
+    # a kill or a full disk mid-write leaves the PNG already at that path intact
+    image = Image.fromarray(result.image)
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))

@@ -6,10 +6,9 @@ The plan printed before sampling uses them for its estimate: time = steps x time
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .files import atomic_write_text
 from .home import stepwise_home
 
 
@@ -28,18 +27,26 @@ def load() -> dict:
         return {}
 
 
-def step_seconds(model: str, width: int, height: int, threads: int | None) -> float | None:
+PARTS = ("load_ms", "text_encoder_ms", "vae_encode_ms", "vae_decode_ms")  # what a run costs besides its steps
+
+
+def measured(model: str, width: int, height: int, threads: int | None) -> dict | None:
+    """The last run's ``median_step_ms`` and the parts around the steps (``PARTS``, where recorded)."""
     entry = load().get(key(model, width, height, threads))
+    return entry if isinstance(entry, dict) and "median_step_ms" in entry else None
+
+
+def step_seconds(model: str, width: int, height: int, threads: int | None) -> float | None:
+    entry = measured(model, width, height, threads)
     return None if entry is None else entry["median_step_ms"] / 1000.0
 
 
-def record(model: str, width: int, height: int, threads: int | None, median_step_ms: float) -> None:
-    """Store the latest median; written atomically so two runs never leave half a file."""
+def record(
+    model: str, width: int, height: int, threads: int | None, median_step_ms: float, parts: dict | None = None
+) -> None:
+    """Store the latest median and parts; written atomically so two runs never leave half a file."""
     data = load()
-    data[key(model, width, height, threads)] = {"median_step_ms": round(median_step_ms, 3)}
-    path = timings_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".timings.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    entry = {"median_step_ms": round(median_step_ms, 3)}
+    entry.update({name: round(float(parts[name]), 3) for name in PARTS if parts and parts.get(name) is not None})
+    data[key(model, width, height, threads)] = entry
+    atomic_write_text(timings_path(), json.dumps(data, indent=2, sort_keys=True))
