@@ -17,6 +17,7 @@ import registry
 import schedulers
 from registry import manifest as manifest_format
 from registry import policy
+from registry.verify import verify
 
 from . import img2img, sampling
 from .errors import EngineError
@@ -51,6 +52,7 @@ class Pipeline:
     ):
         self.folder = Path(folder)
         self.manifest = manifest_format.read(self.folder)
+        verify(self.manifest)  # a corrupted graph of the right size is refused, not run
         family = self.manifest.family
         if family not in ARCHITECTURES:
             raise EngineError(f"{self.folder} holds a {family} model, which has no Stepwise engine yet")
@@ -79,7 +81,7 @@ class Pipeline:
             tok = name.replace("text_encoder", "tokenizer")
             self.tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok))
         self.vae = Vae(self.manifest.config)
-        self.scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
+        self.scheduler_config = _scheduler_config(self.folder)
 
     @property
     def family(self):
@@ -111,6 +113,8 @@ class Pipeline:
         if latents is None:
             return rng.standard_normal(shape, dtype=np.float32)
         latents = np.asarray(latents, dtype=np.float32)
+        if not np.isfinite(latents).all():
+            raise EngineError("--latents holds NaN or infinite values; save standard-normal noise")
         if latents.shape != shape:
             h, w = shape[2] * self.architecture.vae_scale_factor, shape[3] * self.architecture.vae_scale_factor
             raise EngineError(
@@ -118,6 +122,19 @@ class Pipeline:
                 f"save standard-normal noise of that shape"
             )
         return latents
+
+    def _finite_check(self):
+        """A step whose latents hold NaN/Inf ends the run there, naming the step, never a black PNG."""
+        denoiser = self.architecture.denoiser_component
+
+        def check(step: sampling.Step) -> None:
+            if not np.isfinite(step.latents).all():
+                raise EngineError(
+                    f"step {step.index + 1} of {step.total}: the {denoiser}'s output made the latents NaN or infinite "
+                    f"(a broken export, or a guidance scale too large); export the model again or lower --guidance"
+                )
+
+        return check
 
     def _phase(self, name: str, prof: Profiler):
         return self.sessions.phase(self.phases[name], on_load=lambda ms: prof.add("phase_load", ms))
@@ -158,7 +175,9 @@ class Pipeline:
             raise EngineError("say the image size: width and height")
         sched = self.make_scheduler(scheduler)
         rng = np.random.default_rng(seed)
+        bar = StepBar(steps, show_progress)
 
+        bar.phase("encoding the prompt")
         cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
         if start_image is not None and sched.strength_in_schedule:  # LCM: strength shapes the schedule itself
             arch.set_timesteps(sched, steps, width, height, strength=start_image.strength)
@@ -180,21 +199,25 @@ class Pipeline:
                     f"--strength {start_image.strength:g} with {steps} steps runs no step; raise --strength or --steps"
                 )
             start = sampling.schedule_start(sched, steps, run)
+            bar.phase("encoding the image")
             with self._phase("image", prof) as graphs, prof.section("vae_encode"):  # noqa: SIM117
                 x, cond, after_step = start_image.prepare(
                     self, graphs["vae_encoder"], sched, start, cond, guidance, latents, rng
                 )
         extra = arch.prepare(cond, width, height, guidance)
 
-        bar = StepBar(len(sched.timesteps) - start, show_progress)
-        watch = sampling.callbacks(prof.on_step, bar.on_step, callback)
+        bar.phase("loading the denoiser")
+        watch = sampling.callbacks(self._finite_check(), prof.on_step, bar.on_step, callback)
         with self._phase("denoise", prof) as graphs:
+            bar.begin_steps(len(sched.timesteps) - start)
             denoise = arch.denoiser(graphs[arch.denoiser_component], cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)
             del denoise  # holds the session: released with the phase
         final = arch.unpack(sampled.latents, width, height)
+        bar.phase("decoding")
         with self._phase("decode", prof) as graphs, prof.section("vae_decode"):
-            picture = self.vae.decode(graphs["vae_decoder"], final)
+            picture = self.vae.decode(graphs["vae_decoder"], final)  # raises on NaN/Inf pixels
+        bar.clear()
         parameters = {
             "prompt": prompt,
             "negative_prompt": negative_prompt,
@@ -211,6 +234,17 @@ class Pipeline:
             parameters["strength"] = start_image.strength
             parameters["steps_run"] = sampled.steps_run
         return Result(picture, final, parameters, prof.result(), warnings)
+
+
+def _scheduler_config(folder: Path) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{path} cannot be read ({exc}); export the model again") from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise EngineError(f"{path} names no scheduler class; export the model again")
+    return config
 
 
 def load_pipeline(

@@ -80,23 +80,38 @@ def format_profile(p: dict) -> str:
 
 
 class StepBar:
-    """A one-line progress bar on stderr for the step loop (only when stderr is a terminal)."""
+    """A one-line progress display on stderr (only when stderr is a terminal): the phase at once (loading,
+    encoding, denoising, decoding), then each step with its time and the ETA of the steps left."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+        self.total, self.enabled = total, enabled
+        self.start = time.perf_counter()
+
+    def _write(self, text: str, end: str = "") -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K  {text}{end}")
+            sys.stderr.flush()
+
+    def phase(self, name: str) -> None:
+        self._write(f"{name} …")
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def begin_steps(self, total: int) -> None:
+        self.total, self.start = total, time.perf_counter()
+        self._write(f"[{'.' * 30}] step 0/{total}")
 
     def on_step(self, step) -> None:
         """The sampling callback (engine/sampling.py)."""
         self.update(step.index + 1)
 
     def update(self, done: int):
-        if not self.enabled:
-            return
         width = 30
         filled = int(width * done / self.total)
-        elapsed = time.perf_counter() - self.start
-        per = elapsed / done if done else 0.0
-        sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] step {done}/{self.total} {per:.2f} s/step")
-        if done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        per = (time.perf_counter() - self.start) / done if done else 0.0
+        eta = per * (self.total - done)
+        text = f"[{'#' * filled}{'.' * (width - filled)}] step {done}/{self.total} {per:.2f} s/step"
+        self._write(text + (f", ~{eta:.0f} s left" if done < self.total else ""), "\n" if done == self.total else "")

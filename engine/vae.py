@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import EngineError
 from .images import sample_latent_distribution
 
 
@@ -18,6 +19,8 @@ class Vae:
         """(1, C, h, w) latents → (H, W, 3) uint8, as diffusers' VaeImageProcessor.postprocess(output_type="pil")."""
         scaled = latents / self.scaling_factor + self.shift_factor
         image = graph(latent_sample=scaled.astype(np.float32))["sample"][0]
+        if not np.isfinite(image).all():
+            raise EngineError("the VAE decoder's output is NaN or infinite; export the model again")
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8)
 

@@ -78,8 +78,7 @@ def read(folder: str | Path, *, check_files: bool = True) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); export the model again") from None
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{path} has format {data.get('format')!r}, expected {FORMAT}; export the model again")
+    _validate(data, path)
     manifest = Manifest(folder, data)
     if check_files:
         for name, entry in manifest.components.items():
@@ -87,6 +86,36 @@ def read(folder: str | Path, *, check_files: bool = True) -> Manifest:
             if entry.get("data_path"):  # weights over 2 GB live beside the graph
                 _check_file(folder / entry["data_path"], entry.get("data_bytes"), name)
     return manifest
+
+
+def _validate(data, path: Path) -> None:
+    """Field by field, so a damaged or hand-edited manifest is a one-line error, not a KeyError later."""
+    from .models import families
+
+    again = "export the model again"
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} holds a {type(data).__name__}, not a manifest object; {again}")
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{path} has format {data.get('format')!r}, expected {FORMAT}; {again}")
+    family = data.get("family")
+    if not isinstance(family, str) or not family:
+        raise ManifestError(f"{path} names no model family; {again}")
+    if family not in families():
+        known = ", ".join(families())
+        raise ManifestError(f"{path} has family {family!r}, which Stepwise does not know ({known}); {again}")
+    components = data.get("components")
+    if not isinstance(components, dict) or not components:
+        raise ManifestError(f"{path} lists no components; {again}")
+    for name, entry in components.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ManifestError(f"{path}: component {name!r} has no graph path; {again}")
+        for field in ("bytes", "data_bytes"):
+            if entry.get(field) is not None and not isinstance(entry[field], int):
+                raise ManifestError(f"{path}: component {name!r} has a non-integer {field}; {again}")
+        if Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
+            raise ManifestError(f"{path}: component {name!r} points outside the export; {again}")
+    if not isinstance(data.get("config", {}), dict):
+        raise ManifestError(f"{path}: config is not an object; {again}")
 
 
 def _check_file(file: Path, expected_bytes: int | None, name: str) -> None:
