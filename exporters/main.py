@@ -8,9 +8,11 @@ failure, interrupt included, removes the temporary folder: a folder at the final
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -135,7 +137,12 @@ def export(
                 say("calibrating: decoding the sampled latents")
                 rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    reclaimed = reclaim_leftovers(final.parent)
+    if reclaimed:
+        count, size = reclaimed
+        say(f"removed {count} folder(s) left by killed exports ({size / 2**20:,.0f} MB reclaimed)")
+    # the owner's PID is in the name, so a later export can tell a killed one's folder from a running one's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         _write_static(pipeline, src, tmp, scheduler)
         try:
@@ -245,9 +252,8 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
         except ExportError:
             raise
         except Exception as exc:
-            raise ExportError(
-                f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); {_other_exporter(backend)}"
-            ) from exc
+            advice = _disk_advice(exc, folder) or _other_exporter(backend)
+            raise ExportError(f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); {advice}") from exc
         # free the PyTorch module before onnxruntime loads the graph
         backend.release(name)
         del component
@@ -283,6 +289,18 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
             entry["data_sha256"] = manifest_io.sha256_of(data)
         entries[name] = entry
     return entries
+
+
+def _disk_advice(exc: BaseException, folder: Path) -> str | None:
+    """A full disk anywhere in the chain of causes gets disk advice, not advice about exporters."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            free = shutil.disk_usage(folder).free / 2**30 if folder.exists() else 0.0
+            where = folder.parent
+            return f"the disk is full ({free:.1f} GB free in {where}): free space, or export elsewhere with --out"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _other_exporter(backend) -> str:
@@ -511,11 +529,42 @@ def _check_destination(final: Path) -> None:
     )
 
 
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-(\d+)-[^/]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def reclaim_leftovers(folder: Path) -> tuple[int, int] | None:
+    """Remove the temporary folders of exports whose process is gone (SIGKILL, the OOM killer, a crash):
+    ``.NAME.tmp-PID-XXXX`` and ``.NAME.old-PID-XXXX``. Returns (count, bytes) when anything was removed."""
+    count = size = 0
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return None
+    for child in children:
+        match = _LEFTOVER.match(child.name)
+        if not match or not child.is_dir() or _alive(int(match.group(2))):
+            continue
+        size += sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+        shutil.rmtree(child, ignore_errors=True)
+        count += 1
+    return (count, size) if count else None
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.rename(tmp, final)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
     os.rmdir(old)
     os.rename(final, old)
     try:
