@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ import click
 
 import registry
 from registry import policy, timings
+from registry.files import OutputError, atomic_write_text, check_output
 from registry.manifest import ManifestError
 from registry.policy import InputError
 
-DEMO_MODEL = "sdxl-turbo"
+DEMO_MODEL = "sdxl-turbo"  # whose step policy the demo follows
+DEMO_FOLDER = "demo-sdxl-turbo"  # its own folder in the models home: never a real model's id
 DEMO_SOURCE = "tiny:sdxl"
 
 
@@ -63,6 +66,18 @@ class Target:
         return text if vae == "fp32" else f"{text}, {vae} VAE"
 
     @property
+    def random_weights(self) -> bool:
+        """An export of randomly initialised weights (tiny:/random: builds): said in the plan and the PNG."""
+        if self.folder is None:
+            return False
+        from registry import manifest
+
+        try:
+            return bool(manifest.read(self.folder, check_files=False).data.get("random_weights"))
+        except ManifestError:
+            return False
+
+    @property
     def native_size(self) -> tuple[int, int] | None:
         """The export's own default size (sample_size x VAE factor), e.g. 64x64 for a tiny stand-in."""
         if self.folder is None:
@@ -76,16 +91,22 @@ class Target:
         return (int(size), int(size)) if size else None
 
 
+def looks_like_path(spec: str) -> bool:
+    """A folder is named as a path (a separator, or a leading "."); a bare name is a registry id or menu number."""
+    return os.sep in spec or "/" in spec or spec.startswith(".") or spec.startswith("~")
+
+
 def resolve_model(spec: str) -> Target:
-    looks_like_path = os.sep in spec or spec.startswith(".") or Path(spec).is_dir()
-    model = None if looks_like_path else registry.find(spec)
-    if model is not None:
-        return Target(model, registry.family(model.family), registry.exported_path(model.id), model.id)
-    if not looks_like_path:
+    if not looks_like_path(spec):
+        model = registry.find(spec)
+        if model is not None:  # a registry id always means the registry model, whatever folders are around
+            return Target(model, registry.family(model.family), registry.exported_path(model.id), model.id)
         ids = ", ".join(m.id for m in registry.all_models())
-        _fail(f"unknown model {spec!r}; use a registry id ({ids}) or an exported folder", 2)
+        folder = f"; to use the folder {spec}, pass ./{spec}" if Path(spec).is_dir() else ""
+        _fail(f"unknown model {spec!r}; use a registry id ({ids}) or an exported folder{folder}", 2)
     from registry import manifest
 
+    spec = str(Path(spec).expanduser())
     try:
         found = manifest.read(spec)
     except ManifestError as exc:
@@ -100,15 +121,26 @@ def resolve_model(spec: str) -> Target:
 
 
 def _estimate(target: Target, steps: int, width: int, height: int, threads: int | None) -> str:
-    per_step = timings.step_seconds(target.label, width, height, threads)
-    if per_step is None:
+    entry = timings.measured(target.label, width, height, threads)
+    if entry is None:
         return "no per-step time measured yet for this model and size on this machine (run with --profile)"
-    return f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s (measured on this machine)"
+    per_step = entry["median_step_ms"] / 1000
+    text = f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s"
+    around = {name: entry[name] / 1000 for name in timings.PARTS if name in entry}
+    if around:  # load, prompt and decode as measured last time: the whole run, not the steps alone
+        total = steps * per_step + sum(around.values())
+        parts = ", ".join(f"{label} {around[name]:.1f} s" for name, label in (
+            ("load_ms", "load"), ("text_encoder_ms", "prompt"), ("vae_encode_ms", "image"), ("vae_decode_ms", "decode"),
+        ) if around.get(name))  # fmt: skip
+        text += f"; with {parts}: ≈ {total:.1f} s in all"
+    return text + " (measured on this machine)"
 
 
 def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads, start=None) -> None:
     m = target.model
     where = f"{target.folder} ({target.weights})" if target.folder else "not exported"
+    if target.random_weights:
+        where += " — RANDOM weights (a tiny or benchmark build): the image will be noise-like"
     note = (
         "default" if decision.default else ("recommended" if decision.verdict == policy.OK else "outside recommended")
     )
@@ -135,6 +167,8 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
 
 def not_exported_message(target: Target) -> str:
     m, fam = target.model, target.family
+    if Path(m.id).is_dir():  # a folder named like the id is not the model: a path must say so
+        return f"{m.name} is not exported; to use the folder ./{m.id} instead, pass --model ./{m.id}"
     if not fam.exportable:
         return (
             f"{m.name} ({fam.name} family) has no Stepwise engine yet: it cannot be exported or run; "
@@ -169,21 +203,34 @@ def _ask(prompt: str) -> str:
     return line.strip()
 
 
+def _menu_state(m: registry.Model) -> str:
+    if not registry.family(m.family).exportable:
+        return "no engine yet"
+    return "exported" if registry.exported_path(m.id) else "not exported"
+
+
 def ask_model() -> registry.Model:
+    """The menu, as the steps guide shows it; Enter takes the default (SDXL Turbo, item 1). A model that is not
+    exported or has no engine is said so now, before the prompt and steps are asked (the dialogue still shows
+    its step policy and plan; generating then stops with what to run)."""
     models = registry.all_models()
+    default = registry.get(DEMO_MODEL)
     click.echo("Models:")
     for m in models:
-        state = "exported" if registry.exported_path(m.id) else "not exported"
         click.echo(
             f"  [{m.menu:>2}] {m.name:<28} {policy.plural(m.default_steps):>9} "
-            f"(recommended {policy.step_range(m)})  {state}"
+            f"(recommended {policy.step_range(m)})  {_menu_state(m)}"
         )
     while True:
-        answer = _ask(f"Select model [1-{len(models)}]: ")
-        model = registry.find(answer)
-        if model is not None:
-            return model
-        click.echo(f"  '{answer}' is not on the list: type a number from 1 to {len(models)}")
+        answer = _ask(f"Select model [1-{len(models)}, Enter = {default.menu}]: ")
+        model = registry.find(answer) if answer else default
+        if model is None:
+            click.echo(f"  '{answer}' is not on the list: type a number from 1 to {len(models)}")
+            continue
+        if _menu_state(model) != "exported":
+            target = Target(model, registry.family(model.family), None, model.id)
+            click.echo(f"  note: {not_exported_message(target)}")
+        return model
 
 
 def ask_prompt() -> str:
@@ -246,6 +293,7 @@ def models_cmd(as_json):
         folder = registry.exported_path(m.id)
         row["exportable"] = registry.family(m.family).exportable
         row["exported"] = str(folder) if folder else None
+        row["random_weights"] = bool(folder) and Target(m, registry.family(m.family), folder, m.id).random_weights
         rows.append(row)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -260,6 +308,8 @@ def models_cmd(as_json):
         lo, hi = r["recommended_steps"]
         guidance = f"{r['guidance']:g}" if (r["cfg"] or r["guidance_embedded"]) else "-"
         state = r["exported"] or ("no" if r["exportable"] else "no engine yet")
+        if r["random_weights"]:
+            state += " (RANDOM weights)"
         click.echo(
             f"{r['menu']:>2}  {r['id']:<15} {r['family']:<12} {r['default_steps']:>7} {f'{lo}-{hi}':>8} "
             f"{str(r['min_steps']) + '-' + str(r['max_useful_steps']):>8}  {guidance:>5}  "
@@ -300,14 +350,18 @@ def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weight
     """
     if model_id is not None and registry.find(model_id) is None:
         _fail(f"unknown model {model_id!r}; see `stepwise models` for the ids", 2)
+    if model_id is not None:
+        fam = registry.family(registry.get(model_id).family)
+        if not fam.exportable:  # said before anything is downloaded or imported
+            name = registry.get(model_id).name
+            _fail(f"{name} has no Stepwise engine yet: it cannot be exported; see `stepwise models`", 2)
     if source is None:
         if model_id is None:
             _fail("say what to export: a hub repo id, a diffusers folder, tiny:<family>, or --model ID", 2)
         source = registry.get(model_id).hub_id
-    try:
-        import exporters
-    except ImportError as exc:
-        _fail(f"exporting needs the export extra ({exc.name} is missing): pip install -e '.[export]'", 2)
+    _require_export_extra()
+    import exporters
+
     try:
         folder = exporters.export(
             source,
@@ -325,6 +379,18 @@ def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weight
     except exporters.ExportError as exc:
         _fail(str(exc), 2)
     click.echo(f"exported to {folder}")
+
+
+EXPORT_PACKAGES = ("torch", "diffusers", "transformers", "onnx")
+
+
+def _require_export_extra(what: str = "exporting") -> None:
+    """The runtime install has no torch: say which extra to install instead of a ModuleNotFoundError."""
+    import importlib.util
+
+    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        _fail(f"{what} needs the export extra ({', '.join(missing)} missing): pip install -e '.[export]'", 2)
 
 
 def _run_generation(
@@ -349,18 +415,15 @@ def _run_generation(
 ):
     import engine
 
-    latents = None
-    if latents_file is not None:
-        import numpy as np
-
-        try:
-            latents = np.load(latents_file)
-        except (OSError, ValueError) as exc:
-            _fail(f"--latents {latents_file}: cannot read it as a .npy array ({exc})", 2)
+    latents = _read_latents(latents_file) if latents_file is not None else None
+    if sys.stderr.isatty():  # the progress display starts at once: loading a big model takes a while
+        click.echo("  loading the model …", err=True, nl=False)
     try:
         pipe = engine.load_pipeline(
             target.folder, threads=threads, skip=skip, policy=engine.PHASED if low_memory else None
         )
+        if sys.stderr.isatty():
+            click.echo("\r\033[K", err=True, nl=False)
         click.echo(f"Memory:   {pipe.memory.policy}, ~{pipe.memory.need_mb:,.0f} MB ({pipe.memory.reason})")
         result = pipe.generate(
             prompt=prompt,
@@ -381,15 +444,43 @@ def _run_generation(
         _fail(str(exc), 2)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    path = engine.save_png(result, out)
+    extra = {"weights": "random"} if target.random_weights else None
+    try:
+        path = engine.save_png(result, out, extra)
+    except OSError as exc:  # checked before loading; a disk that filled meanwhile still loses nothing
+        _fail(f"--out {out}: the image could not be written ({exc.strerror or exc}); free space or write elsewhere")
     click.echo(f"saved {path}")
     prof = result.profile
-    timings.record(target.label, width, height, threads, prof["median_step_ms"])
+    try:
+        timings.record(target.label, width, height, threads, prof["median_step_ms"], prof)
+    except OSError as exc:  # the image is saved: a timings file that cannot be written is not a failure
+        click.echo(
+            f"warning: the step time was not recorded in {timings.timings_path()} ({exc.strerror or exc})", err=True
+        )
     if profile:
         click.echo(engine.format_profile(prof))
     if profile_json:
-        Path(profile_json).write_text(json.dumps(prof, indent=2) + "\n")
+        try:
+            atomic_write_text(profile_json, json.dumps(prof, indent=2) + "\n")
+        except OSError as exc:
+            _fail(f"--profile-json {profile_json}: not written ({exc.strerror or exc}); the image was saved to {path}")
         click.echo(f"profile written to {profile_json}")
+
+
+def _read_latents(latents_file):
+    """A .npy array of finite numbers (never a pickle), or a one-line error."""
+    import numpy as np
+
+    try:
+        latents = np.load(latents_file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        _fail(f"--latents {latents_file}: not a .npy array ({reason}); save it with numpy.save", 2)
+    if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.number):
+        _fail(f"--latents {latents_file}: not a single numeric .npy array (an .npz?); save one with numpy.save", 2)
+    if not np.isfinite(latents).all():
+        _fail(f"--latents {latents_file} holds NaN or infinite values; save standard-normal noise", 2)
+    return latents
 
 
 @main_group.command("generate")
@@ -482,6 +573,12 @@ def generate(
         _fail(str(exc), 2)
     if decision.refused and not force:
         _fail(f"refused: {decision.advice}", 2)
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        click.echo(
+            f"warning: --threads {threads} is more than this machine's {cores} logical cores; using {cores}", err=True
+        )
+        threads = cores
     if decision.verdict != policy.OK and not interactive:
         click.echo(f"warning: {decision.advice}", err=True)
     if seed is None:
@@ -490,6 +587,12 @@ def generate(
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
+    try:  # checked before loading: nothing is computed for a result that cannot be saved
+        check_output(out, option="--out", suffixes=(".png",), need_bytes=width * height * 3 + 2**16)
+        if profile_json is not None:
+            check_output(profile_json, option="--profile-json", suffixes=(".json",), need_bytes=2**16)
+    except OutputError as exc:
+        _fail(str(exc), 2)
     _run_generation(
         target,
         prompt=prompt,
@@ -551,6 +654,26 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
     return StartImage(image, mask, strength, (w, h))
 
 
+@main_group.command("verify")
+@click.argument("model_spec", metavar="MODEL")
+def verify_cmd(model_spec):
+    """Check every graph and weight file of an export against the sha256 its manifest recorded."""
+    from registry import manifest
+    from registry.verify import recorded_files, verify
+
+    target = resolve_model(model_spec)
+    if target.folder is None:
+        _fail(not_exported_message(target), 1)
+    try:
+        found = manifest.read(target.folder)
+        hashed = verify(found, force=True, progress=lambda line: click.echo(f"  {line}", err=True))
+    except ManifestError as exc:
+        _fail(str(exc), 1)
+    unhashed = len(recorded_files(found)) - len(hashed)
+    note = f" ({unhashed} without a recorded hash: size checked only)" if unhashed else ""
+    click.echo(f"{target.folder}: {len(hashed)} files match their recorded sha256{note}")
+
+
 @main_group.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("stepwise-demo.png"), show_default=True)
 def demo(out):
@@ -560,11 +683,15 @@ def demo(out):
     the step loop, VAE, PNG, profile) in under a minute on a fresh clone.
     """
     ctx = click.get_current_context()
-    if registry.exported_path(DEMO_MODEL) is None:
-        click.echo(f"no exported {DEMO_MODEL}: building a tiny random-weight stand-in ({DEMO_SOURCE}) …")
-        ctx.invoke(export_cmd, source=DEMO_SOURCE, model_id=DEMO_MODEL)
+    folder = registry.models_home() / DEMO_FOLDER
+    if not (folder / registry.MANIFEST).is_file():
+        _require_export_extra("the demo builds its model, which")
+        click.echo(
+            f"no demo model yet: building a tiny random-weight SDXL Turbo stand-in ({DEMO_SOURCE}) in {folder} …"
+        )
+        ctx.invoke(export_cmd, source=DEMO_SOURCE, model_id=DEMO_MODEL, out=folder)
     ctx.invoke(
-        generate, prompt="a red apple", model_spec=DEMO_MODEL, seed=0, width=128, height=128, out=out, profile=True
+        generate, prompt="a red apple", model_spec=str(folder), seed=0, width=128, height=128, out=out, profile=True
     )
     click.echo("(random weights: the image shows the pipeline works, not what a real model draws)")
 
@@ -573,7 +700,14 @@ def _register_bench() -> None:
     """`stepwise bench` lives in bench/ (a benchmark, not the product); it needs the export extra."""
     try:
         from bench.cli import bench_cmd
-    except ImportError:
+    except ImportError as exc:
+        missing = exc.name
+
+        @main_group.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        def bench_unavailable():
+            """Time the engine against PyTorch and OpenVINO (needs the bench extra)."""
+            _fail(f"bench needs the bench extra ({missing} is missing): pip install -e '.[bench]'", 2)
+
         return
     main_group.add_command(bench_cmd)
 
@@ -581,7 +715,12 @@ def _register_bench() -> None:
 _register_bench()
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: temporary folders go, nothing half-written stays
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main_group.main(args=argv, prog_name="stepwise", standalone_mode=False)
     except Failure as exc:

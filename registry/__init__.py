@@ -3,10 +3,11 @@
 Imported by the engine, the exporters and the CLI alike; depends on nothing heavier than the stdlib.
 """
 
-from .home import exported_path, models_home, stepwise_home
+from .home import MANIFEST, exported_path, models_home, stepwise_home
 from .models import Family, Model, all_models, families, family, find, get
 
 __all__ = [
+    "MANIFEST",
     "Family",
     "Model",
     "all_models",

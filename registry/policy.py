@@ -124,6 +124,10 @@ def check_guidance(model: Model, guidance: float | None) -> float:
     """The guidance to use: the model's default, or a user value that makes sense for the model."""
     if guidance is None:
         return model.guidance
+    if not math.isfinite(guidance):
+        raise InputError(
+            f"--guidance must be a finite number (got {guidance}); {model.name} defaults to {model.guidance}"
+        )
     if guidance < 0:
         raise InputError(f"--guidance must be 0 or more (got {guidance}); {model.name} defaults to {model.guidance}")
     if not model.uses_guidance and guidance not in (0.0, 1.0):

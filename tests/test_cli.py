@@ -155,8 +155,10 @@ def test_estimate_uses_measured_step_time(tmp_path):
 
 
 def test_interactive_enter_takes_the_default(tmp_path):
-    out, _ = run([], tmp_path, stdin="1\na cat\n\n")
-    assert "Select model [1-12]:" in out.stdout
+    out, _ = run([], tmp_path, stdin="\na cat\n\n")  # Enter at the menu: SDXL Turbo, as the guide shows
+    assert "Select model [1-12, Enter = 1]:" in out.stdout
+    # said before the prompt is asked, not found out after the dialogue
+    assert out.stdout.index("note: SDXL Turbo is not exported") < out.stdout.index("Enter prompt:")
     assert "Enter prompt:" in out.stdout
     assert "Number of steps [default, or enter number]:" in out.stdout
     assert "→ 1 step (optimal for SDXL Turbo) ✅" in out.stdout
