@@ -727,7 +727,7 @@ def main(argv=None):
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.code)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        click.echo("interrupted", err=True)  # Ctrl-C or SIGTERM (click turns KeyboardInterrupt into Abort)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

@@ -65,10 +65,13 @@ def test_export_errors_are_one_line(tmp_path, args, needle):
 
 
 def test_demo_uses_an_existing_export(tmp_path, exported_tiny):
+    """The demo's model lives in its own folder (never over the real sdxl-turbo id) and is built once."""
     (tmp_path / "models").mkdir()
-    shutil.copytree(exported_tiny("sdxl", model_id="sdxl-turbo"), tmp_path / "models" / "sdxl-turbo")
+    shutil.copytree(exported_tiny("sdxl", model_id="sdxl-turbo"), tmp_path / "models" / "demo-sdxl-turbo")
     out = stepwise(tmp_path, "demo")
     assert out.returncode == 0, out.stderr
-    assert "building a tiny" not in out.stdout
+    assert "building a tiny" not in out.stdout and "RANDOM weights" in out.stdout
+    models = json.loads(stepwise(tmp_path, "models", "--json").stdout)
+    assert next(m for m in models if m["id"] == "sdxl-turbo")["exported"] is None  # the real id stays free
     assert "saved stepwise-demo.png" in out.stdout and "median per step" in out.stdout
     assert (tmp_path / "stepwise-demo.png").is_file()
