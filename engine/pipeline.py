@@ -105,9 +105,17 @@ class Pipeline:
         if name:
             config["_class_name"] = name
         try:
-            return schedulers.from_config(config)
+            sched = schedulers.from_config(config)
+            native = schedulers.from_config(self.scheduler_config)
         except ValueError as exc:
             raise EngineError(f"--scheduler {name}: {exc}") from None
+        if sched.flow != native.flow:  # a noise-prediction sampler on a flow model (or back) draws garbage
+            kind = "flow-matching" if native.flow else "noise-prediction (diffusion)"
+            raise EngineError(
+                f"--scheduler {name} does not fit {self.model_label}, a {kind} model; "
+                f"use its own {native.name} or another {kind} sampler (docs/schedulers.md)"
+            )
+        return sched
 
     def _noise(self, shape, latents: np.ndarray | None, rng) -> np.ndarray:
         if latents is None:
@@ -177,8 +185,13 @@ class Pipeline:
         rng = np.random.default_rng(seed)
         bar = StepBar(steps, show_progress)
 
+        ignored = []
+        if negative_prompt and not arch.uses_cfg(guidance):  # not used: neither run nor written into the PNG
+            ignored.append(f"--negative is ignored: {self.model_label} runs without classifier-free guidance here")
+            negative_prompt = ""
         bar.phase("encoding the prompt")
         cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
+        warnings = ignored + warnings
         if start_image is not None and sched.strength_in_schedule:  # LCM: strength shapes the schedule itself
             arch.set_timesteps(sched, steps, width, height, strength=start_image.strength)
         else:

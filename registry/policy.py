@@ -148,16 +148,17 @@ def check_size(
     height = native_h if height is None else height
     m = fam.size_multiple
     for name, value in (("width", width), ("height", height)):
-        if value % m:
-            lower = max(fam.min_size, value // m * m)
-            raise InputError(
-                f"--{name} {value} is not a multiple of {m}, which {model.name}'s architecture needs; "
-                f"use --{name} {lower} or {lower + m}"
-            )
         if not fam.min_size <= value <= fam.max_size:
             raise InputError(
                 f"--{name} {value} is outside {fam.min_size}-{fam.max_size} for {model.name}; "
                 f"its native size is {native_w}x{native_h}"
+            )
+        if value % m:
+            lower = max(fam.min_size, value // m * m)
+            upper = lower + m if lower + m <= fam.max_size else None
+            use = f"--{name} {lower}" + (f" or {upper}" if upper else "")
+            raise InputError(
+                f"--{name} {value} is not a multiple of {m}, which {model.name}'s architecture needs; use {use}"
             )
     return width, height
 

@@ -170,6 +170,12 @@ class Scheduler:
             raise TypeError(f"{self.name}: generator must be a numpy.random.Generator")
         return generator.standard_normal(tuple(shape), dtype=np.float32)
 
+    @property
+    def flow(self) -> bool:
+        """A flow-matching sampler (the model predicts velocity along a straight path): FlowMatch classes, and
+        UniPC/DPM-Solver configured with flow sigmas. A model and its sampler must agree on this."""
+        return bool(self.config.get("use_flow_sigmas")) or self.config.get("prediction_type") == "flow_prediction"
+
     def noise_sample(self, sample: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
         """The forward process at one schedule timestep, as image-to-image pipelines start: ``add_noise``
         (flow-matching schedulers override this with their ``scale_noise``)."""

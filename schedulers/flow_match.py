@@ -137,6 +137,10 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         sigma = broadcast_per_sample(sigmas[indices], sample.ndim)
         return (sigma * np.asarray(noise, dtype=dtype) + (1.0 - sigma) * sample).astype(dtype)
 
+    @property
+    def flow(self) -> bool:
+        return True
+
     def noise_sample(self, sample: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
         return self.scale_noise(sample, timestep, noise)
 

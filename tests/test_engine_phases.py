@@ -228,3 +228,14 @@ def test_architectures_hold_no_generation_state(exported_tiny):
     _generate(pipe, guidance=0.0)
     assert {k: repr(v) for k, v in vars(pipe.architecture).items()} == before
     assert set(vars(pipe)) == pipe_before
+
+
+@pytest.mark.slow
+def test_a_negative_prompt_without_guidance_is_said_and_not_recorded(exported_tiny):
+    """SDXL Turbo runs without CFG: the negative prompt changes nothing, so it is neither run nor written."""
+    pipe = engine.load_pipeline(exported_tiny("sdxl", model_id="sdxl-turbo"), threads=1)
+    plain = _generate(pipe, guidance=0.0)
+    with_negative = _generate(pipe, guidance=0.0, negative_prompt="blurry")
+    assert np.array_equal(plain.image, with_negative.image)
+    assert with_negative.parameters["negative_prompt"] == ""
+    assert any("--negative is ignored" in w for w in with_negative.warnings)

@@ -129,3 +129,12 @@ def test_every_registry_scheduler_is_known_to_the_scheduler_library():
 
     for m in registry.all_models():
         assert schedulers.from_config(m.scheduler) is not None, m.id
+
+
+def test_size_suggestions_stay_inside_the_allowed_range():
+    sd15 = registry.get("sd15")
+    fam = registry.family("sd15")
+    with pytest.raises(InputError, match="outside 64-2048"):
+        policy.check_size(sd15, fam, 100000, 512)
+    with pytest.raises(InputError, match=r"use --width 1984 or 2048$"):
+        policy.check_size(sd15, fam, 2040, 512)

@@ -278,3 +278,10 @@ def test_two_generations_on_one_export_at_once(home):
     alone = generate(home, "--width", "64", "--height", "64", out="alone.png")
     assert alone.returncode == 0
     assert np.array_equal(np.asarray(Image.open(home / "1.png")), np.asarray(Image.open(home / "alone.png")))
+
+
+def test_a_sampler_of_the_wrong_kind_is_refused(home):
+    """A flow-matching sampler on a noise-prediction UNet (or back) would draw garbage: refused."""
+    out = generate(home, "--scheduler", "FlowMatchEulerDiscreteScheduler", "--width", "64", "--height", "64")
+    one_line_error(out, 2, "a noise-prediction (diffusion) model")
+    assert not (home / "out.png").exists()
