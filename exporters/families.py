@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-# model_index.json `_class_name` -> registry family (registry/models.json "families")
-PIPELINE_FAMILIES: dict[str, str] = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionInpaintPipeline": "sd15",  # a 9-channel UNet (latents, mask, masked-image latents)
-    "StableDiffusionXLPipeline": "sdxl",
-    "LatentConsistencyModelPipeline": "sd15",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
+# model_index.json `_class_name` -> registry family: data the engine needs too, so it lives in the registry
+from registry.pipelines import PIPELINE_FAMILIES, family_of  # noqa: F401
 
 # tiny:<name> -> (registry family, the registry model whose scheduler config the tiny pipeline copies,
 #                 the diffusers pipeline class it builds)
@@ -32,7 +25,3 @@ DENOISERS = ("unet", "transformer")
 # checkpoints, fp16 variants, other frameworks' weights) is not downloaded.
 NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae")
 UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-
-
-def family_of(class_name: str | None) -> str | None:
-    return PIPELINE_FAMILIES.get(class_name or "")

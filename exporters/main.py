@@ -21,15 +21,13 @@ from pathlib import Path
 
 import registry
 from registry import manifest as manifest_io
+from registry.pipelines import T5_SEQUENCE_LENGTH
 
 from . import backends, calibrate, components, optimize, parts, quantize, sources, validate
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
 
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
-# T5 prompt length the pipelines are used with: SD3's default, FLUX-schnell's model card (256) and
-# FLUX-dev's default (512). FLUX variants are told apart by guidance embedding.
-T5_SEQUENCE_LENGTH = {"sd3": 256, "flux": 256, "flux-guidance": 512}
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
 VERSIONED = ("torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "peft")
 # A quantized denoiser is checked against PyTorch by the signal-to-noise ratio of its output along a sampling
@@ -521,6 +519,11 @@ def _check_destination(final: Path) -> None:
         return
     if not final.is_dir():
         raise ExportError(f"{final} exists and is not a folder; pass another --out")
+    if manifest_io.is_derived(final):  # someone's optimum export, which the engine loads as it is
+        raise ExportError(
+            f"{final} holds an ONNX export Stepwise did not write (its {registry.home.MANIFEST} is derived); "
+            f"pass another --out, or remove that folder first"
+        )
     if (final / registry.home.MANIFEST).is_file() or not any(final.iterdir()):
         return
     raise ExportError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,16 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def write(folder: Path, manifest: dict) -> Path:
+    """Atomically: a temporary file beside it, renamed over it (a reader sees the old manifest or the new)."""
     path = Path(folder) / MANIFEST
-    path.write_text(json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{MANIFEST}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -70,6 +80,10 @@ def read(folder: str | Path, *, check_files: bool = True) -> Manifest:
     if not folder.is_dir():
         raise ManifestError(f"{folder} is not a folder; export a model first with `stepwise export`")
     if not path.is_file():
+        if (folder / "model_index.json").is_file():  # optimum's export: the manifest is derived (registry/derive.py)
+            from . import derive
+
+            return Manifest(folder, derive.load(folder))
         raise ManifestError(
             f"{folder} has no {MANIFEST}: it is not a complete Stepwise export; "
             f"run `stepwise export SOURCE --out {folder}` again"
@@ -80,6 +94,11 @@ def read(folder: str | Path, *, check_files: bool = True) -> Manifest:
         raise ManifestError(f"{path} is not valid JSON ({exc}); export the model again") from None
     _validate(data, path)
     manifest = Manifest(folder, data)
+    if check_files and data.get("derived"):
+        from . import derive
+
+        if derive.stale(manifest):  # the graphs were replaced since the manifest was derived: derive it again
+            return Manifest(folder, derive.load(folder))
     if check_files:
         for name, entry in manifest.components.items():
             _check_file(folder / entry["path"], entry.get("bytes"), name)
@@ -116,6 +135,14 @@ def _validate(data, path: Path) -> None:
             raise ManifestError(f"{path}: component {name!r} points outside the export; {again}")
     if not isinstance(data.get("config", {}), dict):
         raise ManifestError(f"{path}: config is not an object; {again}")
+
+
+def is_derived(folder: Path) -> bool:
+    """A folder whose manifest was derived from a foreign export (registry/derive.py), not written by an export."""
+    try:
+        return bool(json.loads((Path(folder) / MANIFEST).read_text()).get("derived"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_file(file: Path, expected_bytes: int | None, name: str) -> None:
