@@ -414,7 +414,8 @@ def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
             n: int(m.config.projection_dim) for n, m in encoders.items() if type(m).__name__.endswith("Projection")
         },
         "tokenizer_max_length": {n: _max_length(t) for n, t in tokenizers.items()},
-        "max_sequence_length": T5_SEQUENCE_LENGTH.get(seq_key) if t5 else None,
+        # SD3 without T5 still pads the prompt states to the T5 window with zeros: the window is recorded anyway
+        "max_sequence_length": T5_SEQUENCE_LENGTH.get(seq_key) if t5 or family == "sd3" else None,
         "time_cond_proj_dim": getattr(dcfg, "time_cond_proj_dim", None),
         "requires_aesthetics_score": bool(pipeline.config.get("requires_aesthetics_score", False)),
         "force_zeros_for_empty_prompt": bool(pipeline.config.get("force_zeros_for_empty_prompt", False)),
