@@ -99,11 +99,17 @@ def _leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
 
 
-def test_sigkill_during_export_is_reclaimed_by_the_next_export(tmp_path):
+def _export_under_way(tmp_path):
+    """An export of tiny:sd15 to tmp_path/exports/mine that has written its first graph: (home, out, process)."""
     home, out = tmp_path / "home", tmp_path / "exports" / "mine"
     out.parent.mkdir(parents=True)
     proc = cli(home, "export", "tiny:sd15", "--out", str(out), cwd=tmp_path, wait=False)
     assert _wait_for(lambda: any((p / "text_encoder").exists() for p in _leftovers(out.parent)))
+    return home, out, proc
+
+
+def test_sigkill_during_export_is_reclaimed_by_the_next_export(tmp_path):
+    home, out, proc = _export_under_way(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(_leftovers(out.parent)) == 1 and not out.exists()  # the user's --out is untouched
@@ -114,10 +120,7 @@ def test_sigkill_during_export_is_reclaimed_by_the_next_export(tmp_path):
 
 
 def test_sigterm_during_export_leaves_nothing(tmp_path):
-    home, out = tmp_path / "home", tmp_path / "exports" / "mine"
-    out.parent.mkdir(parents=True)
-    proc = cli(home, "export", "tiny:sd15", "--out", str(out), cwd=tmp_path, wait=False)
-    assert _wait_for(lambda: any((p / "text_encoder").exists() for p in _leftovers(out.parent)))
+    _, out, proc = _export_under_way(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
