@@ -346,6 +346,7 @@ def _run_generation(
     low_memory,
     profile,
     profile_json,
+    vae_tiling=False,
 ):
     import engine
 
@@ -358,10 +359,19 @@ def _run_generation(
         except (OSError, ValueError) as exc:
             _fail(f"--latents {latents_file}: cannot read it as a .npy array ({exc})", 2)
     try:
+        tiling = True if vae_tiling else None  # None: tiles when the plan needs them
         pipe = engine.load_pipeline(
-            target.folder, threads=threads, skip=skip, policy=engine.PHASED if low_memory else None
+            target.folder,
+            threads=threads,
+            skip=skip,
+            policy=engine.PHASED if low_memory else None,
+            width=width,
+            height=height,
+            guidance=guidance,
+            image=start is not None,
+            vae_tiling=tiling,
         )
-        click.echo(f"Memory:   {pipe.memory.policy}, ~{pipe.memory.need_mb:,.0f} MB ({pipe.memory.reason})")
+        click.echo(f"Memory:   {pipe.memory.describe()}")
         result = pipe.generate(
             prompt=prompt,
             negative_prompt=negative,
@@ -376,6 +386,7 @@ def _run_generation(
             mask=start.mask if start else None,
             strength=start.strength if start else None,
             show_progress=sys.stderr.isatty(),
+            vae_tiling=tiling,
         )
     except (engine.EngineError, InputError, ManifestError) as exc:
         _fail(str(exc), 2)
@@ -429,6 +440,12 @@ def _run_generation(
     is_flag=True,
     help="Load one phase at a time (text encoders, denoiser, decoder), releasing each before the next.",
 )
+@click.option(
+    "--vae-tiling",
+    is_flag=True,
+    help="Decode (and encode) the image in overlapping tiles, as diffusers' vae.enable_tiling() [default: when it "
+    "would not fit otherwise].",
+)
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
 def generate(
@@ -450,6 +467,7 @@ def generate(
     mask_file,
     strength,
     low_memory,
+    vae_tiling,
     profile,
     profile_json,
 ):
@@ -508,6 +526,7 @@ def generate(
         low_memory=low_memory,
         profile=profile,
         profile_json=profile_json,
+        vae_tiling=vae_tiling,
     )
 
 

@@ -27,7 +27,7 @@ def vae_layout(manifest) -> dict:
     """The VAE's ``sample_size`` (diffusers' tile size), ``block_out_channels`` and whether its mid block has
     attention: from the manifest's config (exports since these fields), else from ``vae_decoder/config.json``
     (diffusers' config, written beside the graph by every export), else the real VAEs' values."""
-    config = manifest.config
+    config = getattr(manifest, "config", None) or {}
     layout = {
         "sample_size": config.get("vae_sample_size"),
         "block_out_channels": config.get("vae_block_out_channels"),
