@@ -1,6 +1,6 @@
 """The memory plan at the asked size (engine/memory.py): activations estimated from the manifest, checked
 against a measured peak; the VAE in tiles when it would not fit otherwise; a refused size names the size that
-fits.
+fits; ONNX Runtime's allocation failures as one-line errors naming the component and the fix.
 
 The estimate's constants are measured (engine/memory.py); here the tiny models check the mechanics (what grows
 with what, which option is chosen) and one fresh-process run checks the estimate against its peak.
@@ -16,14 +16,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 from PIL import Image
 
 import engine
 from engine.memory import PHASED, activation_mb, plan_memory
+from engine.session import Graph
 from registry import manifest as manifest_format
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red apple"
+# what ONNX Runtime 1.32 raises when its arena cannot grow (the message of a real failure, arena capped)
+ARENA_FAILURE = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul node. "
+    "Name:'/decoder/mid_block/attentions.0/MatMul' Status Message: /onnxruntime_src/onnxruntime/core/framework/"
+    "bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) "
+    "Available memory of 72285696 is smaller than requested bytes of 17179869184\n"
+)
+MALLOC_FAILURE = (
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+    "Status Message: bfc_arena.cc:376 Failed to allocate memory for requested buffer of size 1073741824"
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +199,59 @@ def test_image_to_image_encodes_in_tiles(sd15):
     assert not np.allclose(tiled.latents, untiled.latents, atol=1e-3)  # the start latents were encoded in tiles
 
 
+# --- allocation failures inside ONNX Runtime -----------------------------------------------------------------
+
+
+class _Exploding:
+    """An InferenceSession whose run fails as ONNX Runtime does when it cannot allocate."""
+
+    def __init__(self, session, exc):
+        self.session, self.exc = session, exc
+
+    def run(self, *args, **kwargs):
+        raise self.exc
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize(
+    "exc,size",
+    [(Fail(ARENA_FAILURE), "16,384 MB"), (RuntimeException(MALLOC_FAILURE), "1,024 MB"), (MemoryError(), None)],
+)
+def test_an_allocation_failure_is_one_line_naming_the_component_and_the_fix(sd15, exc, size):
+    graph = Graph(sd15 / "vae_decoder" / "model.onnx")
+    graph.session = _Exploding(graph.session, exc)
+    with pytest.raises(engine.EngineError) as info:
+        graph(latent_sample=np.zeros((1, 4, 8, 8), np.float32))
+    message = str(info.value)
+    assert "\n" not in message and "running vae_decoder" in message, message
+    for fix in ("--vae-tiling", "a smaller --width/--height", "--low-memory"):
+        assert fix in message
+    assert message.index("--vae-tiling") < message.index("--width")  # the VAE's own fix first
+    if size:
+        assert f"an allocation of {size} failed" in message
+
+
+def test_other_onnxruntime_errors_are_not_called_memory(sd15):
+    graph = Graph(sd15 / "vae_decoder" / "model.onnx")
+    graph.session = _Exploding(graph.session, InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad rank"))
+    with pytest.raises(InvalidArgument):
+        graph(latent_sample=np.zeros((1, 4, 8, 8), np.float32))
+
+
+def test_an_allocation_failure_during_a_phase_stops_the_generation(sd15):
+    def factory(path, threads):
+        graph = Graph(path, threads)
+        if path.parent.name == "unet":
+            graph.session = _Exploding(graph.session, RuntimeException(MALLOC_FAILURE))
+        return graph
+
+    pipe = engine.load_pipeline(sd15, graph_factory=factory, available_mb=50_000)
+    with pytest.raises(engine.EngineError, match=r"running unet .*; try a smaller --width/--height"):
+        pipe.generate(prompt=PROMPT, steps=2, guidance=7.5, width=64, height=64, seed=0)
+
+
 # --- the command line --------------------------------------------------------------------------------------
 
 
@@ -210,3 +276,20 @@ def test_cli_refuses_a_size_that_does_not_fit_in_one_line(sd15, tmp_path):
     error = _one_error_line(out)
     assert "at 2048x2048 needs about" in error and "or smaller" in error and "--vae-tiling" in error, error
     assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_reports_an_allocation_failure_in_one_line(sd15, tmp_path):
+    wrapper = f"""
+import sys, onnxruntime
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+def run(self, *args, **kwargs):
+    raise RuntimeException({MALLOC_FAILURE!r})
+onnxruntime.InferenceSession.run = run
+import cli
+sys.argv = ["stepwise"] + sys.argv[1:]
+cli.main()
+"""
+    out = _cli(_generate_args(sd15, (64, 64), tmp_path), tmp_path, wrapper=wrapper)
+    error = _one_error_line(out)
+    assert "ONNX Runtime ran out of memory running text_encoder" in error, error
+    assert "--low-memory" in error and "--vae-tiling" in error
