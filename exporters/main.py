@@ -436,8 +436,9 @@ def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizer
         stride, heads = None, None
         for level, block in enumerate(den.down_blocks):  # the first block with attention has the most tokens
             attentions = getattr(block, "attentions", None)
-            if attentions:
-                stride, heads = 2**level, int(attentions[0].transformer_blocks[0].attn1.heads)
+            if attentions:  # Transformer2DModel (or a bare Attention): its first attention's heads
+                stride = 2**level
+                heads = next(m.heads for m in attentions[0].modules() if isinstance(getattr(m, "heads", None), int))
                 break
         return {"stride": stride, "heads": heads, "joint_tokens": 0, "width": int(cfg.block_out_channels[0])}
     heads = int(cfg.num_attention_heads)
