@@ -412,6 +412,7 @@ def _run_generation(
     low_memory,
     profile,
     profile_json,
+    vae_tiling=False,
 ):
     import engine
 
@@ -419,12 +420,21 @@ def _run_generation(
     if sys.stderr.isatty():  # the progress display starts at once: loading a big model takes a while
         click.echo("  loading the model …", err=True, nl=False)
     try:
+        tiling = True if vae_tiling else None  # None: tiles when the plan needs them
         pipe = engine.load_pipeline(
-            target.folder, threads=threads, skip=skip, policy=engine.PHASED if low_memory else None
+            target.folder,
+            threads=threads,
+            skip=skip,
+            policy=engine.PHASED if low_memory else None,
+            width=width,
+            height=height,
+            guidance=guidance,
+            image=start is not None,
+            vae_tiling=tiling,
         )
         if sys.stderr.isatty():
             click.echo("\r\033[K", err=True, nl=False)
-        click.echo(f"Memory:   {pipe.memory.policy}, ~{pipe.memory.need_mb:,.0f} MB ({pipe.memory.reason})")
+        click.echo(f"Memory:   {pipe.memory.describe()}")
         result = pipe.generate(
             prompt=prompt,
             negative_prompt=negative,
@@ -439,6 +449,7 @@ def _run_generation(
             mask=start.mask if start else None,
             strength=start.strength if start else None,
             show_progress=sys.stderr.isatty(),
+            vae_tiling=tiling,
         )
     except (engine.EngineError, InputError, ManifestError) as exc:
         _fail(str(exc), 2)
@@ -520,6 +531,12 @@ def _read_latents(latents_file):
     is_flag=True,
     help="Load one phase at a time (text encoders, denoiser, decoder), releasing each before the next.",
 )
+@click.option(
+    "--vae-tiling",
+    is_flag=True,
+    help="Decode (and encode) the image in overlapping tiles, as diffusers' vae.enable_tiling() [default: when it "
+    "would not fit otherwise].",
+)
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
 def generate(
@@ -541,6 +558,7 @@ def generate(
     mask_file,
     strength,
     low_memory,
+    vae_tiling,
     profile,
     profile_json,
 ):
@@ -611,6 +629,7 @@ def generate(
         low_memory=low_memory,
         profile=profile,
         profile_json=profile_json,
+        vae_tiling=vae_tiling,
     )
 
 

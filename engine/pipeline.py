@@ -23,11 +23,11 @@ from . import img2img, sampling
 from .errors import EngineError
 from .families import ARCHITECTURES
 from .loader import Sessions
-from .memory import plan_memory
+from .memory import MemoryPlan, plan_memory
 from .profile import Profiler, StepBar
 from .session import Graph
 from .tokenize import PromptTokenizer
-from .vae import Vae
+from .vae import TiledDecoder, TiledEncoder, Tiling, Vae
 
 
 @dataclass
@@ -49,7 +49,14 @@ class Pipeline:
         available_mb: float | None = None,
         policy: str | None = None,
         graph_factory=Graph,
+        width: int | None = None,
+        height: int | None = None,
+        guidance: float | None = None,
+        image: bool = False,
+        vae_tiling: bool | None = None,
     ):
+        """``width``/``height``/``guidance``/``image``/``vae_tiling``: the generation the memory plan is made
+        for (default: the model's size, with guidance); ``generate`` checks its own against the same budget."""
         self.folder = Path(folder)
         self.manifest = manifest_format.read(self.folder)
         verify(self.manifest)  # a corrupted graph of the right size is refused, not run
@@ -72,7 +79,7 @@ class Pipeline:
             "denoise": [arch.denoiser_component],
             "decode": ["vae_decoder"],
         }
-        self.memory = plan_memory(self.manifest, self.phases, policy, available_mb)
+        self.memory = self._plan(width, height, guidance, image, vae_tiling, policy, available_mb)
         paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
         self.sessions = Sessions(paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory)
         lengths = arch.tokenizer_lengths()
@@ -80,7 +87,7 @@ class Pipeline:
         for name in text:
             tok = name.replace("text_encoder", "tokenizer")
             self.tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok))
-        self.vae = Vae(self.manifest.config)
+        self.vae = Vae(self.manifest.config, Tiling.of(self.manifest))
         self.scheduler_config = _scheduler_config(self.folder)
 
     @property
@@ -99,6 +106,31 @@ class Pipeline:
     @property
     def has_image_encoder(self) -> bool:
         return bool(self.phases["image"])
+
+    def _plan(self, width, height, guidance, image, vae_tiling, policy, available_mb) -> MemoryPlan:
+        batch = 2 if guidance is None or self.architecture.uses_cfg(guidance) else 1
+        return plan_memory(
+            self.manifest,
+            self.phases,
+            policy,
+            available_mb,
+            width=width,
+            height=height,
+            batch=batch,
+            image=image,
+            vae_tiling=vae_tiling,
+        )
+
+    def plan_memory(self, width, height, *, guidance=None, image=False, vae_tiling=None) -> MemoryPlan:
+        """The memory plan of one generation under this pipeline's policy and the memory it was loaded with."""
+        return self._plan(width, height, guidance, image, vae_tiling, self.memory.policy, self.memory.available_mb)
+
+    def _vae_graph(self, graphs: dict, name: str, plan: MemoryPlan):
+        """A VAE graph as this generation runs it: in tiles (diffusers' enable_tiling) when the plan says so."""
+        if not plan.vae_tiling:
+            return graphs[name]
+        tiled = TiledDecoder if name == "vae_decoder" else TiledEncoder
+        return tiled(graphs[name], self.vae.tiling)
 
     def make_scheduler(self, name: str | None):
         config = dict(self.scheduler_config)
@@ -168,11 +200,13 @@ class Pipeline:
         strength: float | None = None,
         callback=None,
         show_progress: bool = False,
+        vae_tiling: bool | None = None,
     ) -> Result:
         """One image. With ``image`` (a PIL image): image-to-image from ``strength`` of the schedule; with
         ``mask`` too (white is repainted): inpainting. ``callback(sampling.Step)`` sees every step and may
         stop the run by returning False. Every random tensor is drawn from ``default_rng(seed)`` in the
-        order diffusers calls ``randn_tensor``."""
+        order diffusers calls ``randn_tensor``. ``vae_tiling``: True decodes (and encodes) in tiles as
+        diffusers' ``vae.enable_tiling()``, None when the memory plan needs it, False never."""
         arch = self.architecture
         prof = Profiler()
         prof.add("load", self.sessions.load_ms)
@@ -181,6 +215,9 @@ class Pipeline:
             width, height = start_image.width, start_image.height
         if width is None or height is None:
             raise EngineError("say the image size: width and height")
+        plan = self.plan_memory(
+            width, height, guidance=guidance, image=start_image is not None, vae_tiling=vae_tiling
+        )  # refuses, before anything runs, a size that does not fit
         sched = self.make_scheduler(scheduler)
         rng = np.random.default_rng(seed)
         bar = StepBar(steps, show_progress)
@@ -215,7 +252,7 @@ class Pipeline:
             bar.phase("encoding the image")
             with self._phase("image", prof) as graphs, prof.section("vae_encode"):  # noqa: SIM117
                 x, cond, after_step = start_image.prepare(
-                    self, graphs["vae_encoder"], sched, start, cond, guidance, latents, rng
+                    self, self._vae_graph(graphs, "vae_encoder", plan), sched, start, cond, guidance, latents, rng
                 )
         extra = arch.prepare(cond, width, height, guidance)
 
@@ -229,7 +266,7 @@ class Pipeline:
         final = arch.unpack(sampled.latents, width, height)
         bar.phase("decoding")
         with self._phase("decode", prof) as graphs, prof.section("vae_decode"):
-            picture = self.vae.decode(graphs["vae_decoder"], final)  # raises on NaN/Inf pixels
+            picture = self.vae.decode(self._vae_graph(graphs, "vae_decoder", plan), final)  # raises on NaN/Inf
         bar.clear()
         parameters = {
             "prompt": prompt,
@@ -246,6 +283,8 @@ class Pipeline:
         if start_image is not None:
             parameters["strength"] = start_image.strength
             parameters["steps_run"] = sampled.steps_run
+        if plan.vae_tiling and max(width, height) > plan.tile:  # the image was decoded in tiles
+            parameters["vae_tiling"] = plan.tile
         return Result(picture, final, parameters, prof.result(), warnings)
 
 
@@ -268,11 +307,20 @@ def load_pipeline(
     available_mb: float | None = None,
     policy: str | None = None,
     graph_factory=Graph,
+    **generation,
 ) -> Pipeline:
+    """``generation``: ``width``, ``height``, ``guidance``, ``image``, ``vae_tiling`` of the generation the memory
+    plan is made for (see ``Pipeline``)."""
     if folder is None:
         raise EngineError("no exported model given; export one with `stepwise export`")
     return Pipeline(
-        Path(folder), threads=threads, skip=skip, available_mb=available_mb, policy=policy, graph_factory=graph_factory
+        Path(folder),
+        threads=threads,
+        skip=skip,
+        available_mb=available_mb,
+        policy=policy,
+        graph_factory=graph_factory,
+        **generation,
     )
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -53,6 +54,31 @@ _ENTRY_INFO = "entry.json"  # written last into an entry: the key's inputs and t
 _DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data inside an entry
 _DISK_MARGIN = 512 * 2**20  # free disk needed beyond the component's own size
 _STALE_TMP_S = 3600  # a temporary folder this old was left by a killed writer
+
+
+# What ONNX Runtime's CPU allocator says when it cannot get memory: its arena (BFCArena: "Failed to allocate
+# memory for requested buffer of size N", or "Available memory of M is smaller than requested bytes of N" under
+# an arena limit) or the C++ runtime (std::bad_alloc).
+_OUT_OF_MEMORY = (
+    "Failed to allocate memory",
+    "BFCArena",
+    "smaller than requested bytes",
+    "bad_alloc",
+    "bad allocation",
+)
+
+
+def out_of_memory(component: str, exc: BaseException) -> EngineError | None:
+    """The one-line error for an allocation failure inside ONNX Runtime while ``component`` ran, else None."""
+    text = str(exc)
+    if not isinstance(exc, MemoryError) and not any(marker in text for marker in _OUT_OF_MEMORY):
+        return None
+    asked = re.search(r"(?:requested bytes of|requested buffer of size) (\d+)", text)
+    size = f" (an allocation of {int(asked.group(1)) / 2**20:,.0f} MB failed)" if asked else ""
+    fixes = ["a smaller --width/--height", "--vae-tiling (the VAE in tiles)", "--low-memory (one phase at a time)"]
+    if component.startswith("vae_"):
+        fixes.insert(0, fixes.pop(1))
+    return EngineError(f"ONNX Runtime ran out of memory running {component}{size}; try {', or '.join(fixes)}")
 
 
 def physical_cores() -> int:
@@ -273,4 +299,11 @@ class Graph:
                 value = value.reshape(())  # optimum exports the UNet timestep as a scalar
             cast[name] = value
         names = outputs or self.outputs
-        return dict(zip(names, self.session.run(names, cast), strict=True))
+        try:
+            results = self.session.run(names, cast)
+        except Exception as exc:
+            error = out_of_memory(self.path.parent.name, exc)
+            if error is None:
+                raise
+            raise error from None
+        return dict(zip(names, results, strict=True))

@@ -432,7 +432,39 @@ def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
         "timestep_scale": 0.001 if family == "flux" else 1.0,
         "scheduler_class": scheduler.get("_class_name"),
         "prediction_type": scheduler.get("prediction_type"),
+        # what the engine's memory estimate and tiled VAE need (engine/memory.py, engine/vae.py)
+        "vae_sample_size": _first(vae.config.sample_size),  # AutoencoderKL's tile_sample_min_size
+        "vae_block_out_channels": [int(c) for c in vae.config.block_out_channels],
+        "vae_mid_block_attention": bool(getattr(vae.config, "mid_block_add_attention", True)),
+        "denoiser_attention": _attention_layout(den_name, den, family, T5_SEQUENCE_LENGTH.get(seq_key, 0), tokenizers),
     }
+
+
+def _first(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizers: dict) -> dict:
+    """The denoiser's largest self-attention, for the memory estimate: its tokens are (h / stride) x (w / stride)
+    latent pixels plus ``joint_tokens`` of text (SD3, FLUX attend jointly), with ``heads`` heads; ``width`` is the
+    channels (UNet: of its first block, at full latent size) or hidden size (transformer) activations carry."""
+    cfg = den.config
+    if den_name == "unet":
+        stride, heads = None, None
+        for level, block in enumerate(den.down_blocks):  # the first block with attention has the most tokens
+            attentions = getattr(block, "attentions", None)
+            if attentions:  # Transformer2DModel (or a bare Attention): its first attention's heads
+                stride = 2**level
+                heads = next(m.heads for m in attentions[0].modules() if isinstance(getattr(m, "heads", None), int))
+                break
+        return {"stride": stride, "heads": heads, "joint_tokens": 0, "width": int(cfg.block_out_channels[0])}
+    heads = int(cfg.num_attention_heads)
+    text = t5_tokens  # T5's window (zeros in its place without T5), then SD3 puts CLIP's before it
+    if family == "sd3":
+        text += _max_length(tokenizers["tokenizer"]) or 77
+    # FLUX packs 2x2 latent pixels into a token before its patch embedding (patch_size 1)
+    stride = int(cfg.patch_size) * (2 if family == "flux" else 1)
+    return {"stride": stride, "heads": heads, "joint_tokens": text, "width": heads * int(cfg.attention_head_dim)}
 
 
 def _layers(module) -> int:
