@@ -227,6 +227,11 @@ def test_corrupted_or_missing_graph_names_the_fix(home, tmp_path):
     unet.unlink()
     out = stepwise(home, "generate", "a cat", "--model", str(broken), "--width", "64", "--height", "64")
     assert out.returncode == 2 and "missing" in out.stderr and "export the model again" in out.stderr
+    # without its manifest the folder is read as a foreign (optimum) export, whose manifest is derived: the
+    # missing graph is still named, with the fix
     (broken / "stepwise.json").unlink()
+    out = stepwise(home, "generate", "a cat", "--model", str(broken), "--width", "64", "--height", "64")
+    assert out.returncode == 2 and "has no unet/model.onnx" in out.stderr and "re-export it" in out.stderr
+    (broken / "model_index.json").unlink()
     out = stepwise(home, "generate", "a cat", "--model", str(broken), "--width", "64", "--height", "64")
     assert out.returncode == 2 and "not a complete Stepwise export" in out.stderr
