@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from .errors import EngineError
 from .vae import Tiling, vae_layout
 
-# Weights cost about their file size once loaded (the SD 1.5 UNet: 3.3 GB resident for 3.28 GB of fp32 weights,
-# 3.5 GB at its first load, which also writes the graph cache; docs/benchmarks.md); 1.1 leaves room for
-# prepacked copies. Activations are estimated on top, per size (below).
-WEIGHTS_FACTOR = 1.1
-OVERHEAD_MB = 300.0  # the interpreter, onnxruntime, tokenizers, numpy (the CLI on a tiny model peaks at ~150 MB)
+# Weights cost about their file size once loaded: the SD 1.5 UNet holds 3.31 GB after a run for 3.28 GB of fp32
+# weights, 3.5 GB at its first load, which also writes the graph cache (docs/benchmarks.md), before any
+# activation. Activations are estimated on top, per size (below).
+WEIGHTS_FACTOR = 1.05
+OVERHEAD_MB = 200.0  # the interpreter, onnxruntime, tokenizers, numpy (the CLI on a tiny model peaks at 135-150 MB)
 MB = 2**20
 FLOAT = 4
 
