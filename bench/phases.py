@@ -41,9 +41,15 @@ def _generate(folder: Path, policy: str, args: dict, work: Path, env: dict) -> d
     cmd += ["--low-memory"] if policy == "phased" else []
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
+    trace = []  # [seconds since start, VmRSS MB, RssAnon MB] every 0.1 s: where in the run the peak is
     with open(log, "w") as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            trace.append([round(time.perf_counter() - start, 1), *_rss_mb(child.pid)])
+            time.sleep(0.1)
     wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text()
@@ -67,9 +73,26 @@ def _generate(folder: Path, policy: str, args: dict, work: Path, env: dict) -> d
         "vae_decode_s": round(p["vae_decode_ms"] / 1000, 2),
         "total_s": round(p["total_ms"] / 1000, 2),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "rss_trace_mb": _thin(trace),
         "command": " ".join(cmd),
         "image": str(png),
     }
+
+
+def _rss_mb(pid: int) -> list[int]:
+    """[VmRSS, RssAnon] in MB: the rest of the RSS is file-backed (the graph cache's mapped weights)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS:", "RssAnon:")))
+        return [round(int(fields[k].split()[0]) / 1024) for k in ("VmRSS", "RssAnon")]
+    except (OSError, KeyError, ValueError):
+        return [0, 0]
+
+
+def _thin(trace: list, points: int = 300) -> list:
+    """At most ``points`` samples, each the highest of its stretch (so the peaks stay)."""
+    n = max(1, -(-len(trace) // points))
+    return [max(trace[i : i + n], key=lambda p: p[1]) for i in range(0, len(trace), n)]
 
 
 def _pixels(path: str) -> np.ndarray:
@@ -86,8 +109,10 @@ def _cache_written(folder: Path, manifest) -> bool:
     return not cache_enabled() or all(cache_entry(p).is_dir() for p in paths)
 
 
-def measure(folder: Path, args: dict, work: Path, available_mb: float | None = None, progress=print) -> dict:
-    """Both policies on ``folder`` (``args``: generate's --seed, --steps, --width, ...); the JSON's content."""
+def measure(folder: Path, args: dict, work: Path, available_mb=None, repeats: int = 1, progress=print) -> dict:
+    """Both policies on ``folder`` (``args``: generate's --seed, --steps, --width, ...), ``repeats`` rounds;
+    the JSON's content."""
+    from engine.session import cache_enabled
     from registry import manifest as manifest_format
 
     from . import machine
@@ -97,16 +122,21 @@ def measure(folder: Path, args: dict, work: Path, available_mb: float | None = N
     if available_mb is not None:
         env["STEPWISE_AVAILABLE_MB"] = str(available_mb)
     work.mkdir(parents=True, exist_ok=True)
+    warmup = None
     if not _cache_written(folder, manifest):
         progress("writing the graph cache: one untimed phased run")
         (work / "warmup").mkdir(exist_ok=True)
-        _generate(folder, "phased", args, work / "warmup", env)
+        warmup = _generate(folder, "phased", args, work / "warmup", env)
+        progress(f"  peak RSS {warmup['peak_rss_mb']:,.0f} MB, wall {warmup['wall_s']:.1f} s")
     runs = []
-    for policy in POLICIES:
-        progress(f"{policy}: {folder.name}, " + ", ".join(f"{k} {v}" for k, v in args.items() if v is not None))
-        runs.append(_generate(folder, policy, args, work, env))
-        progress(f"  peak RSS {runs[-1]['peak_rss_mb']:,.0f} MB, wall {runs[-1]['wall_s']:.1f} s")
-    a, b = (_pixels(r["image"]) for r in runs)
+    for round_ in range(repeats):
+        for policy in POLICIES[round_ % 2 :] + POLICIES[: round_ % 2]:  # the order alternates per round
+            progress(f"{policy}: {folder.name}, " + ", ".join(f"{k} {v}" for k, v in args.items() if v is not None))
+            (work / str(round_)).mkdir(exist_ok=True)
+            runs.append({"round": round_, **_generate(folder, policy, args, work / str(round_), env)})
+            progress(f"  peak RSS {runs[-1]['peak_rss_mb']:,.0f} MB, wall {runs[-1]['wall_s']:.1f} s")
+    a, b = (_pixels(r["image"]) for r in runs[:2])
+    same = all(_pixels(r["image"]).tobytes() == a.tobytes() for r in runs[2:])
     return {
         "folder": str(folder),
         "args": args,
@@ -114,19 +144,21 @@ def measure(folder: Path, args: dict, work: Path, available_mb: float | None = N
         "machine": machine.describe(),
         "versions": machine.versions(),
         "components_mb": {n: round(manifest.weights_bytes([n]) / 2**20, 1) for n in sorted(manifest.components)},
-        "identical_images": a.shape == b.shape and a.tobytes() == b.tobytes(),
+        "graph_cache": cache_enabled(),
+        "identical_images": same and a.shape == b.shape and a.tobytes() == b.tobytes(),
         "max_pixel_diff": int(np.abs(a.astype(int) - b.astype(int)).max()) if a.shape == b.shape else None,
         "runs": runs,
+        "warmup": warmup,  # the run that wrote the graph cache, when one did
     }
 
 
 def table(data: dict) -> str:
-    head = "| policy | plan: policy, estimate MB | peak RSS MB (profile / wait4) | measured ÷ estimate | wall s "
-    head += "| load s | text s | step s (median) | VAE s | total s (load excluded) | load avg |"
-    lines = [head, "|" + "---|" * 11]
+    head = "| round | policy | plan: policy, estimate MB | peak RSS MB (profile / wait4) | measured ÷ estimate "
+    head += "| wall s | load s | text s | step s (median) | VAE s | total s (load excluded) | load avg |"
+    lines = [head, "|" + "---|" * 12]
     for r in data["runs"]:
         lines.append(
-            f"| {r['policy']} | {r['plan_policy']}, {r['plan_estimate_mb']:,.0f} "
+            f"| {r['round']} | {r['policy']} | {r['plan_policy']}, {r['plan_estimate_mb']:,.0f} "
             f"| {r['peak_rss_mb']:,.0f} / {r['peak_rss_mb_wait4']:,.0f} "
             f"| {r['peak_rss_mb'] / r['plan_estimate_mb']:.2f} | {r['wall_s']:.1f} | {r['load_s']:.1f} "
             f"| {r['text_encoder_s']:.2f} | {r['median_step_s']:.2f} | {r['vae_decode_s']:.2f} | {r['total_s']:.1f} "
@@ -134,10 +166,11 @@ def table(data: dict) -> str:
         )
     same = "identical" if data["identical_images"] else f"DIFFERENT (max pixel diff {data['max_pixel_diff']})"
     weights = ", ".join(f"{k} {v:,.0f}" for k, v in data["components_mb"].items())
-    return "\n".join(lines) + f"\n\nimages: {same}; weights MB: {weights}"
+    cache = "on" if data["graph_cache"] else "off"
+    return "\n".join(lines) + f"\n\nimages: {same}; graph cache {cache}; weights MB: {weights}"
 
 
-def run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path) -> dict:
+def run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path, repeats=1) -> dict:
     say = lambda m: click.echo(m, err=True)  # noqa: E731
     if folder is None:
         from .export import exported_folder
@@ -146,9 +179,9 @@ def run(model, folder, width, height, steps, guidance, seed, threads, available_
     args = {"seed": seed, "steps": steps, "guidance": guidance, "width": width, "height": height}
     args["threads"] = threads
     with tempfile.TemporaryDirectory(prefix="stepwise-phases-") as work:
-        data = {"model": model, **measure(Path(folder), args, Path(work), available_mb, say)}
-    for r in data["runs"]:
-        r.pop("image")
+        data = {"model": model, **measure(Path(folder), args, Path(work), available_mb, repeats, say)}
+    for r in data["runs"] + [data["warmup"] or {}]:
+        r.pop("image", None)
     click.echo(table(data))
     if json_path:
         Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
@@ -166,10 +199,11 @@ def run(model, folder, width, height, steps, guidance, seed, threads, available_
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, help="[physical cores]")
 @click.option("--available-mb", type=float, help="the memory the plan sees (STEPWISE_AVAILABLE_MB) [MemAvailable]")
+@click.option("--repeats", type=int, default=1, show_default=True, help="rounds of both, the order alternating")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def main(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path):
+def main(model, folder, width, height, steps, guidance, seed, threads, available_mb, repeats, json_path):
     """Peak RSS and time of `stepwise generate`, resident vs phased, each in a fresh process."""
-    run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path)
+    run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path, repeats)
 
 
 if __name__ == "__main__":

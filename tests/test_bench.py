@@ -269,6 +269,6 @@ def test_phases_bench_runs_both_policies_on_tiny_sd15(exported_tiny, tmp_path, m
     assert phased["plan_estimate_mb"] < resident["plan_estimate_mb"]
     for r in data["runs"]:
         assert r["peak_rss_mb"] > 0 and r["peak_rss_mb_wait4"] >= r["peak_rss_mb"] * 0.9
-        assert r["wall_s"] > r["load_s"] > 0 and r["vae_decode_s"] > 0
+        assert r["wall_s"] > r["load_s"] > 0 and r["vae_decode_s"] > 0 and r["rss_trace_mb"]
         assert len(r["step_s"]) == 3  # PNDM (SD 1.5's scheduler) calls the UNet 3 times for 2 steps
     assert set(data["components_mb"]) >= {"unet", "text_encoder", "vae_decoder"}
