@@ -8,7 +8,8 @@ with the same seed, ``--force`` and ``--profile-json``; ``phased`` adds ``--low-
 the memory plan chooses it (``--available-mb`` sets what the plan sees). Per run: the plan's estimate (the
 ``Memory:`` line), the peak RSS as the child's profile says (``peak_rss_mb``) and as the kernel says at its
 exit (``wait4``'s ru_maxrss, what ``/usr/bin/time -v`` prints), the wall time from process start to exit
-(imports and loading included), ``load_ms`` and each phase's time. Both images must be the same pixels.
+(imports and loading included) and the CPU time it used (steadier than wall time on a shared machine),
+``load_ms`` and each phase's time, and its RSS every 0.1 s. Both images must be the same pixels.
 A graph cache that is not written yet is written first by an untimed ``phased`` run.
 """
 
@@ -154,13 +155,14 @@ def measure(folder: Path, args: dict, work: Path, available_mb=None, repeats: in
 
 def table(data: dict) -> str:
     head = "| round | policy | plan: policy, estimate MB | peak RSS MB (profile / wait4) | measured ÷ estimate "
-    head += "| wall s | load s | text s | step s (median) | VAE s | total s (load excluded) | load avg |"
-    lines = [head, "|" + "---|" * 12]
+    head += "| wall s | CPU s | load s | text s | step s (median) | VAE s | total s (load excluded) | load avg |"
+    lines = [head, "|" + "---|" * 13]
     for r in data["runs"]:
         lines.append(
             f"| {r['round']} | {r['policy']} | {r['plan_policy']}, {r['plan_estimate_mb']:,.0f} "
             f"| {r['peak_rss_mb']:,.0f} / {r['peak_rss_mb_wait4']:,.0f} "
-            f"| {r['peak_rss_mb'] / r['plan_estimate_mb']:.2f} | {r['wall_s']:.1f} | {r['load_s']:.1f} "
+            f"| {r['peak_rss_mb'] / r['plan_estimate_mb']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.0f} "
+            f"| {r['load_s']:.1f} "
             f"| {r['text_encoder_s']:.2f} | {r['median_step_s']:.2f} | {r['vae_decode_s']:.2f} | {r['total_s']:.1f} "
             f"| {r['load_average'][0]:.1f}–{r['load_average'][1]:.1f} |"
         )
@@ -170,16 +172,21 @@ def table(data: dict) -> str:
     return "\n".join(lines) + f"\n\nimages: {same}; graph cache {cache}; weights MB: {weights}"
 
 
-def run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path, repeats=1) -> dict:
+def run(
+    model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path, repeats=1, variant="fp32"
+) -> dict:
     say = lambda m: click.echo(m, err=True)  # noqa: E731
     if folder is None:
         from .export import exported_folder
 
-        folder = exported_folder(model, say)
+        folder = exported_folder(model, say, variant)
+    else:
+        variant = None  # an export of its own
     args = {"seed": seed, "steps": steps, "guidance": guidance, "width": width, "height": height}
     args["threads"] = threads
     with tempfile.TemporaryDirectory(prefix="stepwise-phases-") as work:
-        data = {"model": model, **measure(Path(folder), args, Path(work), available_mb, repeats, say)}
+        measured = measure(Path(folder), args, Path(work), available_mb, repeats, say)
+    data = {"model": model, "variant": variant, **measured}
     for r in data["runs"] + [data["warmup"] or {}]:
         r.pop("image", None)
     click.echo(table(data))
@@ -191,6 +198,7 @@ def run(model, folder, width, height, steps, guidance, seed, threads, available_
 
 @click.command()
 @click.option("--model", default="sd15", show_default=True, help="random:<family>[@u<N>] or tiny:<family>")
+@click.option("--variant", default="fp32", show_default=True, help="the bench export of --model (bench/export.py)")
 @click.option("--folder", type=click.Path(file_okay=False, exists=True, path_type=Path), help="an export instead")
 @click.option("--width", type=int, help="[the export's]")
 @click.option("--height", type=int, help="[the export's]")
@@ -201,9 +209,9 @@ def run(model, folder, width, height, steps, guidance, seed, threads, available_
 @click.option("--available-mb", type=float, help="the memory the plan sees (STEPWISE_AVAILABLE_MB) [MemAvailable]")
 @click.option("--repeats", type=int, default=1, show_default=True, help="rounds of both, the order alternating")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def main(model, folder, width, height, steps, guidance, seed, threads, available_mb, repeats, json_path):
+def main(model, variant, folder, width, height, steps, guidance, seed, threads, available_mb, repeats, json_path):
     """Peak RSS and time of `stepwise generate`, resident vs phased, each in a fresh process."""
-    run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path, repeats)
+    run(model, folder, width, height, steps, guidance, seed, threads, available_mb, json_path, repeats, variant)
 
 
 if __name__ == "__main__":
