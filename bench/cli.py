@@ -52,8 +52,23 @@ def _default_threads() -> int:
     "ran a 24 GB machine out of memory, so the default times one engine at a time beside the reference "
     "unless the machine has well over 30 GB",
 )
-def bench_cmd(model, width, height, steps, threads, repeats, engines, json_path, chart_path, no_peak, min_free_mb):
+@click.option(
+    "--phases",
+    is_flag=True,
+    help="instead: peak memory and time of `stepwise generate`, resident vs phased (bench/phases.py; --steps 2 "
+    "unless given)",
+)
+def bench_cmd(
+    model, width, height, steps, threads, repeats, engines, json_path, chart_path, no_peak, min_free_mb, phases
+):
     """Time our engine against PyTorch and OpenVINO on a full-size random-weight model, interleaved."""
+    if phases:
+        from . import phases as phases_bench
+        from .random_model import parse
+
+        size = _default_size(*parse(model))
+        phases_bench.run(model, None, width or size, height or size, steps or 2, None, 0, threads, None, json_path)
+        return
     from . import chart, report, run
     from .export import exported_folder
     from .random_model import cache_name, cache_root, parse, reduced, source_folder

@@ -249,3 +249,26 @@ def test_family_bench_end_to_end_on_tiny_model(family, exported_tiny, tmp_path, 
     if "openvino_fp32" in data["results"]:
         assert data["results"]["openvino_fp32"]["latent_max_diff"] < STEP_TOLERANCE * max(1.0, torch["latent_max_abs"])
     assert "| pytorch | measured |" in report.tables(data)
+
+
+# --- resident vs phased (bench/phases.py) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_phases_bench_runs_both_policies_on_tiny_sd15(exported_tiny, tmp_path, monkeypatch):
+    from bench import phases
+
+    monkeypatch.setenv("STEPWISE_HOME", str(tmp_path / "home"))  # the children's timings.json
+    out = tmp_path / "phases.json"
+    data = phases.run("tiny:sd15", exported_tiny("sd15"), 64, 64, 2, None, 0, 1, None, out)
+    assert json.loads(out.read_text()) == data
+    assert [r["policy"] for r in data["runs"]] == ["resident", "phased"]
+    assert [r["plan_policy"] for r in data["runs"]] == ["resident", "phased"]  # the tiny model fits
+    assert data["identical_images"] and data["max_pixel_diff"] == 0
+    resident, phased = data["runs"]
+    assert phased["plan_estimate_mb"] < resident["plan_estimate_mb"]
+    for r in data["runs"]:
+        assert r["peak_rss_mb"] > 0 and r["peak_rss_mb_wait4"] >= r["peak_rss_mb"] * 0.9
+        assert r["wall_s"] > r["load_s"] > 0 and r["vae_decode_s"] > 0 and r["rss_trace_mb"]
+        assert len(r["step_s"]) == 3  # PNDM (SD 1.5's scheduler) calls the UNet 3 times for 2 steps
+    assert set(data["components_mb"]) >= {"unet", "text_encoder", "vae_decoder"}
