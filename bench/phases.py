@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("resident", "phased")
 PROMPT = "a red apple on a wooden table"
-MEMORY_LINE = re.compile(r"^Memory:\s+(\w+), ~([\d,]+) MB \((.*)\)$", re.M)
+# the plan's line (engine/memory.py MemoryPlan.describe): "Memory:   phased, ~3,923 MB at 512x512 (why)[; VAE …]"
+MEMORY_LINE = re.compile(r"^Memory:\s+(\w+), ~([\d,]+) MB(?: at \d+x\d+)? \((.*?)\)(?:;.*)?$", re.M)
 
 
 def _generate(folder: Path, policy: str, args: dict, work: Path, env: dict) -> dict:

@@ -270,7 +270,41 @@ def _config(index, family, denoiser, configs, scheduler, folder, text, graphs) -
         "timestep_scale": 0.001 if family == "flux" else 1.0,
         "scheduler_class": scheduler.get("_class_name"),
         "prediction_type": scheduler.get("prediction_type"),
+        # what the memory estimate and tiled VAE read (exporters/main.py records the same from the modules)
+        "vae_sample_size": _scalar(vcfg.get("sample_size")),
+        "vae_block_out_channels": [int(c) for c in vcfg.get("block_out_channels") or []],
+        "vae_mid_block_attention": bool(vcfg.get("mid_block_add_attention", True)),
+        "denoiser_attention": _attention_layout(denoiser, dcfg, family, T5_SEQUENCE_LENGTH.get(seq_key, 0), tokenizers),
     }
+
+
+def _scalar(value) -> int | None:
+    if value is None:
+        return None
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _attention_layout(denoiser: str, dcfg: dict, family: str, t5_tokens: int, tokenizers: dict) -> dict:
+    """exporters/main.py's ``_attention_layout`` from the config alone: the denoiser's largest self-attention."""
+    if denoiser == "unet":
+        stride = heads = None
+        for level, block in enumerate(dcfg.get("down_block_types") or []):
+            if "Attn" in block:  # the first block with attention has the most tokens
+                # diffusers' UNet: num_attention_heads, else (its historical name) attention_head_dim, per level
+                per_level = dcfg.get("num_attention_heads") or dcfg.get("attention_head_dim")
+                stride, heads = 2**level, _level(per_level, level)
+                break
+        return {"stride": stride, "heads": heads, "joint_tokens": 0, "width": int(dcfg["block_out_channels"][0])}
+    heads = int(dcfg["num_attention_heads"])
+    text = t5_tokens + ((tokenizers.get("tokenizer") or 77) if family == "sd3" else 0)
+    stride = int(dcfg.get("patch_size") or 1) * (2 if family == "flux" else 1)
+    return {"stride": stride, "heads": heads, "joint_tokens": text, "width": heads * int(dcfg["attention_head_dim"])}
+
+
+def _level(value, level: int) -> int | None:
+    if value is None:
+        return None
+    return int(value[level] if isinstance(value, (list, tuple)) else value)
 
 
 # --- checks ------------------------------------------------------------------------------------------
