@@ -250,7 +250,7 @@ class Pipeline:
                 )
             start = sampling.schedule_start(sched, steps, run)
             bar.phase("encoding the image")
-            with self._phase("image", prof) as graphs, prof.section("vae_encode"):  # noqa: SIM117
+            with self._phase("image", prof) as graphs, prof.section("vae_encode"):
                 x, cond, after_step = start_image.prepare(
                     self, self._vae_graph(graphs, "vae_encoder", plan), sched, start, cond, guidance, latents, rng
                 )
