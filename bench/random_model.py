@@ -77,15 +77,23 @@ def _scheduler(registry_model: str):
     return getattr(diffusers, cfg.pop("_class_name")).from_config(cfg)
 
 
-def _text_encoder(cfg: dict, seed: int):
-    import torch
+def text_encoder_class(cfg: dict):
+    """The transformers model class and its config object for a text encoder's ``config.json`` (T5: the
+    encoder alone, ``is_encoder_decoder=False, use_cache=False``)."""
     import transformers
 
-    torch.manual_seed(seed)
     arch = cfg.get("architectures", ["CLIPTextModel"])[0]
     config_cls = transformers.T5Config if arch == "T5EncoderModel" else transformers.CLIPTextConfig
     extra = {"is_encoder_decoder": False, "use_cache": False} if arch == "T5EncoderModel" else {}
-    return getattr(transformers, arch)(config_cls(**{**_strip(cfg), **extra})).eval()
+    return getattr(transformers, arch), config_cls(**{**_strip(cfg), **extra})
+
+
+def _text_encoder(cfg: dict, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    cls, text_config = text_encoder_class(cfg)
+    return cls(text_config).eval()
 
 
 def _module(cls_name: str, cfg: dict, seed: int):
