@@ -1,7 +1,9 @@
 """Full-size pipelines with random weights from the real configs (``configs/<family>.json``), no download.
 
-The random pipeline is saved once with ``save_pretrained`` under ``$STEPWISE_HOME/bench/random-<family>-src``
-and reused: building SD 1.5's 1.07 B parameters takes a minute, seeded so every run gets the same weights.
+The random pipeline is saved once under ``$STEPWISE_HOME/bench/random-<family>-src`` and reused, seeded so
+every run gets the same weights: the UNet families (SD 1.5, SDXL) built in PyTorch and saved with
+``save_pretrained`` (building SD 1.5's 1.07 B parameters takes a minute), the transformer families (SD3,
+FLUX) written straight to bf16 safetensors shards by ``random_weights`` (FLUX.1 is 48 GB in fp32).
 """
 
 from __future__ import annotations
@@ -155,11 +157,18 @@ def cache_name(model: str) -> str:
 
 
 def source_folder(model: str, progress=print) -> Path:
-    """The saved diffusers pipeline of ``random:<family>`` or ``tiny:<family>``, built on first use."""
+    """The saved diffusers pipeline of ``random:<family>`` or ``tiny:<family>``, built on first use. The
+    transformer families (SD3, FLUX) are written tensor by tensor as bf16 shards (``random_weights``): their
+    fp32 pipelines do not fit in memory; the UNet families are built in PyTorch and saved as before."""
     kind, family = parse(model)
     folder = cache_root() / f"{cache_name(model)}-src"
     if (folder / DONE).is_file():
         return folder
+    if kind == "random":
+        from . import random_weights
+
+        if config(family)["pipeline"] in random_weights.PIPELINES:
+            return random_weights.write_pipeline(family, folder, seed=SEED, progress=progress)
     if kind == "tiny":
         from exporters import tiny
 

@@ -297,6 +297,22 @@ def test_a_reduced_build_holds_the_full_builds_blocks(built):
     assert marker["model"] == "random:tinyflux@u1" and marker["dtype"] == "bfloat16"
 
 
+def test_source_folder_writes_the_transformer_families_and_clears_killed_builds(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPWISE_HOME", str(tmp_path))
+    monkeypatch.setattr(random_model, "CONFIGS", built["root"] / "configs")
+    leftover = random_model.cache_root() / ".random-tinyflux-u1-src.tmp-999999999-x"  # no such process
+    leftover.mkdir(parents=True)
+    messages: list[str] = []
+    folder = random_model.source_folder("random:tinyflux@u1", progress=messages.append)
+    assert folder == random_model.cache_root() / "random-tinyflux-u1-src" and not leftover.exists()
+    assert json.loads((folder / random_model.DONE).read_text())["writer"] == "bench.random_weights"
+    assert any(m.startswith("text_encoder_2 (T5EncoderModel)") for m in messages)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary sibling left
+    count = len(messages)
+    assert random_model.source_folder("random:tinyflux@u1", progress=messages.append) == folder
+    assert len(messages) == count  # reused, not rewritten
+
+
 @pytest.mark.parametrize("family", ["flux-dev", "sd3.5-large"])
 def test_the_new_configs_match_the_registry_sizes(family):
     import registry
