@@ -62,6 +62,9 @@ class Target:
         except ManifestError:
             return None
         text = f"{data.get('precision', 'fp32')} weights"
+        t5 = data.get("text_encoder_precision", "fp32")
+        if t5 != "fp32":
+            text += f", {t5} T5"
         vae = data.get("vae_precision", "fp32")
         return text if vae == "fp32" else f"{text}, {vae} VAE"
 
@@ -113,8 +116,19 @@ def resolve_model(spec: str) -> Target:
         _fail(str(exc), 2)
     fam = registry.family(found.family)
     model = registry.find(found.model_id) if found.model_id else None
-    model = model or registry.get(fam.policy_model)
+    model = model or _policy_model(fam, found.data.get("config") or {})
     return Target(model, fam, Path(spec).resolve(), str(Path(spec).resolve()))
+
+
+def _policy_model(fam, config: dict):
+    """A folder tied to no registry model takes its family's policy model, unless the checkpoint's guidance
+    embedding says otherwise: FLUX without it is schnell's (4 steps), not dev's; an LCM UNet is LCM's."""
+    embedded = bool(config.get("guidance_embeds") or config.get("time_cond_proj_dim"))
+    default = registry.get(fam.policy_model)
+    if default.guidance_embedded == embedded:
+        return default
+    matching = [m for m in registry.all_models() if m.family == default.family and m.guidance_embedded == embedded]
+    return matching[0] if matching else default
 
 
 # ---------------------------------------------------------------- the plan
@@ -332,7 +346,8 @@ def models_cmd(as_json):
     default="fp32",
     show_default=True,
     help="Denoiser precision: int8 = static int8 convs calibrated on the model's own sampling + dynamic int8 "
-    "MatMuls (~2x faster SD 1.5 steps); int4 = 4-bit MatMul weights (MatMulNBits), for big transformers.",
+    "MatMuls (~2x faster SD 1.5 steps); int4 = 4-bit MatMul weights (MatMulNBits). SD 3 and FLUX transformers: "
+    "int8/int4 = block-wise MatMulNBits weights, exported tensor by tensor (never loaded whole).",
 )
 @click.option(
     "--vae-weights",
@@ -342,8 +357,17 @@ def models_cmd(as_json):
     help="VAE decoder precision: int8 = static int8 convs calibrated on the model's own samples (~0.5x the "
     "decode time, ~35 dB against fp32). UNet models only.",
 )
+@click.option(
+    "--text-encoder-weights",
+    type=click.Choice(["fp32", "int8", "int4"]),
+    default="fp32",
+    show_default=True,
+    help="T5-XXL's precision (SD 3, FLUX): int8/int4 = block-wise MatMulNBits weights (9.5 GB fp32 → 5 / 2.7 GB).",
+)
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
-def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weights, vae_weights, no_fuse):
+def export_cmd(
+    source, model_id, out, unet, lora, lora_scale, no_optimum, weights, vae_weights, text_encoder_weights, no_fuse
+):
     """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once.
 
     With --model and no SOURCE, the registry's checkpoint (and its parts, e.g. SDXL Lightning's UNet) is used.
@@ -373,6 +397,7 @@ def export_cmd(source, model_id, out, unet, lora, lora_scale, no_optimum, weight
             use_optimum=False if no_optimum else None,
             weights=weights,
             vae_weights=vae_weights,
+            text_encoder_weights=text_encoder_weights,
             fuse=not no_fuse,
             progress=lambda line: click.echo(line, err=True),
         )

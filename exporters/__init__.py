@@ -27,6 +27,7 @@ def export(
     use_optimum: bool | None = None,
     weights: str = "fp32",
     vae_weights: str = "fp32",
+    text_encoder_weights: str = "fp32",
     fuse: bool = True,
     progress=print,
 ):
@@ -35,8 +36,11 @@ def export(
     ``out``: the folder (default: ``registry.models_home() / (model_id or a name from the source)``);
     ``model_id``: tie the export to a registry entry (its family must match; its ``parts`` apply);
     ``unet``/``lora``: ``FILE`` or ``REPO:FILE``; ``use_optimum``: None = optimum when importable;
-    ``weights``: the denoiser's precision, ``fp32``, ``int8`` (static int8 convolutions calibrated on the
-    model's own sampling, dynamic int8 MatMuls) or ``int4`` (4-bit block-wise MatMul weights);
+    ``weights``: the denoiser's precision, ``fp32``, ``int8`` or ``int4``: for a UNet int8 is static int8
+    convolutions calibrated on the model's own sampling and dynamic int8 MatMuls, int4 4-bit block-wise MatMul
+    weights; for the SD 3 and FLUX transformers (exported by streaming, never loaded whole) both are
+    block-wise weight-only ``MatMulNBits`` (``exporters/weights.py``);
+    ``text_encoder_weights``: T5-XXL's (SD 3, FLUX), ``fp32``, ``int8`` or ``int4``, ``MatMulNBits`` too;
     ``vae_weights``: the VAE decoder's, ``fp32`` or ``int8`` (static int8 convolutions calibrated on the
     pipeline's own sampled latents; UNet pipelines);
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
@@ -56,6 +60,7 @@ def export(
         use_optimum=use_optimum,
         weights=weights,
         vae_weights=vae_weights,
+        text_encoder_weights=text_encoder_weights,
         fuse=fuse,
         progress=progress,
     )

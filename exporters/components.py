@@ -40,6 +40,7 @@ class Component:
     make_inputs: Any = field(repr=False, default=None)  # case -> {name: np.ndarray}
     wrapper: Any = field(repr=False, default=None)  # torch.nn.Module: forward(*inputs) -> tuple(outputs)
     parts: tuple = ()  # the submodules whose weights the graph holds, when not all of `module`
+    rebuild: Any = field(repr=False, default=None)  # module -> the same Component around another module
 
     @property
     def params(self) -> int:
@@ -146,6 +147,7 @@ def text_encoder(name: str, module, max_length: int) -> Component:
         outputs=outputs,
         make_inputs=make_inputs,
         wrapper=_wrapper(forward)(module).eval(),
+        rebuild=lambda other: text_encoder(name, other, max_length),
     )
 
 
@@ -249,6 +251,7 @@ def sd3_transformer(module) -> Component:
         outputs={"out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}},
         make_inputs=make_inputs,
         wrapper=_wrapper(forward)(module).eval(),
+        rebuild=sd3_transformer,
     )
 
 
@@ -313,6 +316,7 @@ def flux_transformer(module) -> Component:
         outputs={"out_hidden_states": {0: "batch_size", 1: "packed_height_width"}},
         make_inputs=make_inputs,
         wrapper=_wrapper(forward)(module).eval(),
+        rebuild=flux_transformer,
     )
 
 

@@ -23,7 +23,8 @@ import registry
 from registry import manifest as manifest_io
 from registry.pipelines import T5_SEQUENCE_LENGTH
 
-from . import backends, calibrate, components, optimize, parts, quantize, sources, validate
+from . import backends, calibrate, components, optimize, parts, quantize, reduced, sources, streaming, validate
+from . import weights as weight_formats
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
 
@@ -48,6 +49,7 @@ def export(
     use_optimum: bool | None = None,
     weights: str = "fp32",
     vae_weights: str = "fp32",
+    text_encoder_weights: str = "fp32",
     fuse: bool = True,
     progress=print,
 ) -> Path:
@@ -65,6 +67,11 @@ def export(
     if vae_weights not in quantize.VAE_WEIGHTS:
         raise ExportError(
             f"--vae-weights {vae_weights} is not a precision mode; use one of {', '.join(quantize.VAE_WEIGHTS)}"
+        )
+    if text_encoder_weights not in weight_formats.FORMATS:
+        raise ExportError(
+            f"--text-encoder-weights {text_encoder_weights} is not a precision mode; "
+            f"use one of {', '.join(weight_formats.FORMATS)}"
         )
     if use_optimum and not backends.optimum_available():
         raise ExportError(
@@ -102,8 +109,13 @@ def export(
 
     scheduler = scheduler_config(pipeline, model)
     config = pipeline_config(pipeline, src.family, scheduler)
-    rewrite = _Rewrite(fuse, weights, vae_weights)
+    rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights)
     unet_pipeline = getattr(pipeline, "unet", None) is not None
+    if text_encoder_weights != "fp32" and not any(rewrite.streamed(src.family, n, m) for n, m in _t5s(pipeline)):
+        raise ExportError(
+            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX), which {src.spec} does not "
+            f"have; export without it"
+        )
     if vae_weights != "fp32" and not unet_pipeline:
         raise ExportError(
             f"--vae-weights {vae_weights} is calibrated on a UNet pipeline's samples; {src.family} is not supported "
@@ -144,13 +156,14 @@ def export(
     try:
         _write_static(pipeline, src, tmp, scheduler)
         try:
-            backend = backends.make(use_optimum, pipeline)
+            # a pipeline whose big components were not loaded exports the rest with plain torch.onnx
+            backend = backends.make(False if sources.has_meta(pipeline) else use_optimum, pipeline)
         except Exception as exc:
             raise ExportError(
                 f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
                 f"try the plain torch.onnx exporter (stepwise export --no-optimum)"
             ) from exc
-        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite)
+        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite, src)
         data = {
             "model_id": model.id if model else None,
             "family": src.family,
@@ -161,6 +174,7 @@ def export(
             "opset": opset,
             "precision": weights,
             "vae_precision": vae_weights,
+            "text_encoder_precision": text_encoder_weights,
             "exporter": backend.name,
             "components": entries,
             "config": config,
@@ -185,14 +199,25 @@ class _Rewrite:
     denoiser's weight precision, the VAE decoder's. ``trajectories``: component → (inputs, PyTorch outputs)
     recorded while the pipeline sampled, which calibrate and then measure a quantized graph."""
 
-    def __init__(self, fuse: bool, weights: str, vae_weights: str):
+    def __init__(self, fuse: bool, weights: str, vae_weights: str, text_encoder_weights: str = "fp32"):
         self.fuse, self.weights, self.vae_weights = fuse, weights, vae_weights
+        self.text_encoder_weights = text_encoder_weights
         self.trajectories: dict[str, list] = {}
 
     def precision(self, name: str) -> str:
         if name in DENOISERS:
             return self.weights
         return self.vae_weights if name == "vae_decoder" else "fp32"
+
+    @staticmethod
+    def streamed(family: str, name: str, module) -> bool:
+        """Exported by exporters.streaming: the transformers and text encoders of SD 3 and FLUX."""
+        return family in streaming.STREAMED_FAMILIES and streaming.streams(module)
+
+    def streamed_format(self, name: str, module) -> str:
+        if name in DENOISERS:
+            return self.weights
+        return self.text_encoder_weights if type(module).__name__ == "T5EncoderModel" else "fp32"
 
     def apply(self, name: str, kind: str, path: Path, say) -> dict:
         data_name = path.name + backends.DATA_SUFFIX
@@ -229,7 +254,11 @@ class _Rewrite:
         return "export with --weights fp32" if name in DENOISERS else "export with --vae-weights fp32"
 
 
-def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite) -> dict:
+def _t5s(pipeline):
+    return [(n, m) for n in TEXT_ENCODERS if type(m := getattr(pipeline, n, None)).__name__ == "T5EncoderModel"]
+
+
+def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:
     todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
     entries = {}
     while todo:
@@ -237,6 +266,12 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
         name, kind = component.name, component.kind
         path = folder / name / "model.onnx"
         params = component.params
+        if rewrite.streamed(src.family, name, component.module):
+            entries[name] = _export_streamed(component, folder, opset, say, rewrite, src)
+            del component
+            _release(pipeline, name, todo)
+            gc.collect()
+            continue
         say(f"exporting {name}")
         try:
             refs = validate.references(component)
@@ -287,6 +322,78 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
             entry["data_sha256"] = manifest_io.sha256_of(data)
         entries[name] = entry
     return entries
+
+
+def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:
+    """Trace on the meta device, write the weights one tensor at a time, validate (exporters.streaming)."""
+    name = component.name
+    path = folder / name / "model.onnx"
+    fmt = rewrite.streamed_format(name, component.module)
+    params = component.params
+    try:
+        checkpoint = streaming.weights_source(component.module, src.folder / name if src.folder else None)
+    except FileNotFoundError as exc:
+        raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None
+    bar = _Bar(say if params > BIG_COMPONENT else None, f"writing {name} ({_count(params)} parameters, {fmt})")
+    try:
+        say(f"exporting {name}: tracing on the meta device (no weights in memory)")
+        written = streaming.export(component, checkpoint, path, opset=opset, fmt=fmt, progress=bar)
+        tolerances = {"min_snr_db": weight_formats.MIN_SNR_DB[kind_of(component)][fmt]} if fmt != "fp32" else {}
+        say(f"validating {name} against PyTorch")
+        result = reduced.check(component, checkpoint, path, opset=opset, fmt=fmt, tolerances=tolerances)
+    except validate.ValidationFailed as exc:
+        flag = "--weights" if name in DENOISERS else "--text-encoder-weights"
+        fix = f"export with {flag} fp32" if fmt != "fp32" else "report it: the streamed graph differs from PyTorch"
+        raise ExportError(f"validating {name} failed: {exc}; {fix}") from None
+    except ExportError:
+        raise
+    except Exception as exc:
+        advice = _disk_advice(exc, folder) or "report it, with the checkpoint's config.json"
+        raise ExportError(f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); {advice}") from exc
+    finally:
+        checkpoint.close()
+    if "snr_db" in result:
+        measured = f"SNR {result['snr_db']:.1f} dB (minimum {result['min_snr_db']:g})"
+    else:
+        measured = f"max|diff| {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:.1e})"
+    say(f"validating {name} ({result['compared']}): {measured}")
+    graph = result.pop("graph")
+    data = path.with_name(path.name + backends.DATA_SUFFIX)
+    return {
+        "path": f"{name}/model.onnx",
+        "bytes": path.stat().st_size,
+        "sha256": manifest_io.sha256_of(path),
+        "params": params,
+        "inputs": graph["inputs"],
+        "outputs": graph["outputs"],
+        "validation": result,
+        "exporter": "torch.onnx dynamo, streamed (meta-device trace, weights written one tensor at a time)",
+        "weights": {"format": fmt, "detail": weight_formats.describe(fmt), "linear_weights": written.formats},
+        "data_path": f"{name}/{data.name}",
+        "data_bytes": data.stat().st_size,
+        "data_sha256": manifest_io.sha256_of(data),
+    }
+
+
+def kind_of(component) -> str:
+    return "denoiser" if component.name in DENOISERS else "text_encoder"
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.0f} M"
+
+
+class _Bar:
+    """Progress of the tensor-by-tensor weight writing (minutes for a big model): a line every 10%."""
+
+    def __init__(self, say, label: str):
+        self.say, self.label, self.shown = say, label, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if self.say is not None and tenth != self.shown:
+            self.shown = tenth
+            self.say(f"{self.label}: [{'#' * tenth}{'.' * (10 - tenth)}] {done}/{total} tensors")
 
 
 def _disk_advice(exc: BaseException, folder: Path) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import ExportError
 from .families import NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_COMPONENTS, family_of
+from .streaming import STREAMED_FAMILIES  # their transformer and text encoders are never loaded
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The weight files diffusers loads by default (no variant): model.safetensors, sharded ones and their index.
@@ -220,10 +221,38 @@ def load(source: Source):
     if source.kind == "hub":
         index = _read_index(hub_file(source.repo, "model_index.json"), source.spec)
         source.folder = hub_snapshot(source.repo, index)
-    return load_folder(source.folder, source.spec)
+    return load_folder(source.folder, source.spec, streamed=source.family in STREAMED_FAMILIES)
 
 
-def load_folder(folder: Path, label: str | None = None):
+def has_meta(pipeline) -> bool:
+    """Whether some component was left unloaded (on the meta device) for the streaming exporter."""
+    from .streaming import on_meta
+
+    return any(hasattr(m, "parameters") and on_meta(m) for m in pipeline.components.values() if m is not None)
+
+
+def _unloaded(folder: Path, index: dict) -> dict:
+    """The components exporters.streaming writes tensor by tensor, built on the meta device from their config
+    alone: the pipeline never holds their weights."""
+    import importlib
+
+    from .streaming import STREAMED_CLASSES, build
+
+    modules = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] not in STREAMED_CLASSES:
+            continue
+        library, cls_name = entry
+        cls = getattr(importlib.import_module(library), cls_name)
+        if library == "diffusers":
+            config = cls.load_config(str(folder / name))
+        else:
+            config = cls.config_class.from_pretrained(str(folder / name))
+        modules[name], _ = build(cls, config, meta_buffers=False)
+    return modules
+
+
+def load_folder(folder: Path, label: str | None = None, *, streamed: bool = False):
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -234,6 +263,8 @@ def load_folder(folder: Path, label: str | None = None):
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is not one of our stages
     try:
+        if streamed:
+            skip.update(_unloaded(folder, index))
         pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **skip)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -53,6 +53,33 @@ def references(component: Component) -> list[tuple[dict, dict]]:
     return result
 
 
+class Names:
+    """What ``check`` needs of a Component once its module is gone: the graph's input and output names."""
+
+    def __init__(self, component):
+        self.inputs, self.outputs = dict.fromkeys(component.inputs), dict.fromkeys(component.outputs)
+
+
+_ONNX_TYPES = {1: "float", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "double"}
+
+
+def graph_signature(path: Path) -> dict:
+    """``signature`` read from the graph file alone (no weights loaded, no session)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values):
+        out = {}
+        for v in values:
+            tensor = v.type.tensor_type
+            dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+            out[v.name] = {"dtype": _ONNX_TYPES.get(tensor.elem_type, str(tensor.elem_type)), "shape": dims}
+        return out
+
+    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+
+
 def signature(sess) -> dict:
     def describe(args):
         return {

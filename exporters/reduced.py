@@ -1,0 +1,114 @@
+"""Validating a streamed component against PyTorch without holding it: whole when small, else at reduced depth.
+
+A diffusion transformer or T5-XXL is a stack of identical blocks between an input and an output part. The
+reduced build is the same class with the stack cut to its first block(s) — everything outside the blocks
+and the kept blocks' weights read from the same checkpoint — exported by the same streaming code, then
+compared with PyTorch. What was compared is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import streaming, validate
+
+# class → the repeated stacks: (config key, state-dict prefix of its blocks, blocks kept from the start,
+# whether the last block is kept too: SD3's last joint block is built differently, context_pre_only)
+STACKS = {
+    "FluxTransformer2DModel": [
+        ("num_layers", "transformer_blocks", 1, False),
+        ("num_single_layers", "single_transformer_blocks", 1, False),
+    ],
+    "SD3Transformer2DModel": [("num_layers", "transformer_blocks", 1, True)],
+    "T5EncoderModel": [("num_layers", "encoder.block", 1, False)],
+    "CLIPTextModel": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
+    "CLIPTextModelWithProjection": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
+}
+
+
+def fp32_bytes(module) -> int:
+    return 4 * sum(p.numel() for p in module.parameters())
+
+
+def _get(config, key):
+    return config[key] if isinstance(config, dict) else getattr(config, key)
+
+
+def _set(config, key, value) -> None:
+    if isinstance(config, dict):
+        config[key] = value
+    else:
+        setattr(config, key, value)
+
+
+def plan(module):
+    """(reduced config, remap: reduced state-dict name → the full model's, description) of ``module``."""
+    cls = type(module).__name__
+    config = copy.deepcopy(streaming.config_of(module))
+    moves: list[tuple[str, dict[int, int]]] = []
+    kept = []
+    for key, prefix, first, keep_last in STACKS[cls]:
+        depth = int(_get(config, key))
+        sources = list(range(min(first, depth)))
+        if keep_last and depth - 1 not in sources:
+            sources.append(depth - 1)
+        _set(config, key, len(sources))
+        moves.append((prefix, dict(enumerate(sources))))
+        kept.append(f"{prefix} {sources} of {depth}")
+    patterns = [(re.compile(rf"^{re.escape(prefix)}\.(\d+)\."), table) for prefix, table in moves]
+
+    def remap(name: str) -> str:
+        for pattern, table in patterns:
+            match = pattern.match(name)
+            if match:
+                return f"{name[: match.start(1)]}{table[int(match.group(1))]}{name[match.end(1) :]}"
+        return name
+
+    return config, remap, "reduced depth: " + "; ".join(kept) + "; everything outside the blocks"
+
+
+def materialize(cls, config, checkpoint, remap=None):
+    """``cls`` built from ``config`` on the CPU with its weights (fp32) read from ``checkpoint``."""
+    import torch
+
+    module, buffers = streaming.build(cls, config, meta_buffers=False)
+    names = streaming.aliases(module)
+    state = {}
+    for name in module.state_dict():
+        if name not in buffers:  # parameters; buffers keep their constructed values, as the streamed graph
+            state[name] = torch.from_numpy(streaming.fetch(name, checkpoint, buffers, names, remap).copy())
+    module.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, p in module.named_parameters() if p.is_meta]
+    if left:
+        raise KeyError(f"the checkpoint has no tensor {left[0]!r}")
+    return module.eval()
+
+
+def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances: dict) -> dict:
+    """Validate the streamed graph at ``path`` of ``component`` (whose module may be on the meta device)."""
+    module = component.module
+    cls = type(module)
+    if fp32_bytes(module) <= streaming.FULL_VALIDATION_BYTES:
+        real = module if not streaming.on_meta(module) else materialize(cls, streaming.config_of(module), checkpoint)
+        refs = validate.references(component.rebuild(real))
+        del real
+        result = validate.check(component, path, refs, **tolerances)
+        result["compared"] = "whole"
+        return result
+    config, remap, what = plan(module)
+    small = component.rebuild(materialize(cls, config, checkpoint, remap))
+    refs = validate.references(small)
+    work = Path(tempfile.mkdtemp(prefix=".reduced-", dir=path.parent.parent))
+    try:
+        streaming.export(small, checkpoint, work / "model.onnx", opset=opset, fmt=fmt, remap=remap)
+        small = validate.Names(small)  # the graph's names only: the PyTorch module can go
+        result = validate.check(small, work / "model.onnx", refs, **tolerances)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["compared"] = what
+    result["graph"] = validate.graph_signature(path)
+    return result
