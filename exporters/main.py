@@ -369,6 +369,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         "validation": result,
         "exporter": "torch.onnx dynamo, streamed (meta-device trace, weights written one tensor at a time)",
         "weights": {"format": fmt, "detail": weight_formats.describe(fmt), "linear_weights": written.formats},
+        # the engine's memory estimate reads this: fused attention never materialises its scores
+        "fusion": {"multi_head_attention": written.fused_attention},
         "data_path": f"{name}/{data.name}",
         "data_bytes": data.stat().st_size,
         "data_sha256": manifest_io.sha256_of(data),

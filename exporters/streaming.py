@@ -21,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import attention
 from . import weights as weight_formats
 from .backends import DATA_SUFFIX, quiet
 
-MIN_DYNAMO_OPSET = 18  # the dynamo exporter's oldest opset
+# opset 23: scaled_dot_product_attention is traced as the Attention op, which attention.fuse turns into
+# ONNX Runtime's flash attention (the exporter's own minimum is 18)
+MIN_DYNAMO_OPSET = attention.OPSET
 ALIGNMENT = 4096  # tensor offsets in the data file: page-aligned, so onnxruntime can map them
 # Components this size or smaller in fp32 are validated whole against PyTorch; bigger ones on a reduced depth.
 FULL_VALIDATION_BYTES = 1_500_000_000
@@ -64,7 +67,7 @@ def build(cls, config, *, meta_buffers: bool = True):
             module = cls.from_config(config)
         else:  # transformers
             module = cls(config)
-    module.eval()
+    module.to(torch.float32).eval()  # a config's dtype (bf16 checkpoints say so) must not reach the graph
     buffers = {name: b.detach().clone() for name, b in module.named_buffers() if not b.is_meta}
     if meta_buffers:
         for sub in module.modules():
@@ -228,6 +231,7 @@ class Written:
     params: int  # parameters written
     bytes: int  # bytes of the data file
     formats: dict  # "fp32" / "int8" / "int4" → number of Linear weights in that format
+    fused_attention: int = 0  # Attention ops rewritten as MultiHeadAttention
 
 
 def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, remap=None, progress=None) -> Written:
@@ -294,8 +298,10 @@ def export(component, checkpoint, path: Path, *, opset: int, fmt: str, remap=Non
     names = aliases(module)
     model = trace(component, module, opset)
     del module
+    fused = attention.fuse(model)
     plan = weight_formats.plan(model, fmt)
     written = write(model, plan, checkpoint, buffers, names, path.parent, remap=remap, progress=progress)
+    written.fused_attention = fused
     if os.environ.get("STEPWISE_KEEP_TRACE"):  # debugging aid: the graph as traced
         _save(model, path.with_name("traced.onnx"))
     return written
