@@ -543,7 +543,14 @@ def prepare_component(
 
 
 def prepare(
-    folder: Path, out: Path, python: str, types: dict[str, str], *, shard_bytes: int = 2 * 2**30, force: bool = False
+    folder: Path,
+    out: Path,
+    python: str,
+    types: dict[str, str],
+    *,
+    shard_bytes: int = 2 * 2**30,
+    force: bool = False,
+    t5: str = "auto",
 ) -> tuple[dict, list[dict]]:
     """The files stable-diffusion.cpp loads for ``folder`` (StableDiffusion kwargs), made under ``out``
     (reused when their sources, type and shard size are unchanged), and a record of each conversion."""
@@ -562,8 +569,10 @@ def prepare(
                 raise SystemExit(f"{folder}: {why} (--force tries anyway)")
         if role == "t5":
             blocks = len(_blocks(tensors, "encoder.block."))
-            if blocks != T5_BLOCKS:
-                notes["t5"] = f"omitted: {blocks} blocks, stable-diffusion.cpp's T5-XXL has {T5_BLOCKS} fixed"
+            if t5 == "omit" or (t5 == "auto" and blocks != T5_BLOCKS):
+                notes["t5"] = f"omitted: {blocks} blocks" + (
+                    f", stable-diffusion.cpp's T5-XXL has {T5_BLOCKS} fixed" if blocks != T5_BLOCKS else " (--t5 omit)"
+                )
                 _progress(f"{component}: {notes['t5']}")
                 continue
         kind_type = types[role]
@@ -585,10 +594,21 @@ def prepare(
 
 
 def generate(
-    prepared: dict, out: Path, python: str, *, size: int, steps: int, threads: int, cfg: float | None, seed: int
+    prepared: dict,
+    out: Path,
+    python: str,
+    *,
+    size: int,
+    steps: int,
+    threads: int,
+    cfg: float | None,
+    seed: int,
+    vae_tiling: bool = False,
+    model_args: dict | None = None,
+    image_args: dict | None = None,
 ) -> dict:
     kind = prepared["kind"]
-    model = {**prepared["paths"], "n_threads": threads, "vae_decode_only": True, "verbose": True}
+    model = {**prepared["paths"], "n_threads": threads, "vae_decode_only": True, "verbose": True, **(model_args or {})}
     image = {
         "prompt": PROMPT,
         "width": size,
@@ -597,6 +617,8 @@ def generate(
         "sample_method": "euler",
         "cfg_scale": CFG_SCALE[kind] if cfg is None else cfg,
         "seed": seed,
+        "vae_tiling": vae_tiling,
+        **(image_args or {}),
     }
     cmd = [python, str(WORKER), "generate", json.dumps({"model": model, "image": image})]
     log = out / f"generate-{size}.log"
@@ -619,6 +641,7 @@ def generate(
         "params_mb": float(params[-1]) if params else None,
         "progress": result["progress"],
         "cfg_scale": image["cfg_scale"],
+        "vae_tiling": vae_tiling,
         "command": shlex.join(cmd),
         "log": str(log),
     }
@@ -647,6 +670,19 @@ def _types(text: str) -> dict[str, str]:
     return types
 
 
+def _kwargs(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"'{item}': KEY=JSON expected")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.sdcpp",
@@ -665,6 +701,21 @@ def main(argv: list[str] | None = None) -> None:
         "--shard-gib", type=float, default=2.0, help="the transformer is rewritten and converted this much at a time"
     )
     parser.add_argument("--force", action="store_true", help="try a transformer stable-diffusion.cpp cannot load")
+    parser.add_argument(
+        "--t5",
+        choices=("auto", "include", "omit"),
+        default="auto",
+        help="auto: T5-XXL only with its 24 blocks (stable-diffusion.cpp's are fixed)",
+    )
+    parser.add_argument("--vae-tiling", action="store_true", help="stable-diffusion.cpp's tiled VAE decode")
+    parser.add_argument(
+        "--sd",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a StableDiffusion(...) argument, e.g. flash_attn=true",
+    )
+    parser.add_argument("--gen", action="append", default=[], metavar="KEY=JSON", help="a generate_image(...) argument")
     parser.add_argument("--convert-only", action="store_true")
     args = parser.parse_args(argv)
 
@@ -672,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out.resolve()
     types = _types(args.types)
     prepared, records = prepare(
-        folder, out, args.python, types, shard_bytes=int(args.shard_gib * 2**30), force=args.force
+        folder, out, args.python, types, shard_bytes=int(args.shard_gib * 2**30), force=args.force, t5=args.t5
     )
     marker = folder / "bench-complete.json"
     model = json.loads(marker.read_text()).get("model") if marker.exists() else folder.name
@@ -703,6 +754,9 @@ def main(argv: list[str] | None = None) -> None:
                 steps=args.steps,
                 threads=args.threads,
                 cfg=args.cfg_scale,
+                vae_tiling=args.vae_tiling,
+                model_args=_kwargs(args.sd),
+                image_args=_kwargs(args.gen),
                 seed=args.seed,
             )
             line = json.dumps(
