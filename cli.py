@@ -314,7 +314,7 @@ def models_cmd(as_json):
         return
     header = (
         f"{'#':>2}  {'id':<15} {'family':<12} {'default':>7} {'recomm.':>8} {'min-max':>8}  {'guid.':>5}  "
-        f"{'size':>9}  exported"
+        f"{'size':>9}  {'GB fp32/int8/int4':>17}  exported"
     )
     click.echo(header)
     click.echo("-" * len(header) + "-" * 20)
@@ -327,9 +327,17 @@ def models_cmd(as_json):
         click.echo(
             f"{r['menu']:>2}  {r['id']:<15} {r['family']:<12} {r['default_steps']:>7} {f'{lo}-{hi}':>8} "
             f"{str(r['min_steps']) + '-' + str(r['max_useful_steps']):>8}  {guidance:>5}  "
-            f"{str(r['width']) + 'x' + str(r['height']):>9}  {state}"
+            f"{str(r['width']) + 'x' + str(r['height']):>9}  {_memory_column(r['memory_mb']):>17}  {state}"
         )
-    click.echo(f"\nExported models live in {registry.models_home()} (set STEPWISE_HOME to move them).")
+    click.echo(
+        "\nGB: the memory a generation needs at the default size with the phased policy (--low-memory), the "
+        "denoiser and T5 in each weight format (export --weights / --text-encoder-weights); '-': no such export."
+    )
+    click.echo(f"Exported models live in {registry.models_home()} (set STEPWISE_HOME to move them).")
+
+
+def _memory_column(memory: dict) -> str:
+    return "/".join("-" if memory[f] is None else f"{memory[f] / 1024:.0f}" for f in ("fp32", "int8", "int4"))
 
 
 @main_group.command("export")

@@ -36,8 +36,11 @@ def fuse(model) -> int:
         if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
             continue
         inputs = [v for v in node.inputs]
-        if len(inputs) > 3 and any(v is not None for v in inputs[3:]) or len(node.outputs) > 1 and any(
-            out.uses() for out in node.outputs[1:]
+        if (
+            len(inputs) > 3
+            and any(v is not None for v in inputs[3:])
+            or len(node.outputs) > 1
+            and any(out.uses() for out in node.outputs[1:])
         ):
             continue  # a mask, a KV cache or extra outputs
         attrs = node.attributes

@@ -95,6 +95,11 @@ def export(
     # parts are fetched before the pipeline is loaded: a missing file fails in a second, not minutes
     unet_file = parts.fetch(unet_spec, "UNet") if unet_spec else None
     lora_file = parts.fetch(lora, "LoRA") if lora else None
+    if (unet_file or lora_file) and src.kind != "tiny" and src.family in streaming.STREAMED_FAMILIES:
+        raise ExportError(
+            f"--{'lora' if lora_file else 'unet'} needs the weights in memory, and {src.family} checkpoints are "
+            f"exported without loading them; fuse it into the checkpoint first (diffusers: fuse_lora, save_pretrained)"
+        )
     say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
     with backends.quiet():
         pipeline = sources.load(src)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from . import footprint
+
 DATA = Path(__file__).with_name("models.json")
 
 
@@ -53,6 +55,9 @@ class Model:
     # how image-to-image counts the steps that run, when the model's sampler differs from its family's: LCM's
     # scheduler takes strength into its own schedule and runs every step ("all")
     strength_steps: str | None = None
+    # the engine's activation estimate for the denoiser at the default size, batch as the policy runs it
+    # (registry/footprint.py); None where no engine runs the model yet
+    activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}
 
     @property
     def few_step(self) -> bool:
@@ -88,7 +93,12 @@ class Model:
             "params_m": dict(self.params_m),
             "parts": dict(self.parts),
             "scheduler": self.scheduler.get("_class_name"),
+            "memory_mb": {fmt: _round(footprint.need_mb(self, fmt)) for fmt in footprint.FORMATS},
         }
+
+
+def _round(mb: float | None) -> int | None:
+    return None if mb is None else int(round(mb))
 
 
 @lru_cache(maxsize=1)

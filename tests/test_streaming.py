@@ -204,3 +204,10 @@ def test_quantized_denoiser_and_t5_fidelity(exported_tiny, family):
 def test_text_encoder_weights_refused_without_t5(tmp_path):
     with pytest.raises(exporters.ExportError, match="applies to T5-XXL"):
         exporters.export("tiny:sd15", out=tmp_path / "x", text_encoder_weights="int8", progress=None)
+
+
+def test_lora_on_a_streamed_checkpoint_is_refused_before_loading(flux_bf16_folder, tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"not read")
+    with pytest.raises(exporters.ExportError, match="fuse it into the checkpoint first"):
+        exporters.export(str(flux_bf16_folder), out=tmp_path / "x", lora=str(lora), progress=None)

@@ -1,0 +1,45 @@
+"""What a model needs in memory per weight format, before anything is exported: `stepwise models`' column.
+
+Weights are the registry's parameter counts times the bytes a parameter takes in each format. The formats
+apply to the denoiser and to T5-XXL (``--weights``, ``--text-encoder-weights``); CLIP and the VAE stay fp32.
+int8 and int4 are block-wise with a float32 scale per 128 weights (exporters/weights.py): 8.25 and 4.25 bits.
+A UNet's int8 keeps ~1 byte a weight (int8 convolutions and MatMuls); its int4 only shrinks the MatMuls, so
+no figure is given.
+
+The need is the phased policy's peak at the model's default size (engine/memory.py): the largest of the
+text-encoder phase, the denoiser phase (its weights plus ``activations_mb["denoiser"]``) and the decode phase
+(the VAE's weights plus ``activations_mb["decode"]``, untiled), plus the runtime's overhead. The activations
+are the engine's own estimate (``engine.memory.activation_mb``) for each model's real config at that size,
+with the batch its guidance runs and the attention fused, as exports now are. Measured peaks against these
+figures are in docs/benchmarks.md ("Big models at full size").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models import Model
+
+BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 128}
+FORMATS = tuple(BYTES_PER_PARAM)
+WEIGHTS_FACTOR = 1.05  # loaded weights cost about their file size (engine/memory.py)
+OVERHEAD_MB = 200.0
+T5_PARAMS_M = 4762  # T5-XXL's encoder: the text encoder the formats apply to
+
+
+def _mb(params_m: float, fmt: str) -> float:
+    return params_m * 1e6 * BYTES_PER_PARAM[fmt] * WEIGHTS_FACTOR / 2**20
+
+
+def need_mb(model: Model, fmt: str) -> float | None:
+    """The phased peak at the default size with the denoiser and T5 in ``fmt``; None when not meaningful."""
+    denoiser = "unet" if "unet" in model.params_m else "transformer"
+    if denoiser == "unet" and fmt == "int4" or model.activations_mb is None:
+        return None
+    text = sum(
+        _mb(p, fmt if p == T5_PARAMS_M else "fp32") for n, p in model.params_m.items() if n.startswith("text_encoder")
+    )
+    denoise = _mb(model.params_m[denoiser], fmt) + model.activations_mb["denoiser"]
+    decode = _mb(model.params_m["vae"], "fp32") + model.activations_mb["decode"]
+    return max(text, denoise, decode) + OVERHEAD_MB

@@ -1,0 +1,51 @@
+"""`stepwise models`' memory column (registry/footprint.py) against the arithmetic done by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+import registry
+from registry import footprint
+
+MB = 2**20
+
+
+def test_flux_schnell_int4_is_its_denoiser_phase():
+    model = registry.get("flux-schnell")
+    # transformer 11,901 M parameters at 4.25 bits (0.5 byte + a float32 scale per 128), x1.05 once loaded,
+    # plus the engine's activation estimate at 1024x1024 (1,224 MB), plus 200 MB of runtime
+    transformer = 11_901e6 * (0.5 + 4 / 128) * 1.05 / MB + 1224
+    # CLIP-L fp32 + T5-XXL int4: smaller, so the transformer phase is the peak
+    text = (123e6 * 4 + 4_762e6 * (0.5 + 4 / 128)) * 1.05 / MB
+    assert transformer > text
+    assert footprint.need_mb(model, "int4") == pytest.approx(transformer + 200)
+
+
+def test_sd3_medium_fp32_is_its_text_phase():
+    model = registry.get("sd3-medium")
+    text = (123e6 + 695e6 + 4_762e6) * 4 * 1.05 / MB  # CLIP-L, CLIP-G, T5-XXL, all fp32
+    assert footprint.need_mb(model, "fp32") == pytest.approx(text + 200)
+
+
+def test_unet_int4_has_no_figure_and_unexportable_models_none():
+    assert footprint.need_mb(registry.get("sd15"), "int4") is None
+    assert footprint.need_mb(registry.get("qwen-image"), "int4") is None
+    sdxl = registry.get("sdxl")  # int8: the UNet at ~1 byte a weight; the 1024x1024 decode then dominates
+    decode = 84e6 * 4 * 1.05 / MB + sdxl.activations_mb["decode"]
+    assert footprint.need_mb(sdxl, "int8") == pytest.approx(
+        max(decode, 2567e6 * (1 + 4 / 128) * 1.05 / MB + 1120) + 200
+    )
+
+
+def test_models_command_shows_memory_per_format():
+    result = CliRunner().invoke(cli.main_group, ["models"])
+    assert result.exit_code == 0
+    flux = next(line for line in result.output.splitlines() if " flux-schnell " in line)
+    need = [footprint.need_mb(registry.get("flux-schnell"), f) / 1024 for f in ("fp32", "int8", "int4")]
+    assert "/".join(f"{gb:.0f}" for gb in need) in flux
+    rows = json.loads(CliRunner().invoke(cli.main_group, ["models", "--json"]).output)
+    assert {r["id"]: r["memory_mb"]["int4"] for r in rows}["sd15"] is None
