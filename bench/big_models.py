@@ -80,7 +80,9 @@ def bench_model(
         if not (source / random_model.DONE).is_file():
             say(f"writing random:{model} → {source}")
             built = run([sys.executable, "-m", "bench.random_weights", model, "--out", str(source)], root / "build.log")
-            save("build", {**built, "disk_gb": round(folder_bytes(source) / 2**30, 2)})
+            save("build", {**built, "disk_gb": round(folder_bytes(source) / 2**30, 2) if source.is_dir() else 0})
+            if built["rc"] != 0:
+                return
         say(f"exporting {source} ({weights}, T5 {text_weights}) → {out}")
         cmd = [*stepwise, "export", str(source), "--model", model, "--out", str(out), "--weights", weights]
         exported = run([*cmd, "--text-encoder-weights", text_weights], root / f"export-{model}.log")

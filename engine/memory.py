@@ -33,6 +33,10 @@ from .vae import Tiling, vae_layout
 # weights, 3.5 GB at its first load, which also writes the graph cache (docs/benchmarks.md), before any
 # activation. Activations are estimated on top, per size (below).
 WEIGHTS_FACTOR = 1.05
+# 4-bit MatMulNBits weights cost more once loaded: ONNX Runtime repacks them for its int8-dot-product kernel. The
+# full-size FLUX.1 int4 transformer (6.07 GB file) held 7.4-7.7 GB (docs/benchmarks.md, "Big models at full
+# size"); int8 ones (T5-XXL, 4.94 GiB) held about their file size.
+INT4_WEIGHTS_FACTOR = 1.25
 OVERHEAD_MB = 200.0  # the interpreter, onnxruntime, tokenizers, numpy (the CLI on a tiny model peaks at 135-150 MB)
 MB = 2**20
 FLOAT = 4
@@ -72,7 +76,13 @@ def available_memory_mb() -> float | None:
 
 
 def weights_mb(manifest, components) -> float:
-    return manifest.weights_bytes(components) / MB * WEIGHTS_FACTOR
+    return sum(manifest.weights_bytes([name]) / MB * _weights_factor(manifest, name) for name in components)
+
+
+def _weights_factor(manifest, name: str) -> float:
+    entry = manifest.components.get(name) or {}
+    fmt = (entry.get("weights") or {}).get("format")
+    return INT4_WEIGHTS_FACTOR if fmt == "int4" else WEIGHTS_FACTOR
 
 
 def estimate_mb(manifest, components) -> float:

@@ -30,7 +30,8 @@ from .backends import DATA_SUFFIX, quiet
 MIN_DYNAMO_OPSET = attention.OPSET
 ALIGNMENT = 4096  # tensor offsets in the data file: page-aligned, so onnxruntime can map them
 # Components this size or smaller in fp32 are validated whole against PyTorch; bigger ones on a reduced depth.
-FULL_VALIDATION_BYTES = 1_500_000_000
+# STEPWISE_FULL_VALIDATION_BYTES overrides it (0: every component on a reduced depth, as the depth test runs).
+FULL_VALIDATION_BYTES = int(os.environ.get("STEPWISE_FULL_VALIDATION_BYTES", 1_500_000_000))
 # The component classes exported this way: diffusion transformers and their text encoders.
 STREAMED_CLASSES = (
     "FluxTransformer2DModel",

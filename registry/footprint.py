@@ -23,13 +23,13 @@ if TYPE_CHECKING:
 
 BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 128}
 FORMATS = tuple(BYTES_PER_PARAM)
-WEIGHTS_FACTOR = 1.05  # loaded weights cost about their file size (engine/memory.py)
+WEIGHTS_FACTOR = {"fp32": 1.05, "int8": 1.05, "int4": 1.25}  # once loaded, of the file size (engine/memory.py)
 OVERHEAD_MB = 200.0
 T5_PARAMS_M = 4762  # T5-XXL's encoder: the text encoder the formats apply to
 
 
 def _mb(params_m: float, fmt: str) -> float:
-    return params_m * 1e6 * BYTES_PER_PARAM[fmt] * WEIGHTS_FACTOR / 2**20
+    return params_m * 1e6 * BYTES_PER_PARAM[fmt] * WEIGHTS_FACTOR[fmt] / 2**20
 
 
 def need_mb(model: Model, fmt: str) -> float | None:

@@ -71,11 +71,18 @@ def test_activations_grow_with_the_size_and_the_guidance_batch(exported_tiny, sd
     unet = {s: activation_mb(m, "unet", s, s, batch=2) for s in (128, 256)}
     assert unet[256] / unet[128] == pytest.approx(4.0)
     assert activation_mb(m, "unet", 256, 256, batch=1) == pytest.approx(unet[256] / 2)
-    # SD3's transformer is not fused: its joint attention (image + 333 text tokens) dominates and is quadratic
+    # SD3's transformer attention is fused (exporters/attention.py: MultiHeadAttention): linear in the tokens
+    # (image + 333 text tokens); unfused, the joint attention's scores would dominate and be quadratic
     sd3 = manifest_format.read(exported_tiny("sd3"))
     assert sd3.config["denoiser_attention"]["joint_tokens"] == 333
+    assert sd3.components["transformer"]["fusion"]["multi_head_attention"] > 0
     ratio = activation_mb(sd3, "transformer", 512, 512) / activation_mb(sd3, "transformer", 256, 256)
-    assert 10 < ratio < 16
+    stride, scale = sd3.config["denoiser_attention"]["stride"], sd3.config["vae_scale_factor"]
+    tokens = {s: (s // scale // stride) ** 2 + 333 for s in (256, 512)}
+    assert ratio == pytest.approx(tokens[512] / tokens[256])
+    sd3.components["transformer"]["fusion"]["multi_head_attention"] = 0
+    unfused = activation_mb(sd3, "transformer", 512, 512) / activation_mb(sd3, "transformer", 256, 256)
+    assert 10 < unfused < 16
 
 
 def test_the_reported_case_is_estimated_at_its_activations(sd15):
