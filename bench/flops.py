@@ -91,6 +91,40 @@ def _all_resolved(model, table) -> bool:
     return all(table.get(o) for n in model.graph.node if n.op_type in MATMUL_OPS | CONV_OPS for o in n.output)
 
 
+def _constant(node):
+    """A Constant node's value: ``value`` (a tensor) or, as the dynamo exporter writes small ones, ``value_int(s)`` /
+    ``value_float(s)``; None for a sparse or string constant."""
+    from onnx import helper, numpy_helper
+
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name in ("value_int", "value_ints"):
+        return np.array(helper.get_attribute_value(attr), dtype=np.int64)
+    if attr.name in ("value_float", "value_floats"):
+        return np.array(helper.get_attribute_value(attr), dtype=np.float32)
+    return None
+
+
+def _contrib_shapes(model, table) -> int:
+    """Output shapes onnx's inference does not know for com.microsoft ops: MultiHeadAttention's output has its
+    query's shape (batch, tokens, hidden), as the streamed transformers use it. Written as value_info (kept
+    through the next inference); returns how many are new."""
+    from onnx import TensorProto, helper
+
+    added = 0
+    for node in model.graph.node:
+        if node.op_type != "MultiHeadAttention" or not table.get(node.input[0]):
+            continue
+        if not table.get(node.output[0]):
+            table[node.output[0]] = list(table[node.input[0]])
+            added += 1
+        model.graph.value_info.append(
+            helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, table[node.output[0]])
+        )
+    return added
+
+
 def _fold_shape_arithmetic(model, table) -> int:
     """Replace, in place, ``Shape`` of tensors whose shape is known and small integer arithmetic on constants
     by initializers (evaluated with onnx's reference evaluator). Returns how many nodes were folded."""
@@ -103,7 +137,7 @@ def _fold_shape_arithmetic(model, table) -> int:
     for node in model.graph.node:
         out = None
         if node.op_type == "Constant":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].t else None
+            values[node.output[0]] = _constant(node)
         elif node.op_type == "Shape" and table.get(node.input[0]) is not None:
             dims = np.array(table[node.input[0]], dtype=np.int64)
             start, end = _attr(node, "start", 0), _attr(node, "end", None)
@@ -143,9 +177,10 @@ def infer_shapes(model, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, l
     for _ in range(6):  # fold what is now known, infer again, while that resolves more
         if _all_resolved(inferred, table):
             return table
-        if not _fold_shape_arithmetic(concrete, table):
-            break
+        folded = _fold_shape_arithmetic(concrete, table)
         del concrete.graph.value_info[:]
+        if not folded + _contrib_shapes(concrete, table):
+            break
         inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
         table = {**table, **{k: v for k, v in _shape_table(inferred).items() if v}}
     if _all_resolved(inferred, table):

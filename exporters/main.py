@@ -116,7 +116,7 @@ def export(
     config = pipeline_config(pipeline, src.family, scheduler)
     rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights)
     unet_pipeline = getattr(pipeline, "unet", None) is not None
-    if text_encoder_weights != "fp32" and not any(rewrite.streamed(src.family, n, m) for n, m in _t5s(pipeline)):
+    if text_encoder_weights != "fp32" and not any(rewrite.streamed(src.family, m) for m in _t5s(pipeline)):
         raise ExportError(
             f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX), which {src.spec} does not "
             f"have; export without it"
@@ -215,7 +215,7 @@ class _Rewrite:
         return self.vae_weights if name == "vae_decoder" else "fp32"
 
     @staticmethod
-    def streamed(family: str, name: str, module) -> bool:
+    def streamed(family: str, module) -> bool:
         """Exported by exporters.streaming: the transformers and text encoders of SD 3 and FLUX."""
         return family in streaming.STREAMED_FAMILIES and streaming.streams(module)
 
@@ -259,8 +259,9 @@ class _Rewrite:
         return "export with --weights fp32" if name in DENOISERS else "export with --vae-weights fp32"
 
 
-def _t5s(pipeline):
-    return [(n, m) for n in TEXT_ENCODERS if type(m := getattr(pipeline, n, None)).__name__ == "T5EncoderModel"]
+def _t5s(pipeline) -> list:
+    modules = [getattr(pipeline, name, None) for name in TEXT_ENCODERS]
+    return [m for m in modules if type(m).__name__ == "T5EncoderModel"]
 
 
 def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:
@@ -271,7 +272,7 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
         name, kind = component.name, component.kind
         path = folder / name / "model.onnx"
         params = component.params
-        if rewrite.streamed(src.family, name, component.module):
+        if rewrite.streamed(src.family, component.module):
             entries[name] = _export_streamed(component, folder, opset, say, rewrite, src)
             del component
             _release(pipeline, name, todo)
@@ -373,6 +374,7 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         "outputs": graph["outputs"],
         "validation": result,
         "exporter": "torch.onnx dynamo, streamed (meta-device trace, weights written one tensor at a time)",
+        "opset": max(opset, streaming.MIN_DYNAMO_OPSET),
         "weights": {"format": fmt, "detail": weight_formats.describe(fmt), "linear_weights": written.formats},
         # the engine's memory estimate reads this: fused attention never materialises its scores
         "fusion": {"multi_head_attention": written.fused_attention},

@@ -3,9 +3,9 @@
 The module is rebuilt on the meta device (parameters without storage) and traced with the dynamo exporter
 (``torch.onnx.export(dynamo=True)``), so tracing costs no weight memory whatever the model's size. The graph's
 initializers are then written into ``model.onnx_data`` one tensor at a time, read from the checkpoint
-(safetensors shards, memory-mapped, or a module already in memory) and converted on the way: fp32, or each
-Linear weight block-quantized into a ``MatMulNBits`` node (``weights.py``). The peak is the traced graph plus
-one tensor, whatever the depth of the model.
+(safetensors shards with plain reads, or a module already in memory) and converted on the way: fp32, or each
+Linear weight block-quantized into a ``MatMulNBits`` node (``weights.py``); attention is fused on the way
+(``attention.py``). The peak is the traced graph plus one tensor, whatever the depth of the model.
 
 Validation cannot hold a 12 B-parameter model in PyTorch either (``reduced.py``): a component over
 ``FULL_VALIDATION_BYTES`` in fp32 is compared on a reduced-depth build of the same class, its blocks' weights
@@ -32,7 +32,8 @@ ALIGNMENT = 4096  # tensor offsets in the data file: page-aligned, so onnxruntim
 # Components this size or smaller in fp32 are validated whole against PyTorch; bigger ones on a reduced depth.
 # STEPWISE_FULL_VALIDATION_BYTES overrides it (0: every component on a reduced depth, as the depth test runs).
 FULL_VALIDATION_BYTES = int(os.environ.get("STEPWISE_FULL_VALIDATION_BYTES", 1_500_000_000))
-# The component classes exported this way: diffusion transformers and their text encoders.
+# The component classes exported this way, in the families whose checkpoints are never loaded whole (the UNet
+# families still load theirs: their int8 calibration samples the whole pipeline).
 STREAMED_CLASSES = (
     "FluxTransformer2DModel",
     "SD3Transformer2DModel",
@@ -40,8 +41,6 @@ STREAMED_CLASSES = (
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
 )
-
-
 STREAMED_FAMILIES = ("sd3", "flux")
 
 
