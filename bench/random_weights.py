@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from registry.files import replace_folder
+
 from . import random_model
 
 CHUNK = 1 << 22  # values generated, converted and written at a time (16 MB of float32)
@@ -281,21 +283,6 @@ def _reclaim(folder: Path, progress) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.rename(tmp, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
-    os.rmdir(old)
-    os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30, progress=print) -> Path:
     """Write the random pipeline of ``family`` (``flux-schnell``, ``sd3-medium@u1``...) as a diffusers folder
     that ``DiffusionPipeline.from_pretrained(folder)`` loads: ``model_index.json``, the registry model's
@@ -342,7 +329,7 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
             )
         marker = {"model": f"random:{family}", "seed": seed, "dtype": "bfloat16", "writer": "bench.random_weights"}
         (tmp / random_model.DONE).write_text(json.dumps(marker) + "\n")
-        _move_into_place(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

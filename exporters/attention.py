@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .weights import replace_node
+
 OPSET = 23  # the first with the standard Attention op
 
 
@@ -65,15 +67,8 @@ def fuse(model) -> int:
         graph.register_initializer(split)
         back = ir.node("Reshape", [mha.outputs[0], split])
         out = ir.node("Transpose", [back.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
-        graph.insert_before(node, [mha, back, out])
-        old = node.outputs[0]
-        new = out.outputs[0]
-        new.name, old.name = old.name, f"{old.name}.unfused"
-        new.shape, new.type = old.shape, old.type
-        if old.is_graph_output():
-            graph.outputs[graph.outputs.index(old)] = new
-        old.replace_all_uses_with(new)
-        graph.remove(node, safe=True)
+        graph.insert_before(node, [mha, back])
+        replace_node(graph, node, out)
         count += 1
     if count:
         model.opset_imports.setdefault("com.microsoft", 1)

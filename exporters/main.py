@@ -21,6 +21,7 @@ from pathlib import Path
 
 import registry
 from registry import manifest as manifest_io
+from registry.files import replace_folder
 from registry.pipelines import T5_SEQUENCE_LENGTH
 
 from . import backends, calibrate, components, optimize, parts, quantize, reduced, sources, streaming, validate
@@ -188,7 +189,7 @@ def export(
             "export_seconds": round(time.monotonic() - started, 1),
         }
         manifest_io.write(tmp, data)
-        _move_into_place(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -710,21 +711,6 @@ def reclaim_leftovers(folder: Path) -> tuple[int, int] | None:
         shutil.rmtree(child, ignore_errors=True)
         count += 1
     return (count, size) if count else None
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.rename(tmp, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
-    os.rmdir(old)
-    os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict:

@@ -140,7 +140,7 @@ def plan(model, fmt: str) -> Plan:
             replacement = ir.node(
                 "MatMulNBits", inputs, attributes=attrs, domain="com.microsoft", name=f"{node.name}_nbits"
             )
-            _replace(graph, node, replacement)
+            replace_node(graph, node, replacement)
             result.jobs.append(Job(name.removeprefix(PREFIX), [q, scales], fmt))
         result.formats[fmt] = result.formats.get(fmt, 0) + 1
         claimed.add(name)
@@ -186,7 +186,8 @@ def _linear_weight(node):
     return None
 
 
-def _replace(graph, old, new) -> None:
+def replace_node(graph, old, new) -> None:
+    """``new`` (one output) in ``old``'s place: inserted before it, taking its output's name, shape and uses."""
     graph.insert_before(old, new)
     out, replacement = old.outputs[0], new.outputs[0]
     replacement.name, out.name = out.name, f"{out.name}.replaced"

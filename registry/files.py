@@ -74,3 +74,20 @@ def _mode_for(path: Path) -> int:
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``, replacing an earlier one only once the new one is in
+    place (the earlier one waits as ``.NAME.old-PID-*`` and comes back if the rename fails)."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
+    os.rmdir(old)
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
