@@ -13,29 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import random_model
+from .sdcpp import run_child  # one child runner for both engines: wall time and wait4's peak RSS
 
 
 def run(cmd: list[str], log: Path) -> dict:
     """Run ``cmd``, its output to ``log``; wall seconds, peak RSS (MB) and exit status."""
-    started = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "seconds": round(time.monotonic() - started, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: kilobytes
-        "rc": proc.returncode,
-    }
+    rc, seconds, peak_mb, _ = run_child(cmd, log)
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "rc": rc}
 
 
 def folder_bytes(folder: Path) -> int:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.files import replace_folder
+from registry.files import process_alive, replace_folder
 
 from . import random_model
 
@@ -263,22 +263,12 @@ def _tokenizer(kind: str):
     return clip_tokenizer(pad_token="!") if kind == "clip-g" else clip_tokenizer()  # CLIP-G pads with "!"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _reclaim(folder: Path, progress) -> None:
     """Remove the temporary siblings ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` of killed builds of ``folder``."""
     pattern = re.compile(rf"^\.{re.escape(folder.name)}\.(tmp|old)-(\d+)-[^/]+$")
     for child in folder.parent.iterdir():
         match = pattern.match(child.name)
-        if match and child.is_dir() and not _alive(int(match.group(2))):
+        if match and child.is_dir() and not process_alive(int(match.group(2))):
             progress(f"removing {child} (left by a killed build)")
             shutil.rmtree(child, ignore_errors=True)
 

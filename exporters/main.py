@@ -21,7 +21,7 @@ from pathlib import Path
 
 import registry
 from registry import manifest as manifest_io
-from registry.files import replace_folder
+from registry.files import process_alive, replace_folder
 from registry.pipelines import T5_SEQUENCE_LENGTH
 
 from . import backends, calibrate, components, optimize, parts, quantize, reduced, sources, streaming, validate
@@ -295,6 +295,7 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
             advice = _disk_advice(exc, folder) or _other_exporter(backend)
             raise ExportError(f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); {advice}") from exc
         # free the PyTorch module before onnxruntime loads the graph
+        names = validate.Names(component)
         backend.release(name)
         del component
         _release(pipeline, name, todo)
@@ -303,31 +304,12 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
         rewritten = rewrite.apply(name, kind, path, say)
         tolerances = rewrite.tolerances(name)
         try:
-            result = validate.check(_Contract(refs), path, refs, **tolerances)
+            result = validate.check(names, path, refs, **tolerances)
         except validate.ValidationFailed as exc:
             fix = rewrite.fix(name) if tolerances else _other_exporter(backend)
             raise ExportError(f"validating {name} failed: {exc}; {fix}") from None
-        if "snr_db" in result:
-            say(f"validating {name}: SNR {result['snr_db']:.1f} dB against PyTorch (minimum {result['min_snr_db']:g})")
-        else:
-            say(f"validating {name}: max|diff| {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:.1e})")
-        graph = result.pop("graph")
-        entry = {
-            "path": f"{name}/model.onnx",
-            "bytes": path.stat().st_size,
-            "sha256": manifest_io.sha256_of(path),
-            "params": params,
-            "inputs": graph["inputs"],
-            "outputs": graph["outputs"],
-            "validation": result,
-            **rewritten,
-        }
-        data = path.with_name(path.name + backends.DATA_SUFFIX)
-        if data.is_file():
-            entry["data_path"] = f"{name}/{data.name}"
-            entry["data_bytes"] = data.stat().st_size
-            entry["data_sha256"] = manifest_io.sha256_of(data)
-        entries[name] = entry
+        say(f"validating {name}: {_measured(result)}")
+        entries[name] = {**_entry(name, path, params, result), **rewritten}
     return entries
 
 
@@ -359,14 +341,28 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         raise ExportError(f"exporting {name} failed ({type(exc).__name__}: {_first_line(exc)}); {advice}") from exc
     finally:
         checkpoint.close()
-    if "snr_db" in result:
-        measured = f"SNR {result['snr_db']:.1f} dB (minimum {result['min_snr_db']:g})"
-    else:
-        measured = f"max|diff| {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:.1e})"
-    say(f"validating {name} ({result['compared']}): {measured}")
-    graph = result.pop("graph")
-    data = path.with_name(path.name + backends.DATA_SUFFIX)
+    say(f"validating {name} ({result['compared']}): {_measured(result)}")
     return {
+        **_entry(name, path, params, result),
+        "exporter": "torch.onnx dynamo, streamed (meta-device trace, weights written one tensor at a time)",
+        "opset": max(opset, streaming.MIN_DYNAMO_OPSET),
+        "weights": {"format": fmt, "detail": weight_formats.describe(fmt), "linear_weights": written.formats},
+        # the engine's memory estimate reads this: fused attention never materialises its scores
+        "fusion": {"multi_head_attention": written.fused_attention},
+    }
+
+
+def _measured(result: dict) -> str:
+    """The validation's outcome for the progress line."""
+    if "snr_db" in result:
+        return f"SNR {result['snr_db']:.1f} dB against PyTorch (minimum {result['min_snr_db']:g})"
+    return f"max|diff| {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:.1e})"
+
+
+def _entry(name: str, path: Path, params: int, result: dict) -> dict:
+    """A validated graph's manifest entry: its files with sizes and hashes, its signature, the validation."""
+    graph = result.pop("graph")
+    entry = {
         "path": f"{name}/model.onnx",
         "bytes": path.stat().st_size,
         "sha256": manifest_io.sha256_of(path),
@@ -374,15 +370,13 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         "inputs": graph["inputs"],
         "outputs": graph["outputs"],
         "validation": result,
-        "exporter": "torch.onnx dynamo, streamed (meta-device trace, weights written one tensor at a time)",
-        "opset": max(opset, streaming.MIN_DYNAMO_OPSET),
-        "weights": {"format": fmt, "detail": weight_formats.describe(fmt), "linear_weights": written.formats},
-        # the engine's memory estimate reads this: fused attention never materialises its scores
-        "fusion": {"multi_head_attention": written.fused_attention},
-        "data_path": f"{name}/{data.name}",
-        "data_bytes": data.stat().st_size,
-        "data_sha256": manifest_io.sha256_of(data),
     }
+    data = path.with_name(path.name + backends.DATA_SUFFIX)
+    if data.is_file():
+        entry["data_path"] = f"{name}/{data.name}"
+        entry["data_bytes"] = data.stat().st_size
+        entry["data_sha256"] = manifest_io.sha256_of(data)
+    return entry
 
 
 def kind_of(component) -> str:
@@ -422,14 +416,6 @@ def _other_exporter(backend) -> str:
     if backend.name == "optimum":
         return "try the plain torch.onnx exporter (stepwise export --no-optimum), or another opset"
     return "try optimum's exporter (pip install 'stepwise[export]', without --no-optimum), or another opset"
-
-
-class _Contract:
-    """What validate.check needs of a Component once its module is gone: the graph's names."""
-
-    def __init__(self, refs):
-        feeds, outputs = refs[0]
-        self.inputs, self.outputs = dict.fromkeys(feeds), dict.fromkeys(outputs)
 
 
 def _release(pipeline, name: str, todo: list) -> None:
@@ -685,16 +671,6 @@ def _check_destination(final: Path) -> None:
 _LEFTOVER = re.compile(r"^\..+\.(tmp|old)-(\d+)-[^/]+$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
 def reclaim_leftovers(folder: Path) -> tuple[int, int] | None:
     """Remove the temporary folders of exports whose process is gone (SIGKILL, the OOM killer, a crash):
     ``.NAME.tmp-PID-XXXX`` and ``.NAME.old-PID-XXXX``. Returns (count, bytes) when anything was removed."""
@@ -705,7 +681,7 @@ def reclaim_leftovers(folder: Path) -> tuple[int, int] | None:
         return None
     for child in children:
         match = _LEFTOVER.match(child.name)
-        if not match or not child.is_dir() or _alive(int(match.group(2))):
+        if not match or not child.is_dir() or process_alive(int(match.group(2))):
             continue
         size += sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
         shutil.rmtree(child, ignore_errors=True)

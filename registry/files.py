@@ -76,6 +76,17 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: the owner of a ``.NAME.tmp-PID-*`` folder, which is left alone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
     """Rename the complete folder ``tmp`` to ``final``, replacing an earlier one only once the new one is in
     place (the earlier one waits as ``.NAME.old-PID-*`` and comes back if the rename fails)."""

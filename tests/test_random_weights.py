@@ -226,6 +226,22 @@ def test_shards_open_with_safetensors_and_the_index_maps_every_key(built):
     assert sharded >= 3
 
 
+def _random_forward(transformer):
+    """The small FLUX transformer on seeded random inputs (16 image tokens in a 4x4 grid, 8 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    tokens, text = 16, 8
+    ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 4, torch.arange(tokens) % 4], dim=1)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, tokens, 64, generator=g),
+            encoder_hidden_states=torch.randn(1, text, 64, generator=g),
+            pooled_projections=torch.randn(1, 32, generator=g),
+            timestep=torch.tensor([0.5]),
+            img_ids=ids,
+            txt_ids=torch.zeros(text, 3),
+        ).sample
+
+
 def test_the_pipeline_runs_and_stays_finite(loaded):
     out = loaded(
         "a photo of a cat",
@@ -237,18 +253,7 @@ def test_the_pipeline_runs_and_stays_finite(loaded):
         output_type="np",
     )
     assert np.isfinite(out.images).all() and out.images.std() > 0
-    g = torch.Generator().manual_seed(0)
-    tokens, text = 16, 8
-    ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 4, torch.arange(tokens) % 4], dim=1)
-    with torch.no_grad():
-        sample = loaded.transformer(
-            hidden_states=torch.randn(1, tokens, 64, generator=g),
-            encoder_hidden_states=torch.randn(1, text, 64, generator=g),
-            pooled_projections=torch.randn(1, 32, generator=g),
-            timestep=torch.tensor([0.5]),
-            img_ids=ids,
-            txt_ids=torch.zeros(text, 3),
-        ).sample
+    sample = _random_forward(loaded.transformer)
     assert torch.isfinite(sample).all() and 0.1 < sample.std() < 10
 
 
@@ -264,18 +269,7 @@ def test_a_full_depth_transformer_keeps_its_activations_sane(tmp_path):
     stream = []
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
         block.register_forward_hook(lambda _m, _i, out: stream.append(out[-1] if isinstance(out, tuple) else out))
-    g = torch.Generator().manual_seed(0)
-    tokens, text = 16, 8
-    ids = torch.stack([torch.zeros(tokens), torch.arange(tokens) // 4, torch.arange(tokens) % 4], dim=1)
-    with torch.no_grad():
-        sample = transformer(
-            hidden_states=torch.randn(1, tokens, 64, generator=g),
-            encoder_hidden_states=torch.randn(1, text, 64, generator=g),
-            pooled_projections=torch.randn(1, 32, generator=g),
-            timestep=torch.tensor([0.5]),
-            img_ids=ids,
-            txt_ids=torch.zeros(text, 3),
-        ).sample
+    sample = _random_forward(transformer)
     assert len(stream) == 57 and all(torch.isfinite(h).all() for h in stream)
     assert max(h.std() for h in stream) < 10
     assert torch.isfinite(sample).all() and 0.1 < sample.std() < 10
