@@ -210,6 +210,7 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
         outputs={"out_sample": {0: "batch_size", 2: "height", 3: "width"}},
         make_inputs=make_inputs,
         wrapper=_wrapper(forward)(module).eval(),
+        rebuild=lambda other: unet(other, time_ids_dim=time_ids_dim, text_embeds_dim=text_embeds_dim),
     )
 
 

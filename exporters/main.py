@@ -96,6 +96,9 @@ def export(
     # parts are fetched before the pipeline is loaded: a missing file fails in a second, not minutes
     unet_file = parts.fetch(unet_spec, "UNet") if unet_spec else None
     lora_file = parts.fetch(lora, "LoRA") if lora else None
+    streamed = streaming.streamed_source(
+        src.family, src.kind, parts=bool(unet_file or lora_file), weights=weights, vae_weights=vae_weights
+    )
     if (unet_file or lora_file) and src.kind != "tiny" and src.family in streaming.STREAMED_FAMILIES:
         raise ExportError(
             f"--{'lora' if lora_file else 'unet'} needs the weights in memory, and {src.family} checkpoints are "
@@ -103,7 +106,7 @@ def export(
         )
     say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
     with backends.quiet():
-        pipeline = sources.load(src)
+        pipeline = sources.load(src, streamed=streamed)
     _check_policy(model, src, pipeline)
     if unet_file:
         say(f"applying UNet weights {unet_spec}")
@@ -115,9 +118,10 @@ def export(
 
     scheduler = scheduler_config(pipeline, model)
     config = pipeline_config(pipeline, src.family, scheduler)
-    rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights)
-    unet_pipeline = getattr(pipeline, "unet", None) is not None
-    if text_encoder_weights != "fp32" and not any(rewrite.streamed(src.family, m) for m in _t5s(pipeline)):
+    rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights, streamed=streamed)
+    # a UNet pipeline in memory: its int8 modes are calibrated by sampling it
+    unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
+    if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _t5s(pipeline)):
         raise ExportError(
             f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX), which {src.spec} does not "
             f"have; export without it"
@@ -205,9 +209,12 @@ class _Rewrite:
     denoiser's weight precision, the VAE decoder's. ``trajectories``: component → (inputs, PyTorch outputs)
     recorded while the pipeline sampled, which calibrate and then measure a quantized graph."""
 
-    def __init__(self, fuse: bool, weights: str, vae_weights: str, text_encoder_weights: str = "fp32"):
+    def __init__(
+        self, fuse: bool, weights: str, vae_weights: str, text_encoder_weights: str = "fp32", *, streamed: bool = False
+    ):
         self.fuse, self.weights, self.vae_weights = fuse, weights, vae_weights
         self.text_encoder_weights = text_encoder_weights
+        self.stream = streamed
         self.trajectories: dict[str, list] = {}
 
     def precision(self, name: str) -> str:
@@ -215,10 +222,9 @@ class _Rewrite:
             return self.weights
         return self.vae_weights if name == "vae_decoder" else "fp32"
 
-    @staticmethod
-    def streamed(family: str, module) -> bool:
-        """Exported by exporters.streaming: the transformers and text encoders of SD 3 and FLUX."""
-        return family in streaming.STREAMED_FAMILIES and streaming.streams(module)
+    def streamed(self, module) -> bool:
+        """Exported by exporters.streaming: the denoiser and text encoders of a streamed source."""
+        return self.stream and streaming.streams(module)
 
     def streamed_format(self, name: str, module) -> str:
         if name in DENOISERS:
@@ -273,7 +279,7 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
         name, kind = component.name, component.kind
         path = folder / name / "model.onnx"
         params = component.params
-        if rewrite.streamed(src.family, component.module):
+        if rewrite.streamed(component.module):
             entries[name] = _export_streamed(component, folder, opset, say, rewrite, src)
             del component
             _release(pipeline, name, todo)
@@ -326,10 +332,12 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
     bar = _Bar(say if params > BIG_COMPONENT else None, f"writing {name} ({_count(params)} parameters, {fmt})")
     try:
         say(f"exporting {name}: tracing on the meta device (no weights in memory)")
-        written = streaming.export(component, checkpoint, path, opset=opset, fmt=fmt, progress=bar)
+        written = streaming.export(component, checkpoint, path, opset=opset, fmt=fmt, progress=bar, fuse=rewrite.fuse)
         tolerances = {"min_snr_db": weight_formats.MIN_SNR_DB[kind_of(component)][fmt]} if fmt != "fp32" else {}
         say(f"validating {name} against PyTorch")
-        result = reduced.check(component, checkpoint, path, opset=opset, fmt=fmt, tolerances=tolerances)
+        result = reduced.check(
+            component, checkpoint, path, opset=opset, fmt=fmt, tolerances=tolerances, fuse=rewrite.fuse
+        )
     except validate.ValidationFailed as exc:
         flag = "--weights" if name in DENOISERS else "--text-encoder-weights"
         fix = f"export with {flag} fp32" if fmt != "fp32" else "report it: the streamed graph differs from PyTorch"

@@ -48,6 +48,8 @@ def _set(config, key, value) -> None:
 def plan(module):
     """(reduced config, remap: reduced state-dict name → the full model's, description) of ``module``."""
     cls = type(module).__name__
+    if cls == "UNet2DConditionModel":
+        return unet_plan(module)
     config = copy.deepcopy(streaming.config_of(module))
     moves: list[tuple[str, dict[int, int]]] = []
     kept = []
@@ -71,6 +73,31 @@ def plan(module):
     return config, remap, "reduced depth: " + "; ".join(kept) + "; everything outside the blocks"
 
 
+def unet_plan(module):
+    """A UNet's blocks are not one stack: each down block keeps its first resnet (+ attention), each up block
+    its first and last (the last is the one reading the down block's input as its skip connection, with
+    other channels than the others), each attention its first transformer block. The reduced UNet is the
+    same class built with ``layers_per_block`` 1 and ``transformer_layers_per_block`` 1, so its skips line
+    up by construction; every kept layer has the full model's shapes."""
+    config = copy.deepcopy(streaming.config_of(module))
+    blocks = len(config["down_block_types"])
+    per_block = config["layers_per_block"]
+    per_block = [per_block] * blocks if isinstance(per_block, int) else list(per_block)
+    up_last = list(reversed(per_block))  # index of each up block's last resnet: its layers_per_block
+    config.update(layers_per_block=1, transformer_layers_per_block=1, reverse_transformer_layers_per_block=None)
+    up = re.compile(r"^(up_blocks\.(\d+)\.(?:resnets|attentions)\.)1\.")
+
+    def remap(name: str) -> str:
+        match = up.match(name)
+        if match:
+            return f"{match.group(1)}{up_last[int(match.group(2))]}.{name[match.end() :]}"
+        return name  # down blocks, transformer blocks: the first ones keep their index
+
+    depth = f"{'/'.join(map(str, per_block))} layers per block"
+    what = f"reduced depth: UNet of {depth} → 1 (up blocks: first and last), 1 transformer block per attention"
+    return config, remap, what
+
+
 def materialize(cls, config, checkpoint, remap=None):
     """``cls`` built from ``config`` on the CPU with its weights (fp32) read from ``checkpoint``."""
     import torch
@@ -88,7 +115,7 @@ def materialize(cls, config, checkpoint, remap=None):
     return module.eval()
 
 
-def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances: dict) -> dict:
+def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances: dict, fuse: bool = True) -> dict:
     """Validate the streamed graph at ``path`` of ``component`` (whose module may be on the meta device)."""
     module = component.module
     cls = type(module)
@@ -104,7 +131,7 @@ def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances
     refs = validate.references(small)
     work = Path(tempfile.mkdtemp(prefix=".reduced-", dir=path.parent.parent))
     try:
-        streaming.export(small, checkpoint, work / "model.onnx", opset=opset, fmt=fmt, remap=remap)
+        streaming.export(small, checkpoint, work / "model.onnx", opset=opset, fmt=fmt, remap=remap, fuse=fuse)
         small = validate.Names(small)  # the graph's names only: the PyTorch module can go
         result = validate.check(small, work / "model.onnx", refs, **tolerances)
     finally:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .errors import ExportError
 from .families import NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_COMPONENTS, family_of
-from .streaming import STREAMED_FAMILIES  # their transformer and text encoders are never loaded
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The weight files diffusers loads by default (no variant): model.safetensors, sharded ones and their index.
@@ -212,8 +211,9 @@ def resolve(spec: str) -> Source:
     )
 
 
-def load(source: Source):
-    """The fp32 diffusers pipeline of a resolved source (downloads a hub repo's needed files first)."""
+def load(source: Source, *, streamed: bool = False):
+    """The fp32 diffusers pipeline of a resolved source (downloads a hub repo's needed files first); with
+    ``streamed``, its denoiser and text encoders are built on the meta device, their weights left on disk."""
     if source.kind == "tiny":
         from . import tiny
 
@@ -221,7 +221,7 @@ def load(source: Source):
     if source.kind == "hub":
         index = _read_index(hub_file(source.repo, "model_index.json"), source.spec)
         source.folder = hub_snapshot(source.repo, index)
-    return load_folder(source.folder, source.spec, streamed=source.family in STREAMED_FAMILIES)
+    return load_folder(source.folder, source.spec, streamed=streamed)
 
 
 def has_meta(pipeline) -> bool:

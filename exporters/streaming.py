@@ -32,16 +32,29 @@ ALIGNMENT = 4096  # tensor offsets in the data file: page-aligned, so onnxruntim
 # Components this size or smaller in fp32 are validated whole against PyTorch; bigger ones on a reduced depth.
 # STEPWISE_FULL_VALIDATION_BYTES overrides it (0: every component on a reduced depth, as the depth test runs).
 FULL_VALIDATION_BYTES = int(os.environ.get("STEPWISE_FULL_VALIDATION_BYTES", 1_500_000_000))
-# The component classes exported this way, in the families whose checkpoints are never loaded whole (the UNet
-# families still load theirs: their int8 calibration samples the whole pipeline).
+# The component classes exported this way (the VAE, a few hundred MB, is loaded and exported as usual).
 STREAMED_CLASSES = (
     "FluxTransformer2DModel",
     "SD3Transformer2DModel",
+    "UNet2DConditionModel",
     "T5EncoderModel",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
 )
+# Families whose checkpoints are always streamed, tiny ones included.
 STREAMED_FAMILIES = ("sd3", "flux")
+# The UNet families stream their folder and hub checkpoints unless something needs the whole pipeline in
+# PyTorch: a UNet or LoRA fused in (--unet, --lora), or the static int8 modes calibrated by sampling
+# (--weights int8, --vae-weights int8). Tiny pipelines are built in memory and exported as they are.
+UNET_FAMILIES = ("sd15", "sdxl")
+
+
+def streamed_source(family: str, kind: str, *, parts: bool, weights: str, vae_weights: str) -> bool:
+    """Whether a source of ``family`` (``kind``: tiny, folder, hub) is exported by this module."""
+    if family in STREAMED_FAMILIES:
+        return True
+    calibrated = weights == "int8" or vae_weights != "fp32"
+    return family in UNET_FAMILIES and kind != "tiny" and not parts and not calibrated
 
 
 def streams(module) -> bool:
@@ -292,13 +305,16 @@ def _save(model, path: Path) -> None:
 # --- one component, end to end ---------------------------------------------------------------------
 
 
-def export(component, checkpoint, path: Path, *, opset: int, fmt: str, remap=None, progress=None) -> Written:
-    """Trace ``component`` on the meta device and write it to ``path`` in format ``fmt``."""
+def export(
+    component, checkpoint, path: Path, *, opset: int, fmt: str, remap=None, progress=None, fuse: bool = True
+) -> Written:
+    """Trace ``component`` on the meta device and write it to ``path`` in format ``fmt`` (``fuse``: attention as
+    ONNX Runtime's MultiHeadAttention; without it the graph keeps only standard ONNX ops besides MatMulNBits)."""
     module, buffers = build(type(component.module), config_of(component.module))
     names = aliases(module)
     model = trace(component, module, opset)
     del module
-    fused = attention.fuse(model)
+    fused = attention.fuse(model) if fuse else 0
     plan = weight_formats.plan(model, fmt)
     written = write(model, plan, checkpoint, buffers, names, path.parent, remap=remap, progress=progress)
     written.fused_attention = fused

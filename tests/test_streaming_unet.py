@@ -1,0 +1,155 @@
+"""The UNet families (SD 1.5, SDXL) streamed: a folder checkpoint's UNet and CLIP encoders traced on the meta
+device, their weights written one tensor at a time (exporters/streaming.py), validated whole or on the reduced-
+depth UNet (exporters/reduced.unet_plan).
+
+References: diffusers' pipelines loaded from the same bf16 folder (the images, within 2/255), PyTorch's UNet
+(each export's validation), a corrupted checkpoint (which the reduced-depth validation must refuse).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+
+import engine  # noqa: E402
+import exporters  # noqa: E402
+import registry  # noqa: E402
+from exporters import streaming, tiny  # noqa: E402
+
+PROMPT = "a red apple on a table"
+MAX_PIXEL_DIFF = 2  # out of 255, per channel
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    """``bf16_folder(name)``: tiny:<name> saved as the hub ships checkpoints: bf16 safetensors."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            folder = tmp_path_factory.mktemp(f"{name}-bf16") / name
+            pipe = tiny.build(name)
+            pipe.to(torch.bfloat16)
+            pipe.save_pretrained(folder, safe_serialization=True)
+            made[name] = folder
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def streamed_export(bf16_folder, tmp_path_factory):
+    """``streamed_export(name)``: the export of ``bf16_folder(name)``; SDXL's UNet validated the way a full-size
+    one is, on its reduced-depth build."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            with pytest.MonkeyPatch.context() as patch:
+                if name == "sdxl":
+                    patch.setattr(streaming, "FULL_VALIDATION_BYTES", 0)
+                made[name] = exporters.export(
+                    str(bf16_folder(name)), out=tmp_path_factory.mktemp(name) / "export", progress=None
+                )
+        return made[name]
+
+    return get
+
+
+def _diffusers_image(folder, model_id, latents, steps, guidance, width, height):
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    config = dict(registry.get(model_id).scheduler)
+    pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+        ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, model_id, guidance", [("sd15", "sd15", 7.5), ("sdxl", "sdxl", 5.0)])
+def test_folder_export_streams_the_unet_and_matches_diffusers(bf16_folder, streamed_export, name, model_id, guidance):
+    folder = bf16_folder(name)
+    out = streamed_export(name)
+    manifest = json.loads((out / "stepwise.json").read_text())
+    encoders = [n for n in manifest["components"] if n.startswith("text_encoder")]
+    for component in ("unet", *encoders):
+        assert "streamed" in manifest["components"][component]["exporter"]
+    assert "streamed" not in manifest["components"]["vae_decoder"].get("exporter", "")
+    assert manifest["components"]["unet"]["fusion"]["multi_head_attention"] > 0
+    compared = manifest["components"]["unet"]["validation"]["compared"]
+    assert compared == "whole" if name == "sd15" else compared.startswith("reduced depth: UNet of 2/2 layers per block")
+
+    width, height, steps = 64, 48, 3
+    pipe = engine.load_pipeline(out, threads=1)
+    pipe.scheduler_config = registry.get(model_id).scheduler
+    latents = np.random.default_rng(7).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
+    ours = pipe.generate(
+        prompt=PROMPT, steps=steps, guidance=guidance, width=width, height=height, seed=0, latents=latents
+    ).image
+    expected = _diffusers_image(folder, model_id, latents * 1.0, steps, guidance, width, height)
+    assert ours.shape == expected.shape == (height, width, 3)
+    diff = np.abs(ours.astype(int) - expected.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
+    assert expected.std() > 5
+
+
+@pytest.mark.slow
+def test_reduced_depth_unet_validation_catches_a_wrong_up_block(bf16_folder, streamed_export, monkeypatch):
+    # a writer bug in the last resnet of an up block (checkpoint index 2, the reduced UNet's index 1) is caught:
+    # the reduced build must read that layer from index 2, or it would compare a layer the bug never touched
+    from exporters import components, reduced, sources, validate
+
+    folder = bf16_folder("sdxl")
+    graph = streamed_export("sdxl") / "unet" / "model.onnx"
+    unet = components.make(sources.load_folder(folder, streamed=True), "unet")
+    checkpoint = streaming.SafetensorsWeights(folder / "unet")
+    monkeypatch.setattr(streaming, "FULL_VALIDATION_BYTES", 0)
+    assert reduced.check(unet, checkpoint, graph, opset=17, fmt="fp32", tolerances={})["max_abs_diff"] < 1e-4
+
+    write = streaming.write
+
+    def corrupt(model, plan, checkpoint, *args, **kwargs):
+        class Wrong:
+            def __contains__(self, key):
+                return key in checkpoint
+
+            def array(self, key):
+                value = checkpoint.array(key)
+                return value * 1.5 if key.startswith("up_blocks.0.resnets.2.conv1.") else value
+
+        return write(model, plan, Wrong(), *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "write", corrupt)
+    with pytest.raises(validate.ValidationFailed):
+        reduced.check(unet, checkpoint, graph, opset=17, fmt="fp32", tolerances={})
+
+
+@pytest.mark.slow
+def test_int4_unet_streams_and_int8_loads_the_pipeline(bf16_folder, tmp_path):
+    folder = bf16_folder("sd15")
+    out = exporters.export(str(folder), out=tmp_path / "int4", weights="int4", progress=None)
+    unet = json.loads((out / "stepwise.json").read_text())["components"]["unet"]
+    assert "streamed" in unet["exporter"]
+    assert unet["weights"]["format"] == "int4" and unet["weights"]["linear_weights"]["int4"] > 0
+    assert unet["validation"]["snr_db"] >= unet["validation"]["min_snr_db"]
+    # static int8 samples the whole pipeline to calibrate its convolutions: that path loads the checkpoint, as
+    # do a fused UNet or LoRA and the tiny pipelines (built in memory)
+    for weights, vae, parts, kind in (("int8", "fp32", False, "folder"), ("fp32", "int8", False, "hub")):
+        assert not streaming.streamed_source("sd15", kind, parts=parts, weights=weights, vae_weights=vae)
+    assert not streaming.streamed_source("sdxl", "folder", parts=True, weights="fp32", vae_weights="fp32")
+    assert not streaming.streamed_source("sdxl", "tiny", parts=False, weights="fp32", vae_weights="fp32")
