@@ -157,9 +157,9 @@ def cache_name(model: str) -> str:
 
 
 def source_folder(model: str, progress=print) -> Path:
-    """The saved diffusers pipeline of ``random:<family>`` or ``tiny:<family>``, built on first use. The
-    transformer families (SD3, FLUX) are written tensor by tensor as bf16 shards (``random_weights``): their
-    fp32 pipelines do not fit in memory; the UNet families are built in PyTorch and saved as before."""
+    """The saved diffusers pipeline of ``random:<family>`` or ``tiny:<family>``, built on first use. The full-size
+    families ``random_weights`` knows (SD 1.5, SDXL, SD 3, FLUX) are written tensor by tensor as bf16 shards, as
+    the hub ships them, never held in memory; the others are built in PyTorch and saved."""
     kind, family = parse(model)
     folder = cache_root() / f"{cache_name(model)}-src"
     if (folder / DONE).is_file():

@@ -57,8 +57,18 @@ PIPELINES = {
         "models": ("transformer", "vae", "text_encoder", "text_encoder_2"),
         "tokenizers": {"tokenizer": "clip", "tokenizer_2": "t5"},
     },
+    "StableDiffusionPipeline": {
+        "models": ("unet", "vae", "text_encoder"),
+        "tokenizers": {"tokenizer": "clip"},
+        "extra": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    },
+    "StableDiffusionXLPipeline": {
+        "models": ("unet", "vae", "text_encoder", "text_encoder_2"),
+        "tokenizers": {"tokenizer": "clip", "tokenizer_2": "clip-g"},
+    },
 }
-_DEFAULT_CLASS = {"transformer": None, "vae": "AutoencoderKL"}  # text encoders: their "architectures"
+# text encoders: their config's "architectures"
+_DEFAULT_CLASS = {"transformer": None, "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 
 
 def tensor_seed(seed: int, component: str, name: str) -> int:
@@ -288,7 +298,7 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
     cfg = random_model.config(family)
     kind = cfg["pipeline"]
     if kind not in PIPELINES:
-        raise SystemExit(f"{family}: {kind} has no transformer; random_model.build writes it ({', '.join(PIPELINES)})")
+        raise SystemExit(f"{family}: {kind} is not written here; random_model.build writes it ({', '.join(PIPELINES)})")
     spec = PIPELINES[kind]
     modules = {c: meta_module(c, cfg[c]) for c in spec["models"]}
     plans = {c: model_plan(m, lib, shard_bytes) for c, (m, lib) in modules.items()}
@@ -304,7 +314,8 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
     scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
     tokenizers = {name: _tokenizer(tok) for name, tok in spec["tokenizers"].items()}
     # the pipeline object (meta models) only for its model_index.json: what save_pretrained writes first
-    pipe = getattr(diffusers, kind)(scheduler=scheduler, **tokenizers, **{c: m for c, (m, _) in modules.items()})
+    models = {c: m for c, (m, _) in modules.items()}
+    pipe = getattr(diffusers, kind)(scheduler=scheduler, **tokenizers, **models, **spec.get("extra", {}))
 
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))

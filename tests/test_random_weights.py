@@ -51,6 +51,19 @@ def _small(name: str) -> dict:
             axes_dims_rope=[4, 6, 6],
         )
         cfg["text_encoder_2"].update(t5)
+    elif cfg["pipeline"] == "StableDiffusionXLPipeline":
+        cfg["unet"].update(
+            sample_size=32,
+            block_out_channels=[32, 64],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            attention_head_dim=[2, 4],
+            transformer_layers_per_block=[1, 2],
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=64,
+        )
+        cfg["text_encoder_2"].update(clip, num_hidden_layers=2)
     else:  # SD3
         cfg["transformer"].update(
             sample_size=32,
@@ -69,13 +82,15 @@ def _small(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """tinyflux (FLUX.1-schnell cut small), its reduced build tinyflux@u1 (through the command line) and
-    tinysd3 (SD 3.5 Large cut small), written with small shards and small chunks."""
+    """tinyflux (FLUX.1-schnell cut small), its reduced build tinyflux@u1 (through the command line),
+    tinysd3 (SD 3.5 Large cut small) and tinysdxl (SDXL's UNet and encoders cut small), written with small
+    shards and small chunks."""
     root = tmp_path_factory.mktemp("random-weights")
     configs = root / "configs"  # the real configs and the small ones
     shutil.copytree(random_model.CONFIGS, configs)
     (configs / "tinyflux.json").write_text(json.dumps(_small("flux-schnell")))
     (configs / "tinysd3.json").write_text(json.dumps(_small("sd3.5-large")))
+    (configs / "tinysdxl.json").write_text(json.dumps(_small("sdxl")))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(random_model, "CONFIGS", configs)
         mp.setattr(random_weights, "CHUNK", CHUNK)
@@ -83,7 +98,8 @@ def built(tmp_path_factory):
         full = random_weights.write_pipeline("tinyflux", root / "full", shard_bytes=SHARD, progress=messages.append)
         random_weights.main(["tinyflux@u1", "--out", str(root / "u1"), "--shard-gib", str(SHARD / 2**30)])
         sd3 = random_weights.write_pipeline("tinysd3", root / "sd3", shard_bytes=SHARD, progress=messages.append)
-        yield {"root": root, "full": full, "u1": root / "u1", "sd3": sd3, "messages": messages}
+        sdxl = random_weights.write_pipeline("tinysdxl", root / "sdxl", shard_bytes=SHARD, progress=messages.append)
+        yield {"root": root, "full": full, "u1": root / "u1", "sd3": sd3, "sdxl": sdxl, "messages": messages}
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +154,15 @@ def test_bf16_rounding_matches_torch():
     np.testing.assert_array_equal(random_weights.bf16_bits(values.copy()), reference)
 
 
-@pytest.mark.parametrize("which", ["full", "sd3"])
+@pytest.mark.parametrize("which", ["full", "sd3", "sdxl"])
 def test_folder_is_what_save_pretrained_writes(built, which, tmp_path, monkeypatch):
     """Every file but the weights byte for byte as save_pretrained writes the same config's pipeline (the
     transformers configs but their dtype), and the same tensor names and shapes in the weights."""
     monkeypatch.setattr(random_model, "CONFIGS", built["root"] / "configs")
     ours = built[which]
     reference = tmp_path / "reference"
-    random_model.build("tinyflux" if which == "full" else "tinysd3").save_pretrained(reference, safe_serialization=True)
+    family = {"full": "tinyflux", "sd3": "tinysd3", "sdxl": "tinysdxl"}[which]
+    random_model.build(family).save_pretrained(reference, safe_serialization=True)
     files = {p.relative_to(reference) for p in reference.rglob("*") if p.is_file() and p.suffix != ".safetensors"}
     assert files <= {p.relative_to(ours) for p in ours.rglob("*") if p.is_file()}
     for rel in sorted(files):
@@ -161,7 +178,7 @@ def test_folder_is_what_save_pretrained_writes(built, which, tmp_path, monkeypat
         assert "encoder.embed_tokens.weight" not in _shapes(ours / "text_encoder_2")
 
 
-@pytest.mark.parametrize("which", ["full", "sd3"])
+@pytest.mark.parametrize("which", ["full", "sd3", "sdxl"])
 def test_every_model_loads_without_missing_or_unexpected_keys(built, which):
     folder = built[which]
     index = json.loads((folder / "model_index.json").read_text())
