@@ -355,8 +355,9 @@ def _memory_column(memory: dict) -> str:
     default="fp32",
     show_default=True,
     help="Denoiser precision: int8 = static int8 convs calibrated on the model's own sampling + dynamic int8 "
-    "MatMuls (~2x faster SD 1.5 steps); int4 = 4-bit MatMul weights (MatMulNBits). SD 3 and FLUX transformers: "
-    "int8/int4 = block-wise MatMulNBits weights, exported tensor by tensor (never loaded whole).",
+    "MatMuls (~2x faster SD 1.5 steps; loads the whole pipeline to calibrate); int4 = 4-bit MatMul weights "
+    "(MatMulNBits). SD 3 and FLUX transformers: int8/int4 = block-wise MatMulNBits weights. Folder and hub "
+    "checkpoints are exported tensor by tensor (never loaded whole), except for the calibrated int8.",
 )
 @click.option(
     "--vae-weights",

@@ -87,6 +87,25 @@ def test_quantize_uses_the_whole_code_range():
 # --- a folder of bf16 shards, exported without loading the big components ------------------------------------
 
 
+def write_wrong(monkeypatch, prefix: str) -> None:
+    """Make the streaming writer write every checkpoint tensor whose name starts with ``prefix`` 1.5x too big:
+    a writer bug, which validation must catch."""
+    write = streaming.write
+
+    def corrupt(model, plan, checkpoint, *args, **kwargs):
+        class Wrong:
+            def __contains__(self, name):
+                return name in checkpoint
+
+            def array(self, name):
+                value = checkpoint.array(name)
+                return value * 1.5 if name.startswith(prefix) else value
+
+        return write(model, plan, Wrong(), *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "write", corrupt)
+
+
 @pytest.fixture(scope="module")
 def flux_bf16_folder(tmp_path_factory):
     """tiny:flux-schnell saved the way the hub ships FLUX.1: bf16 safetensors."""
@@ -143,20 +162,7 @@ def test_reduced_depth_validation_compares_blocks_and_catches_a_wrong_one(flux_b
     assert validation["max_abs_diff"] <= validation["tolerance"]
 
     # a block weight written wrong (a bug in the writer) is caught by the reduced build
-    write = streaming.write
-
-    def corrupt(model, plan, checkpoint, *args, **kwargs):
-        class Wrong:
-            def __contains__(self, name):
-                return name in checkpoint
-
-            def array(self, name):
-                value = checkpoint.array(name)
-                return value * 1.5 if name.startswith("transformer_blocks.0.ff.") else value
-
-        return write(model, plan, Wrong(), *args, **kwargs)
-
-    monkeypatch.setattr(streaming, "write", corrupt)
+    write_wrong(monkeypatch, "transformer_blocks.0.ff.")
     with pytest.raises(exporters.ExportError, match="validating transformer failed"):
         exporters.export(str(flux_bf16_folder), out=tmp_path / "bad", progress=None)
     assert not (tmp_path / "bad").exists()
