@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,9 @@ VERSIONED = ("torch", "diffusers", "transformers", "optimum", "optimum-onnx", "o
 # trajectory, not by an fp32 tolerance. Below this floor it is broken (wrong scales, saturation), not merely
 # less precise: the tiny random-weight UNets give 16-24 dB in int8 (LCM lowest) and ~40 dB in int4.
 MIN_SNR_DB = {"int8": 12.0, "int4": 12.0}
+# The calibrated --weights int8 of a UNet checkpoint holds the pipeline while it samples, then onnxruntime's
+# quantize_static holds the UNet graph several times over: 17.2 GB measured for SD 1.5's 3.4 GB fp32 UNet.
+CALIBRATED_INT8_PEAK_PER_UNET_BYTE = 5.0
 
 
 def export(
@@ -104,6 +108,9 @@ def export(
             f"--{'lora' if lora_file else 'unet'} needs the weights in memory, and {src.family} checkpoints are "
             f"exported without loading them; fuse it into the checkpoint first (diffusers: fuse_lora, save_pretrained)"
         )
+    if not streamed and weights == "int8" and src.kind != "tiny":
+        sources.fetch(src)
+        _check_calibration_memory(src)
     say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
     with backends.quiet():
         pipeline = sources.load(src, streamed=streamed)
@@ -199,6 +206,25 @@ def export(
         raise
     say(f"exported {src.spec} to {final} in {time.monotonic() - started:.1f}s")
     return final
+
+
+def _check_calibration_memory(src) -> None:
+    """Refuse, before loading anything, a calibrated int8 export this machine's memory cannot hold (SDXL's needs
+    ~50 GB): it would be killed after minutes of work. The streamed formats need no such memory."""
+    from engine.memory import available_memory_mb
+
+    folder = src.folder / "unet" if src.folder else None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return
+    params = sum(math.prod(shape) for _, _, shape, _, _ in streaming.SafetensorsWeights(folder).where.values())
+    need_mb = CALIBRATED_INT8_PEAK_PER_UNET_BYTE * 4 * params / 2**20
+    available = available_memory_mb()
+    if available is not None and need_mb > available:
+        raise ExportError(
+            f"--weights int8 calibrates on the whole pipeline in memory: about {need_mb / 1024:.0f} GB for this "
+            f"{params / 1e9:.1f} B-parameter UNet, and {available / 1024:.0f} GB is available; export with --weights "
+            f"int4 or fp32 (streamed, under 6 GB), or on a machine with more memory"
+        )
 
 
 # --- the components --------------------------------------------------------------------------------

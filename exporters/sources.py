@@ -218,10 +218,15 @@ def load(source: Source, *, streamed: bool = False):
         from . import tiny
 
         return tiny.build(source.tiny)
-    if source.kind == "hub":
+    fetch(source)
+    return load_folder(source.folder, source.spec, streamed=streamed)
+
+
+def fetch(source: Source) -> None:
+    """Download a hub repo's needed files (once) and point ``source.folder`` at the snapshot."""
+    if source.kind == "hub" and source.folder is None:
         index = _read_index(hub_file(source.repo, "model_index.json"), source.spec)
         source.folder = hub_snapshot(source.repo, index)
-    return load_folder(source.folder, source.spec, streamed=streamed)
 
 
 def has_meta(pipeline) -> bool:

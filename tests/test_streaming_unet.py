@@ -127,7 +127,7 @@ def test_reduced_depth_unet_validation_catches_a_wrong_up_block(bf16_folder, str
 
 
 @pytest.mark.slow
-def test_int4_unet_streams_and_int8_loads_the_pipeline(bf16_folder, tmp_path):
+def test_int4_unet_streams_and_int8_loads_the_pipeline(bf16_folder, tmp_path, monkeypatch):
     folder = bf16_folder("sd15")
     out = exporters.export(str(folder), out=tmp_path / "int4", weights="int4", progress=None)
     unet = json.loads((out / "stepwise.json").read_text())["components"]["unet"]
@@ -140,3 +140,8 @@ def test_int4_unet_streams_and_int8_loads_the_pipeline(bf16_folder, tmp_path):
         assert not streaming.streamed_source("sd15", kind, parts=parts, weights=weights, vae_weights=vae)
     assert not streaming.streamed_source("sdxl", "folder", parts=True, weights="fp32", vae_weights="fp32")
     assert not streaming.streamed_source("sdxl", "tiny", parts=False, weights="fp32", vae_weights="fp32")
+    # and where that pipeline cannot fit (SDXL's calibrated int8 needs ~50 GB), it is refused before loading
+    monkeypatch.setenv("STEPWISE_AVAILABLE_MB", "10")  # the tiny UNet's calibration needs ~27 MB by the rule
+    with pytest.raises(exporters.ExportError, match=r"--weights int8 calibrates .* export with --weights int4"):
+        exporters.export(str(folder), out=tmp_path / "int8", weights="int8", progress=None)
+    assert not (tmp_path / "int8").exists()
