@@ -23,8 +23,9 @@ resident adds up every graph that runs and phased takes the largest phase. Per g
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from registry.machine import available_memory_mb
 
 from .errors import EngineError
 from .vae import Tiling, vae_layout
@@ -58,21 +59,6 @@ FALLBACK_ATTENTION = {
 
 RESIDENT, PHASED = "resident", "phased"
 POLICIES = (RESIDENT, PHASED)
-
-
-def available_memory_mb() -> float | None:
-    """MemAvailable from /proc/meminfo (Linux); STEPWISE_AVAILABLE_MB overrides it (tests, containers)."""
-    override = os.environ.get("STEPWISE_AVAILABLE_MB")
-    if override:
-        return float(override)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def weights_mb(manifest, components) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 import registry
 from registry import manifest as manifest_io
 from registry.files import process_alive, replace_folder
+from registry.machine import available_memory_mb
 from registry.pipelines import T5_SEQUENCE_LENGTH
 
 from . import backends, calibrate, components, optimize, parts, quantize, reduced, sources, streaming, validate
@@ -211,8 +212,6 @@ def export(
 def _check_calibration_memory(src) -> None:
     """Refuse, before loading anything, a calibrated int8 export this machine's memory cannot hold (SDXL's needs
     ~50 GB): it would be killed after minutes of work. The streamed formats need no such memory."""
-    from engine.memory import available_memory_mb
-
     folder = src.folder / "unet" if src.folder else None
     if folder is None or not any(folder.glob("*.safetensors")):
         return
