@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import gc
 import json
-import math
 import os
 import re
 import shutil
@@ -215,7 +214,7 @@ def _check_calibration_memory(src) -> None:
     folder = src.folder / "unet" if src.folder else None
     if folder is None or not any(folder.glob("*.safetensors")):
         return
-    params = sum(math.prod(shape) for _, _, shape, _, _ in streaming.SafetensorsWeights(folder).where.values())
+    params = streaming.SafetensorsWeights(folder).params()
     need_mb = CALIBRATED_INT8_PEAK_PER_UNET_BYTE * 4 * params / 2**20
     available = available_memory_mb()
     if available is not None and need_mb > available:

@@ -128,6 +128,10 @@ class SafetensorsWeights:
     def keys(self):
         return self.where.keys()
 
+    def params(self) -> int:
+        """How many values the files hold, from their headers alone."""
+        return sum(int(np.prod(shape)) for _, _, shape, _, _ in self.where.values())
+
     def array(self, name: str) -> np.ndarray:
         """The tensor as float32 (bf16 and fp16 widened exactly), integer tensors as stored."""
         file, dtype, shape, offset, nbytes = self.where[name]

@@ -55,7 +55,11 @@ CASES = [
 
 
 def reference_image(name, model_id, steps, guidance, width, height, latents, negative=""):
-    pipe = tiny.build(name)
+    return diffusers_image(tiny.build(name), model_id, steps, guidance, width, height, latents, negative)
+
+
+def diffusers_image(pipe, model_id, steps, guidance, width, height, latents, negative=""):
+    """diffusers' image of the parity prompt from ``pipe`` with ``model_id``'s scheduler and these latents."""
     pipe.scheduler = diffusers_scheduler(registry.get(model_id).scheduler)
     kwargs = dict(
         num_inference_steps=steps,

@@ -17,15 +17,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
-import engine  # noqa: E402
 import exporters  # noqa: E402
-import registry  # noqa: E402
 from exporters import streaming, tiny  # noqa: E402
 
+from .test_engine_parity import MAX_PIXEL_DIFF, diffusers_image, engine_image  # noqa: E402
 from .test_streaming import write_wrong  # noqa: E402
-
-PROMPT = "a red apple on a table"
-MAX_PIXEL_DIFF = 2  # out of 255, per channel
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +55,6 @@ def streamed_export(bf16_folder, tmp_path_factory):
     return get
 
 
-def _diffusers_image(folder, model_id, latents, steps, guidance, width, height):
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    config = dict(registry.get(model_id).scheduler)
-    pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
-    with torch.no_grad():
-        image = pipe(
-            PROMPT,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            latents=torch.from_numpy(latents),
-            output_type="np",
-        ).images[0]
-    return (image * 255).round().astype(np.uint8)
-
-
 @pytest.mark.slow
 # SDXL: both CLIP encoders and the text_time UNet (SD 1.5's streamed UNet is compared with PyTorch in
 # tests/test_export_hub.py, its engine parity on the pipeline-loading export in tests/test_engine_parity.py)
@@ -93,13 +71,10 @@ def test_folder_export_streams_the_unet_and_matches_diffusers(bf16_folder, strea
     assert manifest["components"]["unet"]["validation"]["compared"] == "whole"
 
     width, height, steps = 64, 48, 3
-    pipe = engine.load_pipeline(out, threads=1)
-    pipe.scheduler_config = registry.get(model_id).scheduler
-    latents = np.random.default_rng(7).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
-    ours = pipe.generate(
-        prompt=PROMPT, steps=steps, guidance=guidance, width=width, height=height, seed=0, latents=latents
-    ).image
-    expected = _diffusers_image(folder, model_id, latents * 1.0, steps, guidance, width, height)
+    ours, latents = engine_image(out, model_id, steps, guidance, width, height, seed=0)
+    reference = diffusers.DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    expected = diffusers_image(reference, model_id, steps, guidance, width, height, latents * 1.0)
     assert ours.shape == expected.shape == (height, width, 3)
     diff = np.abs(ours.astype(int) - expected.astype(int)).max()
     assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
