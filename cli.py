@@ -352,9 +352,8 @@ def _memory_column(memory: dict) -> str:
 @click.option(
     "--weights",
     type=click.Choice(["fp32", "int8", "int4"]),
-    default="fp32",
-    show_default=True,
-    help="Denoiser precision: int8 = static int8 convs calibrated on the model's own sampling + dynamic int8 "
+    default=None,
+    help="Denoiser precision (default fp32; Qwen-Image int4): int8 = static int8 convs calibrated on the model's own sampling + dynamic int8 "
     "MatMuls (~2x faster SD 1.5 steps; loads the whole pipeline to calibrate); int4 = 4-bit MatMul weights "
     "(MatMulNBits). SD 3 and FLUX transformers: int8/int4 = block-wise MatMulNBits weights. Folder and hub "
     "checkpoints are exported tensor by tensor (never loaded whole), except for the calibrated int8.",
@@ -370,9 +369,9 @@ def _memory_column(memory: dict) -> str:
 @click.option(
     "--text-encoder-weights",
     type=click.Choice(["fp32", "int8", "int4"]),
-    default="fp32",
-    show_default=True,
-    help="T5-XXL's precision (SD 3, FLUX): int8/int4 = block-wise MatMulNBits weights (9.5 GB fp32 → 5 / 2.7 GB).",
+    default=None,
+    help="The big text encoder's precision (default fp32; Qwen-Image int4): T5-XXL (SD 3, FLUX), Qwen2.5-VL "
+    "(Qwen-Image): int8/int4 = block-wise MatMulNBits weights (T5-XXL 9.5 GB fp32 → 5 / 2.7 GB).",
 )
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
 def export_cmd(

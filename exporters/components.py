@@ -416,6 +416,10 @@ def make(pipeline, name: str) -> Component:
             return sd3_transformer(pipeline.transformer)
         if cls == "FluxTransformer2DModel":
             return flux_transformer(pipeline.transformer)
+        if cls == "QwenImageTransformer2DModel":
+            from .qwen_image.transformer import transformer_component
+
+            return transformer_component(pipeline.transformer)
         raise TypeError(f"no ONNX export for transformer class {cls}")
     if name == "vae_decoder":
         return vae_decoder(pipeline.vae)

@@ -15,6 +15,7 @@ TINY_SOURCES: dict[str, tuple[str, str, str]] = {
     "sd3": ("sd3", "sd3-medium", "StableDiffusion3Pipeline"),
     "flux-schnell": ("flux", "flux-schnell", "FluxPipeline"),
     "flux-dev": ("flux", "flux-dev", "FluxPipeline"),
+    "qwen-image": ("qwen-image", "qwen-image", "QwenImagePipeline"),
 }
 
 # The pipeline attributes that become ONNX graphs, in export order (the VAE becomes two graphs).

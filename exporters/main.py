@@ -52,9 +52,9 @@ def export(
     lora_scale: float = 1.0,
     opset: int = 17,
     use_optimum: bool | None = None,
-    weights: str = "fp32",
+    weights: str | None = None,
     vae_weights: str = "fp32",
-    text_encoder_weights: str = "fp32",
+    text_encoder_weights: str | None = None,
     fuse: bool = True,
     progress=print,
 ) -> Path:
@@ -67,13 +67,13 @@ def export(
     started = time.monotonic()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; use an opset from {MIN_OPSET} to {MAX_OPSET} (default 17)")
-    if weights not in quantize.WEIGHTS:
+    if weights is not None and weights not in quantize.WEIGHTS:
         raise ExportError(f"--weights {weights} is not a precision mode; use one of {', '.join(quantize.WEIGHTS)}")
     if vae_weights not in quantize.VAE_WEIGHTS:
         raise ExportError(
             f"--vae-weights {vae_weights} is not a precision mode; use one of {', '.join(quantize.VAE_WEIGHTS)}"
         )
-    if text_encoder_weights not in weight_formats.FORMATS:
+    if text_encoder_weights is not None and text_encoder_weights not in weight_formats.FORMATS:
         raise ExportError(
             f"--text-encoder-weights {text_encoder_weights} is not a precision mode; "
             f"use one of {', '.join(weight_formats.FORMATS)}"
@@ -85,6 +85,10 @@ def export(
         )
 
     src = sources.resolve(source)
+    # unsaid formats are the family's (fp32, Qwen-Image's int4: a 20B model exists for a CPU only at 4 bits)
+    defaults = registry.family(src.family).default_weights
+    weights = weights or defaults.get("denoiser", "fp32")
+    text_encoder_weights = text_encoder_weights or defaults.get("text_encoder", "fp32")
     model = _registry_model(model_id, src) if model_id else _auto_model(src)
     final = Path(out).expanduser() if out else registry.models_home() / (model.id if model else src.name)
     final = final.absolute()
@@ -128,10 +132,10 @@ def export(
     rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights, streamed=streamed)
     # a UNet pipeline in memory: its int8 modes are calibrated by sampling it
     unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
-    if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _t5s(pipeline)):
+    if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _big_text_encoders(pipeline)):
         raise ExportError(
-            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX), which {src.spec} does not "
-            f"have; export without it"
+            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX) and Qwen2.5-VL (Qwen-Image), "
+            f"which {src.spec} does not have; export without it"
         )
     if vae_weights != "fp32" and not unet_pipeline:
         raise ExportError(
@@ -253,7 +257,7 @@ class _Rewrite:
     def streamed_format(self, name: str, module) -> str:
         if name in DENOISERS:
             return self.weights
-        return self.text_encoder_weights if type(module).__name__ == "T5EncoderModel" else "fp32"
+        return self.text_encoder_weights if type(module).__name__ in BIG_TEXT_ENCODERS else "fp32"
 
     def apply(self, name: str, kind: str, path: Path, say) -> dict:
         data_name = path.name + backends.DATA_SUFFIX
@@ -290,9 +294,13 @@ class _Rewrite:
         return "export with --weights fp32" if name in DENOISERS else "export with --vae-weights fp32"
 
 
-def _t5s(pipeline) -> list:
+# text encoders big enough for --text-encoder-weights (T5-XXL 4.8 B, Qwen2.5-VL 8.3 B parameters)
+BIG_TEXT_ENCODERS = ("T5EncoderModel", "Qwen2_5_VLForConditionalGeneration")
+
+
+def _big_text_encoders(pipeline) -> list:
     modules = [getattr(pipeline, name, None) for name in TEXT_ENCODERS]
-    return [m for m in modules if type(m).__name__ == "T5EncoderModel"]
+    return [m for m in modules if type(m).__name__ in BIG_TEXT_ENCODERS]
 
 
 def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:
@@ -522,24 +530,23 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 
 def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
-    vae = pipeline.vae
+    vae = _vae_fields(pipeline.vae)
     den_name, den = parts.denoiser(pipeline)
     dcfg = den.config
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    shift = getattr(vae.config, "shift_factor", None)
+    vae_scale_factor = vae["vae_scale_factor"]
     encoders = {n: getattr(pipeline, n) for n in TEXT_ENCODERS if getattr(pipeline, n, None) is not None}
     tokenizers = {n: getattr(pipeline, n) for n in TOKENIZERS if getattr(pipeline, n, None) is not None}
     guidance_embeds = bool(getattr(dcfg, "guidance_embeds", False))
     t5 = any(type(m).__name__ == "T5EncoderModel" for m in encoders.values())
     seq_key = "flux-guidance" if family == "flux" and guidance_embeds else family
     default_sample = getattr(pipeline, "default_sample_size", None) or getattr(dcfg, "sample_size", None)
-    return {
+    config = {
         "pipeline_class": type(pipeline).__name__,
         "denoiser": den_name,
-        "vae_scaling_factor": float(vae.config.scaling_factor),
-        "vae_shift_factor": float(shift) if shift is not None else None,
+        "vae_scaling_factor": vae["vae_scaling_factor"],
+        "vae_shift_factor": vae["vae_shift_factor"],
         "vae_scale_factor": vae_scale_factor,
-        "latent_channels": int(vae.config.latent_channels),
+        "latent_channels": vae["latent_channels"],
         "in_channels": int(dcfg.in_channels),
         "sample_size": int(dcfg.sample_size) if getattr(dcfg, "sample_size", None) else None,
         "default_image_size": int(default_sample) * vae_scale_factor if default_sample else None,
@@ -564,15 +571,65 @@ def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
         "axes_dims_rope": list(dcfg.axes_dims_rope) if getattr(dcfg, "axes_dims_rope", None) else None,
         # how the pipeline feeds timesteps: UNets a scalar t, SD3 a (B,) t, FLUX a (B,) t / 1000
         "timestep_shape": "scalar" if den_name == "unet" else "batch",
-        "timestep_scale": 0.001 if family == "flux" else 1.0,
+        "timestep_scale": 0.001 if family in ("flux", "qwen-image") else 1.0,
         "scheduler_class": scheduler.get("_class_name"),
         "prediction_type": scheduler.get("prediction_type"),
         # what the engine's memory estimate and tiled VAE need (engine/memory.py, engine/vae.py)
-        "vae_sample_size": _first(vae.config.sample_size),  # AutoencoderKL's tile_sample_min_size
-        "vae_block_out_channels": [int(c) for c in vae.config.block_out_channels],
-        "vae_mid_block_attention": bool(getattr(vae.config, "mid_block_add_attention", True)),
+        "vae_sample_size": vae["vae_sample_size"],
+        "vae_block_out_channels": vae["vae_block_out_channels"],
+        "vae_mid_block_attention": vae["vae_mid_block_attention"],
         "denoiser_attention": _attention_layout(den_name, den, family, T5_SEQUENCE_LENGTH.get(seq_key, 0), tokenizers),
     }
+    if family == "qwen-image":
+        config.update(_qwen_image_fields(pipeline, vae))
+    return config
+
+
+def _vae_fields(vae) -> dict:
+    """The VAE's constants: AutoencoderKL's, or AutoencoderKLQwenImage's (per-channel latent statistics, a
+    causal 3-D VAE whose spatial scale is 2 ** its number of downsamples)."""
+    cfg = vae.config
+    if type(vae).__name__ == "AutoencoderKLQwenImage":
+        return {
+            "vae_scaling_factor": 1.0,  # the per-channel vae_latents_mean / vae_latents_std stand for it
+            "vae_shift_factor": None,
+            "vae_scale_factor": 2 ** len(cfg.temperal_downsample),
+            "latent_channels": int(cfg.z_dim),
+            "vae_sample_size": 256,  # AutoencoderKLQwenImage.tile_sample_min_height
+            "vae_block_out_channels": [int(cfg.base_dim * m) for m in cfg.dim_mult],
+            "vae_mid_block_attention": True,
+            "vae_latents_mean": [float(v) for v in cfg.latents_mean],
+            "vae_latents_std": [float(v) for v in cfg.latents_std],
+        }
+    shift = getattr(cfg, "shift_factor", None)
+    return {
+        "vae_scaling_factor": float(cfg.scaling_factor),
+        "vae_shift_factor": float(shift) if shift is not None else None,
+        "vae_scale_factor": 2 ** (len(cfg.block_out_channels) - 1),
+        "latent_channels": int(cfg.latent_channels),
+        "vae_sample_size": _first(cfg.sample_size),  # AutoencoderKL's tile_sample_min_size
+        "vae_block_out_channels": [int(c) for c in cfg.block_out_channels],
+        "vae_mid_block_attention": bool(getattr(cfg, "mid_block_add_attention", True)),
+    }
+
+
+def _qwen_image_fields(pipeline, vae: dict) -> dict:
+    """QwenImagePipeline's constants the engine needs: its prompt template and the tokens it drops, the
+    prompt windows, the rotary axes (the tables are computed by the engine and fed to the graph)."""
+    cfg = pipeline.transformer.config
+    return {
+        "prompt_template": pipeline.prompt_template_encode,
+        "prompt_template_start_idx": int(pipeline.prompt_template_encode_start_idx),
+        "tokenizer_max_length": {"tokenizer": int(pipeline.tokenizer_max_length)},
+        "max_sequence_length": QWEN_MAX_SEQUENCE_LENGTH,
+        "attention_head_dim": int(cfg.attention_head_dim),
+        "rope_theta": 10000,  # QwenImageTransformer2DModel builds QwenEmbedRope(theta=10000, ..., scale_rope=True)
+        "scale_rope": True,
+    }
+
+
+# QwenImagePipeline.__call__'s max_sequence_length default (its tokenizer window is 1024 + the dropped prefix)
+QWEN_MAX_SEQUENCE_LENGTH = 512
 
 
 def _first(value) -> int:
@@ -595,6 +652,8 @@ def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizer
         return {"stride": stride, "heads": heads, "joint_tokens": 0, "width": int(cfg.block_out_channels[0])}
     heads = int(cfg.num_attention_heads)
     text = t5_tokens  # T5's window (zeros in its place without T5), then SD3 puts CLIP's before it
+    if family == "qwen-image":  # the prompt's states, at most its window
+        text = QWEN_MAX_SEQUENCE_LENGTH
     if family == "sd3":
         text += _max_length(tokenizers["tokenizer"]) or 77
     # FLUX packs 2x2 latent pixels into a token before its patch embedding (patch_size 1)

@@ -36,13 +36,14 @@ FULL_VALIDATION_BYTES = int(os.environ.get("STEPWISE_FULL_VALIDATION_BYTES", 1_5
 STREAMED_CLASSES = (
     "FluxTransformer2DModel",
     "SD3Transformer2DModel",
+    "QwenImageTransformer2DModel",
     "UNet2DConditionModel",
     "T5EncoderModel",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
 )
 # Families whose checkpoints are always streamed, tiny ones included.
-STREAMED_FAMILIES = ("sd3", "flux")
+STREAMED_FAMILIES = ("sd3", "flux", "qwen-image")
 # The UNet families stream their folder and hub checkpoints unless something needs the whole pipeline in
 # PyTorch: a UNet or LoRA fused in (--unet, --lora), or the static int8 modes calibrated by sampling
 # (--weights int8, --vae-weights int8). Tiny pipelines are built in memory and exported as they are.

@@ -259,6 +259,21 @@ def _build_flux(guidance_embeds: bool):
     )
 
 
+def _build_qwen_image():
+    from diffusers import QwenImagePipeline
+
+    from .qwen_image import text, transformer, vae
+
+    encoder = text.tiny_text_encoder(2)
+    return QwenImagePipeline(
+        scheduler=_scheduler("qwen-image"),
+        vae=vae.tiny_vae(1),
+        text_encoder=encoder,
+        tokenizer=text.tiny_tokenizer(),
+        transformer=transformer.tiny_transformer(3, joint_attention_dim=encoder.config.text_config.hidden_size),
+    )
+
+
 _BUILDERS = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -267,6 +282,7 @@ _BUILDERS = {
     "sd3": _build_sd3,
     "flux-schnell": lambda: _build_flux(guidance_embeds=False),
     "flux-dev": lambda: _build_flux(guidance_embeds=True),
+    "qwen-image": _build_qwen_image,
 }
 
 

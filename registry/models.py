@@ -26,6 +26,8 @@ class Family:
     img2img_strength: float | None = None
     inpaint_strength: float | None = None
     strength_steps: str = "floor"  # how get_timesteps counts the steps that run (registry/policy.steps_run)
+    # export formats when --weights / --text-encoder-weights are not given: Qwen-Image exists for a CPU only at 4 bits
+    default_weights: dict = field(default_factory=dict)
 
     def default_strength(self, inpaint: bool) -> float | None:
         return self.inpaint_strength if inpaint else self.img2img_strength

@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):
 
 
 def test_unsupported_family_says_so(tmp_path):
-    out, _ = run(["generate", "a cat", "--model", "qwen-image"], tmp_path)
+    out, _ = run(["generate", "a cat", "--model", "hidream-i1"], tmp_path)
     assert_one_line_error(out, 1, "no Stepwise engine yet")
 
 
