@@ -108,7 +108,7 @@ class Pipeline:
         return bool(self.phases["image"])
 
     def _plan(self, width, height, guidance, image, vae_tiling, policy, available_mb) -> MemoryPlan:
-        batch = 2 if guidance is None or self.architecture.uses_cfg(guidance) else 1
+        batch = self.architecture.denoiser_batch(guidance)
         return plan_memory(
             self.manifest,
             self.phases,

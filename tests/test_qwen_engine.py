@@ -183,6 +183,7 @@ def test_negative_prompt_defaults_to_a_space_with_cfg():
     assert a.components == {"text_encoder": True, "transformer": True}
     assert a.denoiser_component == "transformer"
     assert a.tokenizer_lengths() == {"tokenizer": 1024 + 34}
+    assert a.denoiser_batch(4.0) == a.denoiser_batch(None) == 1
 
 
 # --- encode: each text alone through QwenTextEncoder

@@ -126,6 +126,9 @@ class QwenImageArchitecture(Architecture):
         # true CFG needs a negative prompt in diffusers: " " when none is given, as its docs suggest
         return (negative or " ") if self.uses_cfg(guidance) else negative
 
+    def denoiser_batch(self, guidance) -> int:
+        return 1  # with CFG the transformer runs twice, batch 1 each: the memory plan counts one
+
     # --- conditioning
     def _encoder(self, graphs, tokenizers):
         return text_encoders.QwenTextEncoder(
