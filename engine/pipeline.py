@@ -108,7 +108,7 @@ class Pipeline:
         return bool(self.phases["image"])
 
     def _plan(self, width, height, guidance, image, vae_tiling, policy, available_mb) -> MemoryPlan:
-        batch = 2 if guidance is None or self.architecture.uses_cfg(guidance) else 1
+        batch = self.architecture.denoiser_batch(guidance)
         return plan_memory(
             self.manifest,
             self.phases,
@@ -226,6 +226,7 @@ class Pipeline:
         if negative_prompt and not arch.uses_cfg(guidance):  # not used: neither run nor written into the PNG
             ignored.append(f"--negative is ignored: {self.model_label} runs without classifier-free guidance here")
             negative_prompt = ""
+        negative_prompt = arch.negative_prompt_used(negative_prompt, guidance)
         bar.phase("encoding the prompt")
         cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
         warnings = ignored + warnings

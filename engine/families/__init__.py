@@ -6,6 +6,7 @@ Keyed by the registry's family name.
 
 from .base import Architecture
 from .flux import FluxArchitecture
+from .qwen_image import QwenImageArchitecture
 from .sd3 import SD3Architecture
 from .unet import UNetArchitecture
 
@@ -14,4 +15,5 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "sdxl": UNetArchitecture,
     "sd3": SD3Architecture,
     "flux": FluxArchitecture,
+    "qwen-image": QwenImageArchitecture,
 }

@@ -57,6 +57,14 @@ class Architecture:
     def uses_cfg(self, guidance: float) -> bool:
         return guidance > 1.0
 
+    def denoiser_batch(self, guidance: float | None) -> int:
+        """The batch the denoiser runs with (None: the model's own, guided): 2 with CFG, [uncond, cond]."""
+        return 2 if guidance is None or self.uses_cfg(guidance) else 1
+
+    def negative_prompt_used(self, negative: str, guidance: float) -> str:
+        """The negative prompt a generation runs with (and records): Qwen-Image's true CFG needs one."""
+        return negative
+
     # --- latents
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
         f = self.vae_scale_factor
