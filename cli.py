@@ -353,8 +353,9 @@ def _memory_column(memory: dict) -> str:
     "--weights",
     type=click.Choice(["fp32", "int8", "int4"]),
     default=None,
-    help="Denoiser precision (default fp32; Qwen-Image int4): int8 = static int8 convs calibrated on the model's own sampling + dynamic int8 "
-    "MatMuls (~2x faster SD 1.5 steps; loads the whole pipeline to calibrate); int4 = 4-bit MatMul weights "
+    help="Denoiser precision (default fp32; Qwen-Image int4): int8 = static int8 convs calibrated on the "
+    "model's own sampling + dynamic int8 MatMuls (~2x faster SD 1.5 steps; loads the whole pipeline to "
+    "calibrate); int4 = 4-bit MatMul weights "
     "(MatMulNBits). SD 3 and FLUX transformers: int8/int4 = block-wise MatMulNBits weights. Folder and hub "
     "checkpoints are exported tensor by tensor (never loaded whole), except for the calibrated int8.",
 )

@@ -134,8 +134,8 @@ def export(
     unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
     if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _big_text_encoders(pipeline)):
         raise ExportError(
-            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX) and Qwen2.5-VL (Qwen-Image), "
-            f"which {src.spec} does not have; export without it"
+            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX) and Qwen2.5-VL "
+            f"(Qwen-Image), which {src.spec} does not have; export without it"
         )
     if vae_weights != "fp32" and not unet_pipeline:
         raise ExportError(

@@ -82,9 +82,10 @@ def _forward(model, hidden_states, encoder_hidden_states, timestep, img_cos, img
 
 def check_supported(module) -> None:
     cfg = module.config
-    unsupported = [k for k in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if cfg.get(k)]
-    if unsupported:
-        raise TypeError(f"no ONNX export for a QwenImageTransformer2DModel with {', '.join(unsupported)} (an edit/layered variant)")
+    variants = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+    unsupported = [k for k in variants if cfg.get(k)]
+    if unsupported:  # the edit / layered pipelines' transformers
+        raise TypeError(f"no ONNX export for a QwenImageTransformer2DModel with {', '.join(unsupported)}")
 
 
 def transformer_component(module) -> Component:
