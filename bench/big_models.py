@@ -1,7 +1,8 @@
 """``python -m bench.big_models``: the full-size big models on this machine, from random bf16 checkpoints.
 
 For each model: write its random diffusers folder (``random_weights``: bf16 shards, as the hub ships them),
-export it with ``stepwise export`` in the given weight formats, then ``stepwise generate`` one step at each
+export it with ``stepwise export`` in the given weight formats, then ``stepwise generate`` ``--steps`` steps
+(default 1; qwen-image needs 2: its scheduler's ``shift_terminal`` stretches a lone sigma by 0/0) at each
 size. Every stage runs as its own process, its peak RSS read from the kernel (``wait4``'s ``ru_maxrss``),
 its wall time measured here. One JSON line per stage is appended to ``--results`` and a Markdown table is
 printed. The source folder is deleted after the export unless ``--keep-source`` (disk: FLUX.1's is 31 GiB).
@@ -53,7 +54,14 @@ def parse_profile(text: str) -> dict:
 
 
 def bench_model(
-    spec: str, sizes: list[int], root: Path, results: Path, keep_source: bool, flags: list[str], say=print
+    spec: str,
+    sizes: list[int],
+    root: Path,
+    results: Path,
+    keep_source: bool,
+    flags: list[str],
+    say=print,
+    steps: int = 1,
 ) -> None:
     model, weights, text_weights = (spec.split(":") + ["fp32", "fp32"])[:3]
     stepwise = [str(Path(sys.executable).with_name("stepwise"))]
@@ -85,7 +93,7 @@ def bench_model(
             shutil.rmtree(source, ignore_errors=True)
     for size in sizes:
         log = root / f"generate-{model}-{size}.log"
-        cmd = [*stepwise, "generate", "a lighthouse at dusk", "--model", str(out), "--steps", "1", "--force"]
+        cmd = [*stepwise, "generate", "a lighthouse at dusk", "--model", str(out), "--steps", str(steps), "--force"]
         cmd += ["--width", str(size), "--height", str(size), "--seed", "1", "--profile"]
         cmd += ["--out", str(root / f"{model}-{size}.png"), *flags]
         generated = run(cmd, log)
@@ -99,13 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=random_model.cache_root())
     parser.add_argument("--results", type=Path, default=None, help="JSON lines (default: ROOT/big-models.jsonl)")
     parser.add_argument("--keep-source", action="store_true")
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps per generate (qwen-image: 2)")
     parser.add_argument("--low-memory", action="store_true", help="generate with the phased load policy")
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     results = args.results or args.root / "big-models.jsonl"
     for spec in args.models:
         flags = ["--low-memory"] if args.low_memory else []
-        bench_model(spec, args.sizes, args.root, results, args.keep_source, flags)
+        bench_model(spec, args.sizes, args.root, results, args.keep_source, flags, steps=args.steps)
 
 
 if __name__ == "__main__":

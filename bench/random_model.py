@@ -81,11 +81,15 @@ def _scheduler(registry_model: str):
 
 def text_encoder_class(cfg: dict):
     """The transformers model class and its config object for a text encoder's ``config.json`` (T5: the
-    encoder alone, ``is_encoder_decoder=False, use_cache=False``)."""
+    encoder alone, ``is_encoder_decoder=False, use_cache=False``; Qwen2.5-VL: the whole
+    ``Qwen2_5_VLForConditionalGeneration``, vision tower and ``lm_head`` included, as the hub stores it)."""
     import transformers
 
     arch = cfg.get("architectures", ["CLIPTextModel"])[0]
-    config_cls = transformers.T5Config if arch == "T5EncoderModel" else transformers.CLIPTextConfig
+    config_cls = {
+        "T5EncoderModel": transformers.T5Config,
+        "Qwen2_5_VLForConditionalGeneration": transformers.Qwen2_5_VLConfig,  # flat text keys → text_config
+    }.get(arch, transformers.CLIPTextConfig)
     extra = {"is_encoder_decoder": False, "use_cache": False} if arch == "T5EncoderModel" else {}
     return getattr(transformers, arch), config_cls(**{**_strip(cfg), **extra})
 

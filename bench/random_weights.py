@@ -10,7 +10,8 @@ folder is built in a hidden sibling and renamed into place when complete.
 Values: each tensor comes from its own ``numpy.random.default_rng(zlib.crc32(f"{seed}/{component}/{name}"))``
 and depends on no other tensor:
 
-- 1-D ``*weight`` (norm scales): 1.0;
+- 1-D ``*weight`` and any ``*gamma`` (norm scales; AutoencoderKLQwenImage's RMS norms keep theirs as
+  ``gamma`` of shape ``(C, 1, 1[, 1])``): 1.0;
 - ``*bias``: ``standard_normal(dtype=float32) * 0.02``;
 - everything else (linear, conv, embedding, SD3's ``pos_embed`` table):
   ``standard_normal(dtype=float32) / sqrt(fan_in)`` with ``fan_in = prod(shape[1:])``, so every layer
@@ -66,6 +67,10 @@ PIPELINES = {
         "models": ("unet", "vae", "text_encoder", "text_encoder_2"),
         "tokenizers": {"tokenizer": "clip", "tokenizer_2": "clip-g"},
     },
+    "QwenImagePipeline": {  # text_encoder: Qwen2_5_VLForConditionalGeneration, vision tower and lm_head included
+        "models": ("transformer", "vae", "text_encoder"),
+        "tokenizers": {"tokenizer": "qwen"},
+    },
 }
 # text encoders: their config's "architectures"
 _DEFAULT_CLASS = {"transformer": None, "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
@@ -80,7 +85,7 @@ def value_chunks(seed: int, component: str, name: str, shape: tuple[int, ...], c
     The chunks concatenated do not depend on ``chunk``."""
     chunk = chunk or CHUNK
     count = math.prod(shape)
-    if len(shape) == 1 and name.endswith("weight"):
+    if (len(shape) == 1 and name.endswith("weight")) or name.endswith("gamma"):
         for start in range(0, count, chunk):
             yield np.ones(min(chunk, count - start), dtype=np.float32)
         return
@@ -124,11 +129,37 @@ def meta_module(component: str, cfg: dict):
         return cls.from_config(random_model._strip(cfg)), "diffusers"
 
 
+def checkpoint_name(module, name: str) -> str:
+    """The name ``save_pretrained`` gives the state-dict entry ``name`` of ``module``. transformers' vision-language
+    models (``modeling_utils.VLMS``) are saved under their original checkpoint names, the model's
+    ``_checkpoint_conversion_mapping`` run backwards exactly as ``save_pretrained`` (4.57) runs it:
+    Qwen2_5_VLForConditionalGeneration's ``model.language_model.layers.0...`` → ``model.layers.0...``,
+    ``model.visual...`` → ``visual...``, ``lm_head.weight`` unchanged; the layout of Qwen/Qwen-Image's
+    ``text_encoder`` shards (and of Qwen2.5-VL-7B-Instruct's). Every other model: ``name``."""
+    mapping = getattr(module, "_checkpoint_conversion_mapping", None) or {}
+    if not mapping or not _is_vlm(module):
+        return name
+    for pattern, replacement in {v: k for k, v in mapping.items()}.items():
+        replacement = re.sub(r"\(.*\)", "", replacement.lstrip("^"))
+        name, count = re.subn(pattern, replacement, name)
+        if count:
+            break
+    return name
+
+
+def _is_vlm(module) -> bool:
+    """Whether transformers' save_pretrained renames ``module``'s keys (its class or a base named like a VLM)."""
+    from transformers.modeling_utils import VLMS
+
+    return any(vlm in cls.__name__.lower() for cls in type(module).__mro__[:-1] for vlm in VLMS)
+
+
 def saved_tensors(module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor ``save_pretrained`` writes for ``module``, in state_dict order: the
-    persistent entries, a tied weight once. Of names sharing one tensor, transformers drops those matching
-    the model's ``_tied_weights_keys`` (T5EncoderModel keeps ``shared.weight``, drops
-    ``encoder.embed_tokens.weight``); without a match the first name is kept."""
+    """(name, shape) of every tensor ``save_pretrained`` writes for ``module``, in state_dict order, under
+    the name it is saved as (``checkpoint_name``): the persistent entries, a tied weight once. Of names
+    sharing one tensor, transformers drops those matching the model's ``_tied_weights_keys``
+    (T5EncoderModel keeps ``shared.weight``, drops ``encoder.embed_tokens.weight``); without a match the
+    first name is kept."""
     state = module.state_dict(keep_vars=True)
     aliases: dict[int, list[str]] = {}
     for name, tensor in state.items():
@@ -140,7 +171,8 @@ def saved_tensors(module) -> list[tuple[str, tuple[int, ...]]]:
             continue
         keep = [n for n in names if not any(re.search(p, n) for p in patterns)] or sorted(names)[-1:]
         dropped.update(n for n in names if n != keep[0])
-    return [(name, tuple(t.shape)) for name, t in state.items() if name not in dropped]
+    kept = [(name, tuple(t.shape)) for name, t in state.items() if name not in dropped]
+    return [(checkpoint_name(module, name), shape) for name, shape in kept]
 
 
 def shard_plan(tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple]]]:
@@ -266,11 +298,28 @@ def write_model(module, library: str, directory: Path, component: str, *, seed: 
 
 
 def _tokenizer(kind: str):
+    if kind == "qwen":  # Qwen2Tokenizer-compatible, built in code (the real one is a 151 k BPE we cannot fetch)
+        from exporters.qwen_image.text import tiny_tokenizer
+
+        return tiny_tokenizer()
     from exporters.vocab import clip_tokenizer, t5_tokenizer
 
     if kind == "t5":
         return t5_tokenizer()
     return clip_tokenizer(pad_token="!") if kind == "clip-g" else clip_tokenizer()  # CLIP-G pads with "!"
+
+
+def _scheduler_config(cfg: dict) -> dict:
+    """The registry model's scheduler config; while the registry has no entry for it, the config's own
+    ``scheduler`` (the hub's ``scheduler_config.json``: qwen-image until the registry lists it)."""
+    import registry
+
+    try:
+        return dict(registry.get(cfg["registry_model"]).scheduler)
+    except KeyError:
+        if "scheduler" not in cfg:
+            raise
+        return dict(cfg["scheduler"])
 
 
 def _reclaim(folder: Path, progress) -> None:
@@ -286,13 +335,11 @@ def _reclaim(folder: Path, progress) -> None:
 def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30, progress=print) -> Path:
     """Write the random pipeline of ``family`` (``flux-schnell``, ``sd3-medium@u1``...) as a diffusers folder
     that ``DiffusionPipeline.from_pretrained(folder)`` loads: ``model_index.json``, the registry model's
-    scheduler, the tokenizers of ``random_model.build``, and each model's ``config.json`` + bf16 safetensors
-    (sharded at ``shard_bytes``, named and indexed as ``save_pretrained(safe_serialization=True)`` does),
-    plus ``random_model.DONE``. The folder is built in a hidden sibling and renamed into place (replacing an
-    earlier one) only when complete. Returns ``folder``."""
+    scheduler (``_scheduler_config``), the tokenizers of ``random_model.build`` (qwen: ``_tokenizer``), and
+    each model's ``config.json`` + bf16 safetensors (sharded at ``shard_bytes``, named and indexed as
+    ``save_pretrained(safe_serialization=True)`` does), plus ``random_model.DONE``. The folder is built in a
+    hidden sibling and renamed into place (replacing an earlier one) only when complete. Returns ``folder``."""
     import diffusers
-
-    import registry
 
     folder = Path(folder)
     cfg = random_model.config(family)
@@ -310,7 +357,7 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
         raise SystemExit(f"{family}: needs {total / 2**30:.1f} GiB on {folder.parent}, {free / 2**30:.1f} GiB free")
     progress(f"writing random:{family} ({kind}, seed {seed}, {_size(total)} bf16) → {folder}")
 
-    scheduler_cfg = dict(registry.get(cfg["registry_model"]).scheduler)
+    scheduler_cfg = _scheduler_config(cfg)
     scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
     tokenizers = {name: _tokenizer(tok) for name, tok in spec["tokenizers"].items()}
     # the pipeline object (meta models) only for its model_index.json: what save_pretrained writes first

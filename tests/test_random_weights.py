@@ -111,7 +111,7 @@ def loaded(built):
 
 def _expected(component: str, name: str, shape, seed: int = 0):
     """The documented value of one tensor, rounded to bf16 by torch."""
-    if len(shape) == 1 and name.endswith("weight"):
+    if (len(shape) == 1 and name.endswith("weight")) or name.endswith("gamma"):  # norm scales
         values = np.ones(shape, dtype=np.float32)
     else:
         rng = np.random.default_rng(zlib.crc32(f"{seed}/{component}/{name}".encode()))
@@ -350,3 +350,178 @@ def test_without_tqdm_progress_is_a_line_per_tenth(tmp_path, monkeypatch):
     random_weights.write_model(module, library, tmp_path, "vae", seed=0, shard_bytes=2**30, progress=messages.append)
     assert messages[0].startswith("vae (AutoencoderKL): 0.7 M values, 1.3 MiB bf16 in 1 file(s)")
     assert len(messages) == 11 and messages[-1] == "  vae: 1.3 MiB of 1.3 MiB"
+
+
+# --- Qwen-Image (QwenImagePipeline: transformer, AutoencoderKLQwenImage, Qwen2.5-VL text encoder) ----------
+
+
+def _small_qwen() -> dict:
+    """configs/qwen-image.json cut small: 2 blocks, 2 text layers, 2 vision blocks, narrow widths; z_dim and
+    the 16 latents_mean/std values kept (the transformer's 64 input channels are 16 latents × 2×2 patches)."""
+    cfg = copy.deepcopy(random_model.config("qwen-image"))
+    cfg["transformer"].update(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64)
+    cfg["transformer"]["axes_dims_rope"] = [4, 6, 6]
+    cfg["vae"].update(base_dim=16, num_res_blocks=1)
+    text = cfg["text_encoder"]
+    text.update(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    text.update(num_hidden_layers=2, vocab_size=512, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    text["vision_config"].update(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64)
+    text["vision_config"]["fullatt_block_indexes"] = [1]
+    return cfg
+
+
+def _stub_qwen_tokenizer():
+    """A Qwen2TokenizerFast built in code: byte-level BPE over the 256 byte symbols, no merges, Qwen's chat
+    tokens added (ids 256-258, inside the small text encoder's 512). Stands in for the lead's
+    ``exporters.qwen_image.text.tiny_tokenizer`` where that is not there yet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from exporters.vocab import bytes_to_unicode
+
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = transformers.Qwen2TokenizerFast(
+        tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def _qwen_tokenizer_module(monkeypatch) -> None:
+    """``exporters.qwen_image.text.tiny_tokenizer`` as random_weights imports it: the real one when the
+    package has it, else the stub."""
+    try:
+        from exporters.qwen_image.text import tiny_tokenizer  # noqa: F401
+    except ImportError:
+        import types
+
+        package = types.ModuleType("exporters.qwen_image")
+        package.__path__ = []
+        text = types.ModuleType("exporters.qwen_image.text")
+        text.tiny_tokenizer = _stub_qwen_tokenizer
+        package.text = text
+        monkeypatch.setitem(sys.modules, "exporters.qwen_image", package)
+        monkeypatch.setitem(sys.modules, "exporters.qwen_image.text", text)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """tinyqwen (Qwen-Image cut small) and its reduced build tinyqwen@u1, small shards and chunks."""
+    root = tmp_path_factory.mktemp("random-qwen")
+    configs = root / "configs"
+    shutil.copytree(random_model.CONFIGS, configs)
+    (configs / "tinyqwen.json").write_text(json.dumps(_small_qwen()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(random_model, "CONFIGS", configs)
+        mp.setattr(random_weights, "CHUNK", CHUNK)
+        _qwen_tokenizer_module(mp)
+        messages: list[str] = []
+        full = random_weights.write_pipeline("tinyqwen", root / "full", shard_bytes=SHARD, progress=messages.append)
+        u1 = random_weights.write_pipeline("tinyqwen@u1", root / "u1", shard_bytes=SHARD, progress=messages.append)
+        yield {"root": root, "configs": configs, "full": full, "u1": u1, "messages": messages}
+
+
+def _reference_module(component: str, cfg: dict):
+    """The component built in PyTorch from its config (fp32, CPU), as save_pretrained would save it."""
+    if component == "text_encoder":
+        cls, text_config = random_model.text_encoder_class(cfg)
+        return cls(text_config)
+    return getattr(diffusers, cfg["_class_name"]).from_config(random_model._strip(cfg))
+
+
+def test_qwen_folder_is_what_save_pretrained_writes(qwen, tmp_path):
+    """Each model's config.json (but the transformers dtype) and its tensor names and shapes as save_pretrained
+    writes the same module; the text encoder under the hub's names (model.layers..., visual..., lm_head)."""
+    cfg = _small_qwen()
+    index = json.loads((qwen["full"] / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline"
+    assert index["text_encoder"] == ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLQwenImage"]
+    assert set(_models(qwen["full"])) == {"transformer", "vae", "text_encoder"}
+    for component in _models(qwen["full"]):
+        module = _reference_module(component, cfg[component])
+        module.save_pretrained(tmp_path / component, safe_serialization=True)
+        assert _shapes(qwen["full"] / component) == _shapes(tmp_path / component), component
+        mine = json.loads((qwen["full"] / component / "config.json").read_text())
+        theirs = json.loads((tmp_path / component / "config.json").read_text())
+        if component == "text_encoder":
+            assert (mine.pop("dtype"), theirs.pop("dtype")) == ("bfloat16", "float32")
+        assert mine == theirs, component
+    names = _shapes(qwen["full"] / "text_encoder")
+    assert {"model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"} <= set(names)
+    assert "visual.blocks.1.attn.qkv.weight" in names and "visual.merger.mlp.2.weight" in names
+    assert not any(n.startswith("model.language_model.") or n.startswith("model.visual.") for n in names)
+    scheduler = json.loads((qwen["full"] / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["time_shift_type"] == "exponential" and scheduler["max_image_seq_len"] == 8192
+    assert scheduler["shift_terminal"] == 0.02
+
+
+def test_qwen_pipeline_loads_every_weight_as_written_and_runs(qwen):
+    """DiffusionPipeline.from_pretrained loads every tensor (no missing/unexpected key) with its documented bf16
+    value (the VAE's RMS-norm gammas 1), and two steps at 64×64 stay finite."""
+    folder = qwen["full"]
+    index = json.loads((folder / "model_index.json").read_text())
+    for component in _models(folder):
+        library, cls_name = index[component]
+        cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
+        _, info = cls.from_pretrained(folder / component, output_loading_info=True)
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+            assert not info.get(key), (component, key, info[key])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "QwenImagePipeline"
+    for component in _models(folder):
+        module = getattr(pipe, component)
+        state = module.state_dict()
+        saved = dict(random_weights.saved_tensors(module))  # checkpoint name → shape
+        assert saved == _shapes(folder / component), component
+        for (name, _), (saved_name, shape) in zip(state.items(), random_weights.saved_tensors(module), strict=True):
+            assert torch.equal(state[name], _expected(component, saved_name, shape).float()), (component, name)
+    gammas = [t for n, t in pipe.vae.state_dict().items() if n.endswith("gamma")]
+    assert gammas and all(torch.all(t == 1) for t in gammas)
+    # 2 steps: with 1, shift_terminal (0.02) stretches the one sigma by 0/0 in diffusers (NaN latents)
+    out = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert np.isfinite(out.images).all() and out.images.std() > 0
+
+
+def test_qwen_reduced_build_holds_the_full_builds_blocks(qwen):
+    assert "transformer_blocks.1.img_mod.1.weight" in _weights(qwen["full"] / "transformer")
+    assert "transformer_blocks.1.img_mod.1.weight" not in _weights(qwen["u1"] / "transformer")
+    assert "model.layers.1.mlp.up_proj.weight" not in _weights(qwen["u1"] / "text_encoder")
+    assert "visual.blocks.1.mlp.up_proj.weight" in _weights(qwen["u1"] / "text_encoder")  # the vision tower full
+    for component in _models(qwen["u1"]):
+        full, u1 = _weights(qwen["full"] / component), _weights(qwen["u1"] / component)
+        assert set(u1) <= set(full), component
+        for name, path in u1.items():
+            with safetensors.safe_open(path, "pt") as a, safetensors.safe_open(full[name], "pt") as b:
+                assert torch.equal(a.get_tensor(name), b.get_tensor(name)), (component, name)
+    marker = json.loads((qwen["u1"] / random_model.DONE).read_text())
+    assert marker["model"] == "random:tinyqwen@u1"
+
+
+def test_qwen_image_config_is_the_hubs_size():
+    """Full size, on the meta device: the transformer's 20,430,401,088 parameters (the hub's 40.86 GB of bf16
+    shards) and Qwen2.5-VL-7B's 8,292,166,656 (vision tower and untied lm_head included); the reduced
+    builds cut the transformer blocks and the text layers, nothing else."""
+    cfg = random_model.config("qwen-image")
+    counts = {}
+    for component in random_weights.PIPELINES[cfg["pipeline"]]["models"]:
+        module, _ = random_weights.meta_module(component, cfg[component])
+        counts[component] = sum(math.prod(shape) for _, shape in random_weights.saved_tensors(module))
+    assert counts["transformer"] == 20_430_401_088
+    assert counts["text_encoder"] == 8_292_166_656
+    assert 120e6 < counts["vae"] < 130e6
+    reduced = random_model.config("qwen-image@u2")
+    assert reduced["transformer"]["num_layers"] == 2 and reduced["text_encoder"]["num_hidden_layers"] == 2
+    assert reduced["text_encoder"]["vision_config"]["depth"] == 32
+    plan = random_model.reduced("qwen-image")
+    assert (plan["units"], plan["denoiser"]["real"], plan["text"]["real"]) == ([1, 2], 60, 28)
+
+
+def test_the_qwen_tokenizer_is_imported_lazily_from_the_exporter(monkeypatch):
+    sentinel = object()
+    _qwen_tokenizer_module(monkeypatch)
+    monkeypatch.setattr(sys.modules["exporters.qwen_image.text"], "tiny_tokenizer", lambda: sentinel)
+    assert random_weights._tokenizer("qwen") is sentinel
