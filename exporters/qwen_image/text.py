@@ -173,7 +173,8 @@ def _forward(model, input_ids):
 def _traceable_rope(rope) -> None:
     """Give ``rope`` (a ``Qwen2_5_VLRotaryEmbedding``) a forward without the ``torch.autocast`` block of
     transformers' one, which cannot be entered on the meta device the streaming exporter traces on; the
-    arithmetic is the same, in fp32 (what the autocast-disabled block computes on the CPU)."""
+    arithmetic is the same, in fp32 (what the autocast-disabled block computes on the CPU). Only the meta
+    module being traced gets it: validation compares the graph with transformers' own forward."""
     import types
 
     import torch
@@ -200,7 +201,8 @@ def _wrapper_class():
         class QwenTextWrapper(_wrapper(_forward)):
             def __init__(self, module):
                 super().__init__(module)
-                _traceable_rope(module.rotary_emb)
+                if any(p.is_meta for p in module.parameters()):  # the trace; PyTorch references keep theirs
+                    _traceable_rope(module.rotary_emb)
 
         _WRAPPER = QwenTextWrapper
     return _WRAPPER
