@@ -87,6 +87,23 @@ def test_engine_tokenizer_matches_transformers_unpadded(tokenizer, tmp_path):
     assert padded.ids.shape == (1, 77) and padded.ids[0, -1] == tokenizer.pad_token_id
 
 
+def test_engine_tokenizer_matches_the_slow_tokenizer_diffusers_loads(tokenizer, tmp_path):
+    """QwenImagePipeline loads the slow ``Qwen2Tokenizer`` (model_index.json); Qwen/Qwen-Image ships its
+    vocab.json + merges.txt. The exporter's save_tokenizer converts it; the engine reads the conversion."""
+    from exporters.main import save_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "hub")
+    (tmp_path / "hub" / "tokenizer.json").unlink()  # the slow files only
+    slow = transformers.Qwen2Tokenizer.from_pretrained(tmp_path / "hub")
+    assert not slow.is_fast
+    save_tokenizer(slow, tmp_path / "export")
+    max_length = qi.TOKENIZER_MAX_LENGTH + qi.PROMPT_TEMPLATE_START_IDX
+    ours = PromptTokenizer(tmp_path / "export", max_length=max_length, pad=False)
+    for text in [*TEXTS, LONGEST]:
+        prompt = qi.PROMPT_TEMPLATE.format(text)
+        assert ours(prompt).ids[0].tolist() == slow(prompt, max_length=max_length, truncation=True).input_ids
+
+
 # --- (b) the streamed graph through the engine against diffusers ------------------------------------------------
 
 
