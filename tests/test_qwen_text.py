@@ -135,6 +135,20 @@ def test_component_is_the_streamed_language_model(exported):
 
 
 @pytest.mark.slow
+def test_reduced_depth_validation_reads_the_checkpoint_through_the_name_map(exported, tmp_path, monkeypatch):
+    """How the 7B encoder (28 GB in fp32) is validated: its first layer + embeddings + norm, read from the
+    hub-named checkpoint through TextWeights, exported again and compared with transformers."""
+    from exporters import reduced
+
+    component, path, _ = exported
+    monkeypatch.setattr(streaming, "FULL_VALIDATION_BYTES", 0)
+    checkpoint = qi.TextWeights(streaming.SafetensorsWeights(path.parent.parent / "checkpoint"))
+    result = reduced.check(component, checkpoint, path, opset=17, fmt="fp32", tolerances={})
+    assert result["compared"].startswith("reduced depth: layers [0] of 2")
+    assert result["max_abs_diff"] <= result["tolerance"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", [SHORT, TEXTS[2], LONG, LONGEST], ids=["short", "unicode", "long", "longest"])
 def test_engine_prompt_embeds_match_diffusers(exported, reference_pipe, prompt):
     _, path, tokenizer_folder = exported
