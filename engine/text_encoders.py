@@ -50,7 +50,8 @@ class QwenTextEncoder:
     the language-model graph (``input_ids`` → ``last_hidden_state``, the model's ``hidden_states[-1]``); the
     template's first ``drop`` tokens (``prompt_template_encode_start_idx``) are dropped and at most
     ``max_sequence_length`` (512, what the pipeline's ``__call__`` passes) are kept. ``truncated``: the
-    tokenizer or the ``max_sequence_length`` cut left part of the prompt out."""
+    tokenizer or the ``max_sequence_length`` cut dropped tokens (of the prompt, or of the template's closing
+    ``<|im_end|>\n<|im_start|>assistant\n`` after it)."""
 
     def __init__(self, graph: Graph, tokenizer: PromptTokenizer, template: str, drop: int, max_sequence_length: int):
         if "{}" not in template:
