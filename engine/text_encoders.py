@@ -40,3 +40,31 @@ class TextEncoder:
             pooled=out.get(self.pooled_name) if self.pooled_name else None,
             truncated=tokens.truncated,
         )
+
+
+class QwenTextEncoder:
+    """Qwen-Image's prompt embeds: ``QwenImagePipeline.encode_prompt(prompt)`` for one prompt.
+
+    The prompt is put in ``template`` (the pipeline's ``prompt_template_encode``), tokenized without padding and
+    truncated at ``tokenizer.max_length`` (the pipeline's ``tokenizer_max_length + drop``: 1024 + 34), run through
+    the language-model graph (``input_ids`` → ``last_hidden_state``, the model's ``hidden_states[-1]``); the
+    template's first ``drop`` tokens (``prompt_template_encode_start_idx``) are dropped and at most
+    ``max_sequence_length`` (512, what the pipeline's ``__call__`` passes) are kept. ``truncated``: the
+    tokenizer or the ``max_sequence_length`` cut dropped tokens (of the prompt, or of the template's closing
+    ``<|im_end|>\n<|im_start|>assistant\n`` after it)."""
+
+    def __init__(self, graph: Graph, tokenizer: PromptTokenizer, template: str, drop: int, max_sequence_length: int):
+        if "{}" not in template:
+            raise ValueError("the prompt template has no {} for the prompt")
+        self.graph, self.tokenizer = graph, tokenizer
+        self.template, self.drop = template, int(drop)
+        self.max_sequence_length = int(max_sequence_length)
+        self.max_length = tokenizer.max_length
+
+    def __call__(self, text: str) -> Encoded:
+        tokens = self.tokenizer(self.template.format(text))
+        hidden = self.graph(outputs=["last_hidden_state"], input_ids=tokens.ids)["last_hidden_state"]
+        embeds = hidden[:, self.drop :]
+        cut = embeds.shape[1] > self.max_sequence_length
+        embeds = np.ascontiguousarray(embeds[:, : self.max_sequence_length])
+        return Encoded(last_hidden=embeds, penultimate=None, pooled=None, truncated=tokens.truncated or cut)

@@ -21,14 +21,15 @@ def _token_text(token) -> str | None:
 
 @dataclass
 class Tokens:
-    ids: np.ndarray  # (1, max_length) int64
+    ids: np.ndarray  # (1, max_length) int64; (1, tokens) when not padded
     truncated: bool
 
 
 class PromptTokenizer:
-    """Pads to ``max_length`` and truncates, like ``tokenizer(prompt, padding="max_length", truncation=True)``."""
+    """Pads to ``max_length`` and truncates, like ``tokenizer(prompt, padding="max_length", truncation=True)``;
+    with ``pad=False`` only truncates, like ``tokenizer(prompt, max_length=..., truncation=True)`` (Qwen-Image)."""
 
-    def __init__(self, folder: Path, max_length: int | None = None):
+    def __init__(self, folder: Path, max_length: int | None = None, *, pad: bool = True):
         path = folder / "tokenizer.json"
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -39,12 +40,14 @@ class PromptTokenizer:
         else:
             raise EngineError(f"{path} is missing; export the model again")
         self.max_length = int(max_length or min(config.get("model_max_length", 77), 10**6))
-        pad = _token_text(config.get("pad_token")) or _token_text(config.get("eos_token"))
-        pad_id = self.tokenizer.token_to_id(pad) if pad else None
-        if pad_id is None:
-            raise EngineError(f"{config_path} names no usable pad token; export the model again")
         self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=pad)
+        self.tokenizer.no_padding()
+        if pad:
+            token = _token_text(config.get("pad_token")) or _token_text(config.get("eos_token"))
+            pad_id = self.tokenizer.token_to_id(token) if token else None
+            if pad_id is None:
+                raise EngineError(f"{config_path} names no usable pad token; export the model again")
+            self.tokenizer.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=token)
         self.name = folder.name
 
     def __call__(self, text: str) -> Tokens:

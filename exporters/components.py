@@ -108,6 +108,10 @@ def _t5_forward(model, input_ids):
 
 def text_encoder(name: str, module, max_length: int) -> Component:
     cls = type(module).__name__
+    if cls in ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLTextModel"):  # Qwen-Image: the language model
+        from .qwen_image.text import text_encoder_component
+
+        return text_encoder_component(name, module, max_length)
     batch_seq = {0: "batch_size", 1: "sequence_length"}
     if cls.startswith("CLIPTextModel"):
         with_projection = cls == "CLIPTextModelWithProjection"

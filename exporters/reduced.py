@@ -27,6 +27,7 @@ STACKS = {
     "T5EncoderModel": [("num_layers", "encoder.block", 1, False)],
     "CLIPTextModel": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
     "CLIPTextModelWithProjection": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
+    "Qwen2_5_VLTextModel": [("num_hidden_layers", "layers", 1, False)],
 }
 
 
