@@ -25,7 +25,19 @@ from registry.files import process_alive, replace_folder
 from registry.machine import available_memory_mb
 from registry.pipelines import T5_SEQUENCE_LENGTH
 
-from . import backends, calibrate, components, optimize, parts, quantize, reduced, sources, streaming, validate
+from . import (
+    backends,
+    calibrate,
+    components,
+    optimize,
+    parts,
+    quantize,
+    qwen_image,
+    reduced,
+    sources,
+    streaming,
+    validate,
+)
 from . import weights as weight_formats
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
@@ -295,7 +307,7 @@ class _Rewrite:
 
 
 # text encoders big enough for --text-encoder-weights (T5-XXL 4.8 B, Qwen2.5-VL 8.3 B parameters)
-BIG_TEXT_ENCODERS = ("T5EncoderModel", "Qwen2_5_VLForConditionalGeneration")
+BIG_TEXT_ENCODERS = ("T5EncoderModel", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLTextModel")
 
 
 def _big_text_encoders(pipeline) -> list:
@@ -361,6 +373,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         checkpoint = streaming.weights_source(component.module, src.folder / name if src.folder else None)
     except FileNotFoundError as exc:
         raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None
+    if component.kind == qwen_image.TEXT_KIND:  # the checkpoint names the language model's tensors its own way
+        checkpoint = qwen_image.TextWeights(checkpoint)
     bar = _Bar(say if params > BIG_COMPONENT else None, f"writing {name} ({_count(params)} parameters, {fmt})")
     try:
         say(f"exporting {name}: tracing on the meta device (no weights in memory)")

@@ -41,6 +41,7 @@ STREAMED_CLASSES = (
     "T5EncoderModel",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
+    "Qwen2_5_VLForConditionalGeneration",  # built on meta from a folder; only its language model is exported
     "Qwen2_5_VLTextModel",  # Qwen-Image's text encoder: its Component's module is the language model alone
 )
 # Families whose checkpoints are always streamed, tiny ones included.

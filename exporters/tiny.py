@@ -264,12 +264,13 @@ def _build_qwen_image():
 
     from .qwen_image import text, transformer, vae
 
-    encoder = text.tiny_text_encoder(2)
+    tokenizer = text.tiny_tokenizer()
+    encoder = text.tiny_text_encoder(2, vocab_size=len(tokenizer))
     return QwenImagePipeline(
         scheduler=_scheduler("qwen-image"),
         vae=vae.tiny_vae(1),
         text_encoder=encoder,
-        tokenizer=text.tiny_tokenizer(),
+        tokenizer=tokenizer,
         transformer=transformer.tiny_transformer(3, joint_attention_dim=encoder.config.text_config.hidden_size),
     )
 
