@@ -1,0 +1,5 @@
+"""Qwen-Image (diffusers' ``QwenImagePipeline``): its components' exports, one module per side."""
+
+from .vae import tiny_vae, vae_decoder, vae_encoder
+
+__all__ = ["tiny_vae", "vae_decoder", "vae_encoder"]
