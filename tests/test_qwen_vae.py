@@ -53,11 +53,7 @@ def exported(vae, tmp_path_factory):
 
 
 def _config():
-    return {
-        "vae_scaling_factor": 1.0,
-        "vae_latents_mean": qwen_vae.LATENTS_MEAN,
-        "vae_latents_std": qwen_vae.LATENTS_STD,
-    }
+    return qwen_vae.config_keys(qwen_vae.tiny_vae(0))
 
 
 def _latents(h, w, seed=0):
@@ -191,6 +187,17 @@ def test_tiling_of_a_qwen_export_reads_its_vae_config(exported):
         "block_out_channels": [8, 16, 32, 32],
         "mid_block_attention": True,
     }
+    assert Tiling.of(manifest) == Tiling(256, 32)
+
+
+def test_config_keys_are_the_vae_s(vae, exported):
+    """What main writes for this VAE: the engine's Vae, Tiling and memory layout read these as from the VAE."""
+    folder, _ = exported
+    keys = qwen_vae.config_keys(vae)
+    assert keys["vae_latents_mean"] == vae.config.latents_mean and keys["vae_latents_std"] == vae.config.latents_std
+    assert (keys["vae_scale_factor"], keys["latent_channels"]) == (8, Z)
+    manifest = types.SimpleNamespace(config=keys, folder=folder)
+    assert vae_layout(manifest) == vae_layout(types.SimpleNamespace(config={}, folder=folder))
     assert Tiling.of(manifest) == Tiling(256, 32)
 
 

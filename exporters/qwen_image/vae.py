@@ -69,6 +69,24 @@ def block_out_channels(vae) -> list[int]:
     return [int(vae.config.base_dim * m) for m in vae.config.dim_mult]
 
 
+def config_keys(vae) -> dict:
+    """The manifest config keys the engine reads for this VAE (exporters/main.pipeline_config merges them for
+    family "qwen-image" in place of the AutoencoderKL ones it reads from ``vae.config``): the latent layout, the
+    per-channel statistics engine/vae.Vae un-normalises with (no scaling factor or shift: 1.0 and None), and
+    the layout engine/memory.py estimates with and engine/vae.Tiling tiles by (256 px tiles, as diffusers')."""
+    return {
+        "vae_scale_factor": scale_factor(vae),
+        "latent_channels": int(vae.config.z_dim),
+        "vae_latents_mean": [float(v) for v in vae.config.latents_mean],
+        "vae_latents_std": [float(v) for v in vae.config.latents_std],
+        "vae_scaling_factor": 1.0,
+        "vae_shift_factor": None,
+        "vae_sample_size": TILE_SAMPLE_SIZE,
+        "vae_block_out_channels": block_out_channels(vae),
+        "vae_mid_block_attention": True,
+    }
+
+
 def tiny_vae(seed: int = 0):
     """A tiny seeded ``AutoencoderKLQwenImage`` with the real model's layout: z_dim 16, the real
     latents_mean/std, four levels and three spatial downsamplings (scale factor 8), the real temporal flags
