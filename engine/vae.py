@@ -22,6 +22,11 @@ from .images import sample_latent_distribution
 # for an export whose manifest and vae_decoder/config.json say nothing.
 DEFAULT_BLOCK_OUT_CHANNELS = (128, 256, 512, 512)
 TILE_OVERLAP_FACTOR = 0.25  # AutoencoderKL.tile_overlap_factor
+# AutoencoderKLQwenImage's tiling (enable_tiling's defaults) is this same scheme: 256 px tiles at a 192 px stride
+# (tile_sample_min_height/stride_height), blended over 64 px (8 latents for the encoder's tiles), each tile cropped
+# to the stride; its tiles are not clamped, nor is its decoder graph (exporters/qwen_image/vae.py), so Tiling(256,
+# 32) decodes and encodes as its tiled_decode/tiled_encode do.
+QWEN_TILE_SAMPLE_SIZE = 256
 
 
 def vae_layout(manifest) -> dict:
@@ -45,6 +50,12 @@ def vae_layout(manifest) -> dict:
             "block_out_channels": saved.get("block_out_channels"),
             "mid_block_attention": saved.get("mid_block_add_attention", True if saved else None),
         }
+        if saved.get("_class_name") == "AutoencoderKLQwenImage":
+            fallback = {  # its tiles are a fixed 256 px (not in its config); its mid block always has attention
+                "sample_size": QWEN_TILE_SAMPLE_SIZE,
+                "block_out_channels": [saved.get("base_dim", 96) * m for m in saved.get("dim_mult", (1, 2, 4, 4))],
+                "mid_block_attention": True,
+            }
         layout = {key: fallback[key] if value is None else value for key, value in layout.items()}
     if not layout["block_out_channels"]:
         layout["block_out_channels"] = list(DEFAULT_BLOCK_OUT_CHANNELS)
@@ -157,16 +168,41 @@ class TiledEncoder:
 
 
 class Vae:
-    """The export's VAE constants; the graphs come from the phase that runs them."""
+    """The export's VAE constants; the graphs come from the phase that runs them.
+
+    Two latent normalisations, as the config says: a scaling factor and shift (SD, SDXL, SD3, FLUX), or, when
+    the config has ``vae_latents_mean``/``vae_latents_std`` (Qwen-Image), per-channel statistics in their
+    place, applied in float32 in diffusers' order: ``QwenImagePipeline`` decodes ``latents / (1 / std) + mean``
+    and ``QwenImageImg2ImgPipeline._encode_vae_image`` encodes ``(latents - mean) * (1 / std)``."""
 
     def __init__(self, config: dict, tiling: Tiling | None = None):
         self.scaling_factor = float(config["vae_scaling_factor"])
         self.shift_factor = float(config.get("vae_shift_factor") or 0.0)
         self.tiling = tiling  # the export's tile sizes, for the generations that decode in tiles
+        mean, std = config.get("vae_latents_mean"), config.get("vae_latents_std")
+        self.latents_mean = self.latents_inv_std = None
+        if mean is not None or std is not None:
+            if mean is None or std is None or len(mean) != len(std):
+                raise EngineError("the export's vae_latents_mean and vae_latents_std do not match; export it again")
+            # torch.tensor(config.latents_mean) and 1.0 / torch.tensor(config.latents_std): float32, per channel
+            self.latents_mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+            self.latents_inv_std = np.float32(1.0) / np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+
+    def _to_vae(self, latents: np.ndarray) -> np.ndarray:
+        """The denoiser's latents → what the decoder takes."""
+        if self.latents_mean is not None:
+            return np.asarray(latents, dtype=np.float32) / self.latents_inv_std + self.latents_mean
+        return latents / self.scaling_factor + self.shift_factor
+
+    def _from_vae(self, latents: np.ndarray) -> np.ndarray:
+        """Latents sampled from the encoder → the denoiser's."""
+        if self.latents_mean is not None:
+            return (np.asarray(latents, dtype=np.float32) - self.latents_mean) * self.latents_inv_std
+        return (latents - np.float32(self.shift_factor)) * np.float32(self.scaling_factor)
 
     def decode(self, graph, latents: np.ndarray) -> np.ndarray:
         """(1, C, h, w) latents → (H, W, 3) uint8, as diffusers' VaeImageProcessor.postprocess(output_type="pil")."""
-        scaled = latents / self.scaling_factor + self.shift_factor
+        scaled = self._to_vae(latents)
         image = graph(latent_sample=scaled.astype(np.float32))["sample"][0]
         if not np.isfinite(image).all():
             raise EngineError("the VAE decoder's output is NaN or infinite; export the model again")
@@ -175,8 +211,9 @@ class Vae:
 
     def encode(self, graph, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(1, 3, H, W) pixels in [-1, 1] → scaled latents, sampled from the latent distribution as
-        ``retrieve_latents(vae.encode(image), generator)`` does (one standard-normal draw of the mean's shape)."""
+        ``retrieve_latents(vae.encode(image), generator)`` does (one standard-normal draw of the mean's shape;
+        Qwen-Image's has a frame axis of one, the same numbers in the same order)."""
         parameters = graph(sample=pixels.astype(np.float32))["latent_parameters"]
         shape = (parameters.shape[0], parameters.shape[1] // 2, *parameters.shape[2:])
         latents = sample_latent_distribution(parameters, rng.standard_normal(shape, dtype=np.float32))
-        return ((latents - np.float32(self.shift_factor)) * np.float32(self.scaling_factor)).astype(np.float32)
+        return self._from_vae(latents).astype(np.float32)

@@ -329,6 +329,8 @@ def flux_transformer(module) -> Component:
 
 
 def _vae_scale(vae) -> int:
+    if hasattr(vae.config, "temperal_downsample"):  # AutoencoderKLQwenImage: its spatial_compression_ratio
+        return 2 ** len(vae.config.temperal_downsample)
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -425,6 +427,10 @@ def make(pipeline, name: str) -> Component:
 
             return transformer_component(pipeline.transformer)
         raise TypeError(f"no ONNX export for transformer class {cls}")
+    if name in ("vae_decoder", "vae_encoder") and type(pipeline.vae).__name__ == "AutoencoderKLQwenImage":
+        from . import qwen_image
+
+        return qwen_image.vae_decoder(pipeline.vae) if name == "vae_decoder" else qwen_image.vae_encoder(pipeline.vae)
     if name == "vae_decoder":
         return vae_decoder(pipeline.vae)
     if name == "vae_encoder":

@@ -190,7 +190,9 @@ def export(
         _write_static(pipeline, src, tmp, scheduler)
         try:
             # a pipeline whose big components were not loaded exports the rest with plain torch.onnx
-            backend = backends.make(False if sources.has_meta(pipeline) else use_optimum, pipeline)
+            # optimum (2.1) has no Qwen-Image configs: its VAE is exported with plain torch.onnx too
+            plain = sources.has_meta(pipeline) or src.family == "qwen-image"
+            backend = backends.make(False if plain else use_optimum, pipeline)
         except Exception as exc:
             raise ExportError(
                 f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
@@ -604,17 +606,7 @@ def _vae_fields(vae) -> dict:
     causal 3-D VAE whose spatial scale is 2 ** its number of downsamples)."""
     cfg = vae.config
     if type(vae).__name__ == "AutoencoderKLQwenImage":
-        return {
-            "vae_scaling_factor": 1.0,  # the per-channel vae_latents_mean / vae_latents_std stand for it
-            "vae_shift_factor": None,
-            "vae_scale_factor": 2 ** len(cfg.temperal_downsample),
-            "latent_channels": int(cfg.z_dim),
-            "vae_sample_size": 256,  # AutoencoderKLQwenImage.tile_sample_min_height
-            "vae_block_out_channels": [int(cfg.base_dim * m) for m in cfg.dim_mult],
-            "vae_mid_block_attention": True,
-            "vae_latents_mean": [float(v) for v in cfg.latents_mean],
-            "vae_latents_std": [float(v) for v in cfg.latents_std],
-        }
+        return qwen_image.vae_config_keys(vae)
     shift = getattr(cfg, "shift_factor", None)
     return {
         "vae_scaling_factor": float(cfg.scaling_factor),

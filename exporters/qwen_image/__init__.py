@@ -18,6 +18,8 @@ from .text import (
     tiny_text_encoder,
     tiny_tokenizer,
 )
+from .vae import config_keys as vae_config_keys
+from .vae import tiny_vae, vae_decoder, vae_encoder
 
 __all__ = [
     "MAX_SEQUENCE_LENGTH",
@@ -32,4 +34,8 @@ __all__ = [
     "text_encoder_component",
     "tiny_text_encoder",
     "tiny_tokenizer",
+    "tiny_vae",
+    "vae_config_keys",
+    "vae_decoder",
+    "vae_encoder",
 ]
