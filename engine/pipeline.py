@@ -86,7 +86,7 @@ class Pipeline:
         self.tokenizers = {}
         for name in text:
             tok = name.replace("text_encoder", "tokenizer")
-            self.tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok))
+            self.tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok), pad=arch.pad_prompts)
         self.vae = Vae(self.manifest.config, Tiling.of(self.manifest))
         self.scheduler_config = _scheduler_config(self.folder)
 

@@ -25,9 +25,9 @@ def export(
     lora_scale: float = 1.0,
     opset: int = 17,
     use_optimum: bool | None = None,
-    weights: str = "fp32",
+    weights: str | None = None,
     vae_weights: str = "fp32",
-    text_encoder_weights: str = "fp32",
+    text_encoder_weights: str | None = None,
     fuse: bool = True,
     progress=print,
 ):
@@ -39,8 +39,10 @@ def export(
     ``weights``: the denoiser's precision, ``fp32``, ``int8`` or ``int4``: for a UNet int8 is static int8
     convolutions calibrated on the model's own sampling and dynamic int8 MatMuls, int4 4-bit block-wise MatMul
     weights; for the SD 3 and FLUX transformers (exported by streaming, never loaded whole) both are
-    block-wise weight-only ``MatMulNBits`` (``exporters/weights.py``);
-    ``text_encoder_weights``: T5-XXL's (SD 3, FLUX), ``fp32``, ``int8`` or ``int4``, ``MatMulNBits`` too;
+    block-wise weight-only ``MatMulNBits`` (``exporters/weights.py``); None: the family's default (fp32,
+    Qwen-Image int4);
+    ``text_encoder_weights``: T5-XXL's (SD 3, FLUX) or Qwen2.5-VL's (Qwen-Image), ``fp32``, ``int8`` or
+    ``int4``, ``MatMulNBits`` too; None: the family's default (fp32, Qwen-Image int4);
     ``vae_weights``: the VAE decoder's, ``fp32`` or ``int8`` (static int8 convolutions calibrated on the
     pipeline's own sampled latents; UNet pipelines);
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);

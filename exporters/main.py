@@ -626,11 +626,14 @@ def _qwen_image_fields(pipeline, vae: dict) -> dict:
     return {
         "prompt_template": pipeline.prompt_template_encode,
         "prompt_template_start_idx": int(pipeline.prompt_template_encode_start_idx),
-        "tokenizer_max_length": {"tokenizer": int(pipeline.tokenizer_max_length)},
+        "pipeline_tokenizer_max_length": int(pipeline.tokenizer_max_length),
         "max_sequence_length": QWEN_MAX_SEQUENCE_LENGTH,
         "attention_head_dim": int(cfg.attention_head_dim),
         "rope_theta": 10000,  # QwenImageTransformer2DModel builds QwenEmbedRope(theta=10000, ..., scale_rope=True)
         "scale_rope": True,
+        # the VAE's per-channel statistics, in place of a scaling factor (engine/vae.Vae)
+        "vae_latents_mean": vae["vae_latents_mean"],
+        "vae_latents_std": vae["vae_latents_std"],
     }
 
 

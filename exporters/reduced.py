@@ -24,6 +24,7 @@ STACKS = {
         ("num_single_layers", "single_transformer_blocks", 1, False),
     ],
     "SD3Transformer2DModel": [("num_layers", "transformer_blocks", 1, True)],
+    "QwenImageTransformer2DModel": [("num_layers", "transformer_blocks", 1, False)],
     "T5EncoderModel": [("num_layers", "encoder.block", 1, False)],
     "CLIPTextModel": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
     "CLIPTextModelWithProjection": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],

@@ -40,7 +40,7 @@ CONFIG = {
     "scale_rope": True,
     "prompt_template": qwen_image.PROMPT_TEMPLATE,
     "prompt_template_start_idx": 34,
-    "tokenizer_max_length": 1024,
+    "pipeline_tokenizer_max_length": 1024,
     "max_sequence_length": 512,
 }
 

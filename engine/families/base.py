@@ -42,6 +42,9 @@ class Architecture:
     def text_components(self) -> list[str]:
         return [name for name in self.components if name.startswith("text_encoder")]
 
+    #: prompts padded to the tokenizer's window (padding="max_length"), as the CLIP/T5 pipelines tokenize
+    pad_prompts = True
+
     def tokenizer_lengths(self) -> dict[str, int]:
         """Tokenizer windows that differ from the tokenizer's own model_max_length (the T5 window)."""
         length = self.config.get("max_sequence_length")

@@ -113,10 +113,11 @@ class QwenImageArchitecture(Architecture):
         self.prompt_template = config.get("prompt_template") or PROMPT_TEMPLATE
         start = config.get("prompt_template_start_idx")
         self.prompt_template_start = PROMPT_TEMPLATE_START_IDX if start is None else int(start)
-        # other families record tokenizer_max_length per tokenizer (the tokenizers' own); Qwen's is the pipeline's
-        window = config.get("tokenizer_max_length")
-        self.tokenizer_max_length = int(window) if isinstance(window, (int, float)) else TOKENIZER_MAX_LENGTH
+        # the pipeline's window (QwenImagePipeline.tokenizer_max_length), not the tokenizer's own 131072
+        self.tokenizer_max_length = int(config.get("pipeline_tokenizer_max_length") or TOKENIZER_MAX_LENGTH)
         self.max_sequence_length = int(config.get("max_sequence_length") or MAX_SEQUENCE_LENGTH)
+
+    pad_prompts = False  # each prompt is tokenized alone with padding=True: nothing is padded
 
     def tokenizer_lengths(self) -> dict[str, int]:
         # diffusers tokenizes the templated prompt with max_length = tokenizer_max_length + the dropped prefix
