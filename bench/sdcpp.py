@@ -780,7 +780,8 @@ def generate(
     if kind == "QwenImagePipeline" and prepared.get("scheduler", {}).get("use_dynamic_shifting"):
         image["flow_shift"] = round(qwen_flow_shift(prepared["scheduler"], size, size), 4)
     image.update(image_args or {})
-    cmd = [python, str(WORKER), "generate", json.dumps({"model": model, "image": image})]
+    png = out / f"generate-{size}.png"
+    cmd = [python, str(WORKER), "generate", json.dumps({"model": model, "image": image, "save": str(png)})]
     log = out / f"generate-{size}.log"
     code, seconds, rss, output = run_child(cmd, log)
     result = _result(output)
@@ -800,6 +801,8 @@ def generate(
         "peak_rss_mb": round(rss),
         "params_mb": float(params[-1]) if params else None,
         "progress": result["progress"],
+        "image_stats": result.get("image_stats"),
+        "image": str(png) if png.exists() else None,
         "cfg_scale": image["cfg_scale"],
         "negative_prompt": image.get("negative_prompt"),
         "flow_shift": image.get("flow_shift"),
@@ -890,6 +893,7 @@ def main(argv: list[str] | None = None) -> None:
     prepared, records = prepare(
         folder, out, args.python, types, shard_bytes=int(args.shard_gib * 2**30), force=args.force, t5=args.t5
     )
+    roles = dict.fromkeys(role for _, role in PIPELINES[prepared["kind"]].values())  # this pipeline's, in order
     marker = folder / "bench-complete.json"
     model = json.loads(marker.read_text()).get("model") if marker.exists() else folder.name
     base = {
@@ -898,7 +902,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": model,
         "folder": str(folder),
         "pipeline": prepared["kind"],
-        "format": "gguf " + ", ".join(f"{r} {t}" for r, t in types.items()),
+        "format": "gguf " + ", ".join(f"{r} {types[r]}" for r in roles),
         **prepared["notes"],
     }
     results = out / "results.jsonl"
