@@ -1,6 +1,6 @@
 """stable-diffusion.cpp (the ``stable-diffusion-cpp-python`` package) on the same diffusers pipeline folder
-as ours (FLUX.1 or SD 3 / 3.5, bf16 safetensors shards as ``random_weights`` writes them): seconds per step,
-load seconds and peak RSS, one JSON line per run.
+as ours (FLUX.1, SD 3 / 3.5 or Qwen-Image, bf16 safetensors shards as ``random_weights`` writes them): seconds
+per step, load seconds and peak RSS, one JSON line per run.
 
 stable-diffusion.cpp does not read a diffusers folder of these models: its loader wants one file per
 component, and for the transformer the original single-file layout (Black Forest Labs' ``double_blocks.0.
@@ -25,6 +25,24 @@ original names, and a split ``to_q``/``to_k``/``to_v`` maps to ``qkv.weight``/``
    ``sampling completed, taking X s`` over the steps, load seconds = the ``StableDiffusion(...)`` constructor,
    peak RSS = the child's ``ru_maxrss`` from ``os.wait4``.
 
+Qwen-Image (``QwenImagePipeline``; the names below are stable-diffusion.cpp's as of the sources vendored by
+stable-diffusion-cpp-python 0.4.7, leejet/stable-diffusion.cpp 90e87bc8): its ``QwenImageModel`` is written
+with diffusers' names (the version is recognised by ``transformer_blocks.0.img_mod.1.weight``), so the
+transformer goes as it is. The Qwen2.5-VL text encoder goes to ``llm_path`` under the hub's names
+(``model.embed_tokens``, ``model.layers.N``..., ``model.norm``) without ``lm_head`` and the vision tower
+(``visual.*``), which a text-to-image run (``vae_decode_only``) never loads: less to convert. The VAE is the
+Wan 2.1 VAE, loaded under the original Wan names (``qwen_vae_names``: ``conv_in`` → ``conv1``, resnets'
+``norm1/conv1/norm2/conv2`` → ``residual.0/2/3/6``, the decoder's up blocks flattened into ``upsamples.N``...).
+Its widths are fixed there: the transformer 24 heads × 128 with a 3584-wide text input, the text encoder 28
+query / 4 key-value heads × 128 (its depth, width, vocabulary and MLP width are read from the file, but the
+heads fix the width at 3584, and stable-diffusion.cpp's own Qwen2 tokenizer emits ids up to 151 645), the VAE
+96 wide, z_dim 16, 2 residual blocks a level. A narrowed Qwen-Image is refused (``sdcpp_refusal``); its depths
+(transformer blocks, text layers) are read from the files, so ``qwen-image@u1`` loads. CFG 4.0 with the
+negative prompt " " (diffusers' QwenImagePipeline's true CFG, as ours runs it), and stable-diffusion.cpp's
+constant ``flow_shift`` set to e^mu, the shift diffusers' dynamic ``exponential`` shifting applies at that
+image size (``qwen_flow_shift``; stable-diffusion.cpp's default would be 3.0). diffusers' ``shift_terminal``
+stretch has no counterpart there; it moves the sigmas, not the work per step.
+
 Depth: FLUX's double/single block counts are inferred from the tensors, so a reduced-depth build
 (``flux-schnell@u1``) loads. SD3's is not: ``MMDiT`` takes depth = max(24, blocks) and its width as
 64 × depth, so a reduced-depth SD 3.5 Large (2432 wide, fewer than 38 blocks) cannot load (refused here,
@@ -38,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -55,7 +74,7 @@ COPY_CHUNK = 1 << 26  # bytes copied at a time
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # GGUF bytes per bf16 byte, roughly (quantized types keep 1-D tensors and the embedders as they are)
 TYPE_RATIO = {"q4_0": 0.30, "q4_1": 0.33, "q5_0": 0.36, "q8_0": 0.55, "f16": 1.0, "bf16": 1.0, "f32": 2.0}
-DEFAULT_TYPES = {"diffusion": "q4_0", "t5": "q8_0", "clip": "f16", "vae": "f16"}
+DEFAULT_TYPES = {"diffusion": "q4_0", "t5": "q8_0", "clip": "f16", "llm": "q8_0", "vae": "f16"}
 T5_BLOCKS = 24  # stable-diffusion.cpp's T5Params.num_layers, fixed
 PIPELINES = {
     # component folder → (StableDiffusion argument, kind for --types)
@@ -72,10 +91,17 @@ PIPELINES = {
         "text_encoder_3": ("t5xxl_path", "t5"),
         "vae": ("vae_path", "vae"),
     },
+    "QwenImagePipeline": {
+        "transformer": ("diffusion_model_path", "diffusion"),
+        "text_encoder": ("llm_path", "llm"),
+        "vae": ("vae_path", "vae"),
+    },
 }
-# registry defaults: FLUX.1-schnell runs without CFG, SD 3.5 Large with CFG 3.5 (two evaluations a step)
-CFG_SCALE = {"FluxPipeline": 1.0, "StableDiffusion3Pipeline": 3.5}
+# registry defaults: FLUX.1-schnell runs without CFG, SD 3.5 Large with CFG 3.5, Qwen-Image with true CFG 4.0
+# (two evaluations a step)
+CFG_SCALE = {"FluxPipeline": 1.0, "StableDiffusion3Pipeline": 3.5, "QwenImagePipeline": 4.0}
 PROMPT = "a lighthouse at dusk"
+NEGATIVE_PROMPT = {"QwenImagePipeline": " "}  # QwenImagePipeline's negative when CFG is on and none is given
 
 
 def _progress(message: str) -> None:
@@ -396,13 +422,130 @@ def sd3_plan(names) -> Plan:
     return p.done()
 
 
+def same_names_plan(names) -> Plan:
+    """Every tensor as it is (Qwen-Image's transformer: stable-diffusion.cpp loads diffusers' names)."""
+    return [(n, [(n, None)]) for n in names]
+
+
 def transformer_plan(kind: str, names) -> Plan:
-    return {"FluxPipeline": flux_plan, "StableDiffusion3Pipeline": sd3_plan}[kind](names)
+    return {"FluxPipeline": flux_plan, "StableDiffusion3Pipeline": sd3_plan, "QwenImagePipeline": same_names_plan}[
+        kind
+    ](names)
 
 
-def sdcpp_refusal(kind: str, tensors: dict[str, Tensor]) -> str | None:
-    """Why stable-diffusion.cpp cannot load this transformer, or None."""
-    if kind != "StableDiffusion3Pipeline":
+# AutoencoderKLQwenImage (diffusers) → the Wan 2.1 VAE's own names, which stable-diffusion.cpp's WAN::WanVAE
+# declares (wan.hpp: Encoder3d / Decoder3d / ResidualBlock / AttentionBlock / Resample / RMS_norm)
+_VAE_TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+_VAE_ENDS = {"conv_in": "conv1", "norm_out": "head.0", "conv_out": "head.2"}  # head.1 is the SiLU
+_VAE_MIDDLE = {("resnets", "0"): "middle.0", ("attentions", "0"): "middle.1", ("resnets", "1"): "middle.2"}
+# ResidualBlock.residual = (RMS_norm, SiLU, CausalConv3d, RMS_norm, SiLU, Dropout, CausalConv3d)
+_VAE_RESIDUAL = {
+    "norm1": "residual.0",
+    "conv1": "residual.2",
+    "norm2": "residual.3",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
+
+
+def qwen_vae_names(names) -> dict[str, str]:
+    """AutoencoderKLQwenImage's state-dict names → the Wan 2.1 VAE's (Comfy-Org's qwen_image_vae layout).
+
+    The encoder's ``down_blocks`` are already one flat list (residual blocks and resamples) like Wan's
+    ``downsamples``; the decoder's ``up_blocks.b`` (``resnets.r`` then ``upsamplers.0``) are flattened into
+    ``upsamples.(b·(R+1) + r)`` and ``upsamples.(b·(R+1) + R)`` with R residual blocks a level (3: 4b+r, 4b+3).
+    Attention (``norm``/``to_qkv``/``proj``), resample (``resample.1``, ``time_conv``) and the RMS norms'
+    ``gamma`` keep their names. Raises ValueError on a name with no place in that layout."""
+    names = list(names)
+    ups = [n.split(".") for n in names if n.startswith("decoder.up_blocks.")]
+    per_level = 1 + max((int(p[4]) for p in ups if p[3] == "resnets"), default=-1) + 1
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[0] in _VAE_TOP:
+            out[name] = ".".join([_VAE_TOP[parts[0]], *parts[1:]])
+            continue
+        side, body = parts[0], parts[1:]
+        if side not in ("encoder", "decoder") or not body:
+            raise ValueError(f"{name}: not an AutoencoderKLQwenImage tensor")
+        if body[0] in _VAE_ENDS:
+            block, tail = _VAE_ENDS[body[0]], body[1:]
+        elif body[0] == "mid_block" and tuple(body[1:3]) in _VAE_MIDDLE:
+            block, tail = _VAE_MIDDLE[tuple(body[1:3])], body[3:]
+        elif side == "encoder" and body[0] == "down_blocks":
+            block, tail = f"downsamples.{int(body[1])}", body[2:]
+        elif side == "decoder" and body[0] == "up_blocks" and body[2] == "resnets":
+            block, tail = f"upsamples.{int(body[1]) * per_level + int(body[3])}", body[4:]
+        elif side == "decoder" and body[0] == "up_blocks" and body[2:4] == ["upsamplers", "0"]:
+            block, tail = f"upsamples.{int(body[1]) * per_level + per_level - 1}", body[4:]
+        else:
+            raise ValueError(f"{name}: no place in the Wan VAE layout")
+        if tail and tail[0] in _VAE_RESIDUAL:
+            tail = [_VAE_RESIDUAL[tail[0]], *tail[1:]]
+        out[name] = ".".join([side, block, *tail])
+    if len(set(out.values())) != len(out):
+        raise ValueError("two AutoencoderKLQwenImage tensors map to one Wan name")
+    return out
+
+
+def component_plan(kind: str, role: str, names) -> Plan | None:
+    """What stable-diffusion.cpp is given for one component, or None: its files converted as they are."""
+    if role == "diffusion":
+        return transformer_plan(kind, names)
+    if kind == "QwenImagePipeline" and role == "vae":
+        return [(wan, [(n, None)]) for n, wan in qwen_vae_names(sorted(names)).items()]
+    if kind == "QwenImagePipeline" and role == "llm":  # the language model alone: no lm_head, no vision tower
+        return [(n, [(n, None)]) for n in sorted(names) if n.startswith("model.")]
+    return None
+
+
+# stable-diffusion.cpp's fixed Qwen-Image widths (QwenImageParams, LLMParams for QWEN2_5_VL, WAN::WanVAE)
+QWEN_WIDTH = 24 * 128  # the transformer's heads × head_dim
+QWEN_TEXT_WIDTH = 3584  # joint_attention_dim = the text encoder's 28 × 128
+QWEN_TEXT_KV = 4 * 128
+QWEN_TOKEN_IDS = 151_646  # its Qwen2 tokenizer's ids reach <|im_end|> = 151645
+QWEN_VAE = {"decoder.conv_in.weight": (384, 16, 3, 3, 3), "decoder.up_blocks.0.resnets.2.conv1.weight": None}
+
+
+def qwen_refusal(role: str, tensors: dict[str, Tensor]) -> str | None:
+    def shape(name):
+        return tensors[name].shape if name in tensors else None
+
+    if role == "diffusion":
+        want = {"img_in.weight": (QWEN_WIDTH, 64), "txt_in.weight": (QWEN_WIDTH, QWEN_TEXT_WIDTH)}
+        why = "24 heads × 128 wide (3072), a 3584-wide text input and 64 input channels"
+    elif role == "llm":
+        embed = shape("model.embed_tokens.weight")
+        want = {
+            "model.layers.0.self_attn.q_proj.weight": (QWEN_TEXT_WIDTH, QWEN_TEXT_WIDTH),
+            "model.layers.0.self_attn.k_proj.weight": (QWEN_TEXT_KV, QWEN_TEXT_WIDTH),
+        }
+        why = "Qwen2.5-VL's 28 query / 4 key-value heads × 128 (3584 wide)"
+        if embed is not None and embed[0] < QWEN_TOKEN_IDS:
+            return f"a {embed[0]}-token vocabulary; stable-diffusion.cpp's Qwen2 tokenizer emits ids up to 151645"
+    elif role == "vae":
+        if shape("decoder.conv_in.weight") != QWEN_VAE["decoder.conv_in.weight"] or (
+            "decoder.up_blocks.0.resnets.2.conv1.weight" not in tensors
+            or "decoder.up_blocks.0.resnets.3.conv1.weight" in tensors
+        ):
+            return (
+                "stable-diffusion.cpp's Wan VAE is fixed at 96 wide, z_dim 16, dim_mult (1, 2, 4, 4), 2 residual "
+                f"blocks a level; this one's decoder.conv_in is {shape('decoder.conv_in.weight')}"
+            )
+        return None
+    else:
+        return None
+    found = {n: shape(n) for n in want}
+    if found != want:
+        return f"stable-diffusion.cpp's Qwen-Image {role} is fixed at {why}: expected {want}, found {found}"
+    return None
+
+
+def sdcpp_refusal(kind: str, tensors: dict[str, Tensor], role: str = "diffusion") -> str | None:
+    """Why stable-diffusion.cpp cannot load this component, or None."""
+    if kind == "QwenImagePipeline":
+        return qwen_refusal(role, tensors)
+    if kind != "StableDiffusion3Pipeline" or role != "diffusion":
         return None
     depth = len(_blocks(tensors, "transformer_blocks."))
     width = tensors["context_embedder.weight"].shape[0]
@@ -497,10 +640,11 @@ def prepare_component(
     sources = sorted({t.path for t in tensors.values()})
     record: dict = {"phase": "convert", "component": component, "type": kind_type}
     started = time.monotonic()
+    plan = component_plan(kind, role, tensors)
     if kind_type == "source":  # no GGUF: the original layout / the shards merged, bf16, in one file
-        if role != "diffusion" and len(sources) == 1:
+        if plan is None and len(sources) == 1:
             return sources[0], {}
-        plan = transformer_plan(kind, tensors) if role == "diffusion" else [(n, [(n, None)]) for n in tensors]
+        plan = plan or [(n, [(n, None)]) for n in tensors]
         target = out / f"{component}.safetensors"
         _need(out, sum(t.nbytes for t in tensors.values()), f"{component} in one file")
         write_safetensors(target, plan, tensors)
@@ -508,8 +652,7 @@ def prepare_component(
 
     target = out / f"{component}-{kind_type}.gguf"
     ratio = TYPE_RATIO.get(kind_type, 1.0)
-    if role == "diffusion":
-        plan = transformer_plan(kind, tensors)
+    if plan is not None:
         pieces = split_plan(plan, tensors, shard_bytes)
     else:
         pieces = [None] * len(sources)  # each source file converted as it is
@@ -518,7 +661,7 @@ def prepare_component(
     for k, piece in enumerate(pieces):
         if piece is None:
             staged = sources[k]
-        else:  # ≤ shard_bytes of the original layout, converted and deleted before the next is written
+        else:  # ≤ shard_bytes of the plan's layout, converted and deleted before the next is written
             staged = out / f"{component}.{k:03d}.safetensors"
             write_safetensors(staged, piece, tensors)
         part = out / f"{component}-{kind_type}.{k:03d}.gguf"
@@ -563,10 +706,9 @@ def prepare(
     records: list[dict] = []
     for component, (argument, role) in PIPELINES[kind].items():
         tensors = component_tensors(folder / component)
-        if role == "diffusion":
-            why = sdcpp_refusal(kind, tensors)
-            if why and not force:
-                raise SystemExit(f"{folder}: {why} (--force tries anyway)")
+        why = sdcpp_refusal(kind, tensors, role)
+        if why and not force:
+            raise SystemExit(f"{folder}: {component}: {why} (--force tries anyway)")
         if role == "t5":
             blocks = len(_blocks(tensors, "encoder.block."))
             if t5 == "omit" or (t5 == "auto" and blocks != T5_BLOCKS):
@@ -577,7 +719,8 @@ def prepare(
                 continue
         kind_type = types[role]
         sources = sorted({t.path for t in tensors.values()})
-        stamp = _stamp(sources, {"type": kind_type, "layout": role == "diffusion", "shard_bytes": shard_bytes})
+        layout = component_plan(kind, role, tensors) is not None
+        stamp = _stamp(sources, {"type": kind_type, "layout": layout, "shard_bytes": shard_bytes})
         stamp_path = out / f"{component}-{kind_type}.json"
         if stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp:
             made = Path(json.loads(stamp_path.read_text())["path"])
@@ -590,7 +733,20 @@ def prepare(
             records.append(record)
         stamp_path.write_text(json.dumps({"stamp": stamp, "path": str(made)}) + "\n")
         paths[argument] = str(made)
-    return {"kind": kind, "paths": paths, "notes": notes}, records
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text()) if scheduler.exists() else {}
+    return {"kind": kind, "paths": paths, "notes": notes, "scheduler": config}, records
+
+
+def qwen_flow_shift(scheduler: dict, width: int, height: int) -> float:
+    """e^mu: the shift diffusers' QwenImagePipeline applies at ``width`` × ``height`` (``calculate_shift`` of its
+    (H/16)·(W/16) packed tokens, the ``exponential`` time shift), as stable-diffusion.cpp's constant
+    ``flow_shift`` (σ' = s·σ / (1 + (s − 1)·σ), the same map for s = e^mu)."""
+    base_len, max_len = scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 8192)
+    base_shift, max_shift = scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 0.9)
+    tokens = (height // 16) * (width // 16)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return math.exp(tokens * slope + base_shift - slope * base_len)
 
 
 def generate(
@@ -618,9 +774,14 @@ def generate(
         "cfg_scale": CFG_SCALE[kind] if cfg is None else cfg,
         "seed": seed,
         "vae_tiling": vae_tiling,
-        **(image_args or {}),
     }
-    cmd = [python, str(WORKER), "generate", json.dumps({"model": model, "image": image})]
+    if kind in NEGATIVE_PROMPT and image["cfg_scale"] != 1.0:
+        image["negative_prompt"] = NEGATIVE_PROMPT[kind]
+    if kind == "QwenImagePipeline" and prepared.get("scheduler", {}).get("use_dynamic_shifting"):
+        image["flow_shift"] = round(qwen_flow_shift(prepared["scheduler"], size, size), 4)
+    image.update(image_args or {})
+    png = out / f"generate-{size}.png"
+    cmd = [python, str(WORKER), "generate", json.dumps({"model": model, "image": image, "save": str(png)})]
     log = out / f"generate-{size}.log"
     code, seconds, rss, output = run_child(cmd, log)
     result = _result(output)
@@ -640,7 +801,11 @@ def generate(
         "peak_rss_mb": round(rss),
         "params_mb": float(params[-1]) if params else None,
         "progress": result["progress"],
+        "image_stats": result.get("image_stats"),
+        "image": str(png) if png.exists() else None,
         "cfg_scale": image["cfg_scale"],
+        "negative_prompt": image.get("negative_prompt"),
+        "flow_shift": image.get("flow_shift"),
         "vae_tiling": vae_tiling,
         "command": shlex.join(cmd),
         "log": str(log),
@@ -686,16 +851,19 @@ def _kwargs(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.sdcpp",
-        description="stable-diffusion.cpp on a diffusers FLUX.1 / SD3 folder: convert, generate, one JSON line a run.",
+        description="stable-diffusion.cpp on a diffusers FLUX.1 / SD3 / Qwen-Image folder: convert, generate, a JSON "
+        "line a run.",
     )
     parser.add_argument("folder", type=Path, help="a diffusers pipeline folder (e.g. bench.random_weights' output)")
     parser.add_argument("--size", type=int, nargs="+", default=[512], help="image side(s), one run each")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cfg-scale", type=float, default=None, help="default: FLUX 1.0 (no CFG), SD3 3.5")
+    parser.add_argument(
+        "--cfg-scale", type=float, default=None, help="default: FLUX 1.0 (no CFG), SD3 3.5, Qwen-Image 4.0"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True, help="converted files, logs and results.jsonl")
-    parser.add_argument("--types", default="", help="per role, e.g. diffusion=q4_0,t5=q8_0,clip=f16,vae=f16")
+    parser.add_argument("--types", default="", help="per role, e.g. diffusion=q4_0,t5=q8_0,clip=f16,llm=q8_0,vae=f16")
     parser.add_argument("--python", default=DEFAULT_PYTHON, help="stable-diffusion-cpp-python's interpreter")
     parser.add_argument(
         "--shard-gib", type=float, default=2.0, help="the transformer is rewritten and converted this much at a time"
@@ -725,6 +893,7 @@ def main(argv: list[str] | None = None) -> None:
     prepared, records = prepare(
         folder, out, args.python, types, shard_bytes=int(args.shard_gib * 2**30), force=args.force, t5=args.t5
     )
+    roles = dict.fromkeys(role for _, role in PIPELINES[prepared["kind"]].values())  # this pipeline's, in order
     marker = folder / "bench-complete.json"
     model = json.loads(marker.read_text()).get("model") if marker.exists() else folder.name
     base = {
@@ -733,7 +902,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": model,
         "folder": str(folder),
         "pipeline": prepared["kind"],
-        "format": "gguf " + ", ".join(f"{r} {t}" for r, t in types.items()),
+        "format": "gguf " + ", ".join(f"{r} {types[r]}" for r in roles),
         **prepared["notes"],
     }
     results = out / "results.jsonl"

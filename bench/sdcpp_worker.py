@@ -8,7 +8,9 @@ product or the bench package: it needs only the standard library and ``stable_di
   stable-diffusion.cpp renames them when it loads the file, as it would the safetensors).
 - ``generate``: ``{"model": {StableDiffusion kwargs}, "image": {generate_image kwargs}}`` → builds the
   context (timed: the load), generates (timed, with the progress callback's per-step times) and prints
-  one line ``SDCPP_RESULT {json}`` on stdout. stable-diffusion.cpp's own log goes to stderr.
+  one line ``SDCPP_RESULT {json}`` on stdout, with the first image's pixel statistics (a NaN latent decodes
+  to a flat image: std 0); with ``"save": PATH`` that image is written there (PNG). stable-diffusion.cpp's
+  own log goes to stderr.
 """
 
 from __future__ import annotations
@@ -48,12 +50,26 @@ def generate(spec: dict) -> dict:
     gen_start = time.monotonic()
     images = sd.generate_image(progress_callback=progress, **spec["image"])
     generate_s = time.monotonic() - gen_start
+    stats = None
+    if images:
+        import numpy as np
+
+        pixels = np.asarray(images[0].convert("RGB"), dtype=np.float64)
+        stats = {
+            "min": pixels.min(),
+            "max": pixels.max(),
+            "mean": round(pixels.mean(), 2),
+            "std": round(pixels.std(), 2),
+        }
+        if spec.get("save"):
+            images[0].save(spec["save"])
     return {
         "load_s": load_s,
         "generate_s": generate_s,
         "progress": steps,
         "images": len(images),
         "image_size": list(images[0].size) if images else None,
+        "image_stats": stats,
     }
 
 
