@@ -83,7 +83,8 @@ def bench_model(
             if built["rc"] != 0:
                 return
         say(f"exporting {source} ({weights}, T5 {text_weights}) → {out}")
-        cmd = [*stepwise, "export", str(source), "--model", model, "--out", str(out), "--weights", weights]
+        registry_id = model.partition("@")[0]  # a reduced build (flux-dev@u1) carries its model's policy
+        cmd = [*stepwise, "export", str(source), "--model", registry_id, "--out", str(out), "--weights", weights]
         exported = run([*cmd, "--text-encoder-weights", text_weights], root / f"export-{model}.log")
         if exported["rc"] != 0:
             save("export", {**exported, "log": str(root / f"export-{model}.log")})
