@@ -402,7 +402,12 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         **_entry(name, path, params, result),
         "exporter": "torch.onnx dynamo, streamed (meta-device trace, weights written one tensor at a time)",
         "opset": max(opset, streaming.MIN_DYNAMO_OPSET),
-        "weights": {"format": fmt, "detail": weight_formats.describe(fmt), "linear_weights": written.formats},
+        "weights": {
+            "format": fmt,
+            "detail": weight_formats.describe(fmt),
+            "linear_weights": written.formats,
+            "bf16_embeddings": written.bf16_embeddings,
+        },
         # the engine's memory estimate reads this: fused attention never materialises its scores
         "fusion": {"multi_head_attention": written.fused_attention},
     }

@@ -130,8 +130,9 @@ def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances
         result = validate.check(component, path, refs, **tolerances)
         result["compared"] = "whole" if small_enough else "whole (no deeper than its reduced-depth build)"
         return result
-    small = component.rebuild(materialize(cls, config, checkpoint, remap))
-    refs = validate.references(small)
+    refs = validate.references(component.rebuild(materialize(cls, config, checkpoint, remap)))
+    # the reduced build's weights are freed before its graph is written and run: only its structure is traced
+    small = component.rebuild(streaming.build(cls, config)[0])
     work = Path(tempfile.mkdtemp(prefix=".reduced-", dir=path.parent.parent))
     try:
         streaming.export(small, checkpoint, work / "model.onnx", opset=opset, fmt=fmt, remap=remap, fuse=fuse)

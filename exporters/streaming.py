@@ -252,6 +252,7 @@ class Written:
     bytes: int  # bytes of the data file
     formats: dict  # "fp32" / "int8" / "int4" → number of Linear weights in that format
     fused_attention: int = 0  # Attention ops rewritten as MultiHeadAttention
+    bf16_embeddings: int = 0  # token embedding tables stored as bf16 (weights.py)
 
 
 def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, remap=None, progress=None) -> Written:
@@ -270,11 +271,14 @@ def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, 
                 offset = _align(data)
                 array = np.ascontiguousarray(array)
                 data.write(array.tobytes())
+                dtype = ir.DataType.from_numpy(array.dtype)
+                if dtype == ir.DataType.UINT16 and value.type is not None and value.type.dtype == ir.DataType.BFLOAT16:
+                    dtype = ir.DataType.BFLOAT16  # bf16 bits (weights.bf16_bits): numpy has no bf16
                 tensor = ir.ExternalTensor(
                     data_name,
                     offset,
                     array.nbytes,
-                    ir.DataType.from_numpy(array.dtype),
+                    dtype,
                     shape=ir.Shape(array.shape),
                     name=value.name,
                     base_dir=str(folder),
@@ -289,7 +293,7 @@ def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, 
                 progress(index + 1, len(plan.jobs))
         size = data.tell()
     _save(model, folder / "model.onnx")
-    return Written(params=int(params), bytes=size, formats=dict(plan.formats))
+    return Written(params=int(params), bytes=size, formats=dict(plan.formats), bf16_embeddings=plan.embeddings)
 
 
 def _align(handle) -> int:

@@ -1,8 +1,8 @@
 """What a model needs in memory per weight format, before anything is exported: `stepwise models`' column.
 
 Weights are the registry's parameter counts times the bytes a parameter takes in each format. The formats
-apply to the denoiser and to T5-XXL (``--weights``, ``--text-encoder-weights``; T5 at most int8, see
-``T5_FORMAT``); CLIP and the VAE stay fp32.
+apply to the denoiser and to the big text encoder, T5-XXL or Qwen2.5-VL (``--weights``,
+``--text-encoder-weights``; at most int8, see ``T5_FORMAT``); CLIP and the VAE stay fp32.
 int8 and int4 are block-wise with a float32 scale per 128 weights (exporters/weights.py): 8.25 and 4.25 bits.
 A UNet's int8 keeps ~1 byte a weight (int8 convolutions and MatMuls); its int4 only shrinks the MatMuls, so
 no figure is given.
@@ -26,7 +26,9 @@ BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / 128}
 FORMATS = tuple(BYTES_PER_PARAM)
 WEIGHTS_FACTOR = {"fp32": 1.05, "int8": 1.05, "int4": 1.25}  # once loaded, of the file size (engine/memory.py)
 OVERHEAD_MB = 200.0
-T5_PARAMS_M = 4762  # T5-XXL's encoder: the text encoder the formats apply to
+# the text encoders the formats apply to: T5-XXL's encoder (4,762 M), Qwen-Image's Qwen2.5-VL (8,292 M with the
+# vision tower and output head the export leaves out: an overestimate of ~1.2 GB in int8, never the peak)
+BIG_TEXT_ENCODER_M = 4000
 # T5-XXL's format in each column: int4 T5 fails the export's 10 dB floor at full width (7.0 dB), so the int4
 # column is the int4 transformer with int8 T5, as docs/exporting.md advises
 T5_FORMAT = {"fp32": "fp32", "int8": "int8", "int4": "int8"}
@@ -43,7 +45,7 @@ def need_mb(model: Model, fmt: str) -> float | None:
         return None
     t5 = T5_FORMAT[fmt]
     encoders = [p for name, p in model.params_m.items() if name.startswith("text_encoder")]
-    text = sum(_mb(p, t5 if p == T5_PARAMS_M else "fp32") for p in encoders)
+    text = sum(_mb(p, t5 if p >= BIG_TEXT_ENCODER_M else "fp32") for p in encoders)
     denoise = _mb(model.params_m[denoiser], fmt) + model.activations_mb["denoiser"]
     decode = _mb(model.params_m["vae"], "fp32") + model.activations_mb["decode"]
     return max(text, denoise, decode) + OVERHEAD_MB

@@ -19,7 +19,7 @@ from tests.test_engine_parity import MAX_PIXEL_DIFF, diffusers_scheduler  # noqa
 
 PROMPT = "a red apple on a table"
 FP32 = {"weights": "fp32", "text_encoder_weights": "fp32"}
-# int4 (transformer and text encoder) against fp32 on the tiny model, 3 steps at 64x48: measured 37.4 dB
+# the default formats (int4 transformer, int8 text encoder) against fp32 on the tiny model, 3 steps at 64x48: measured 37.4 dB
 MIN_INT4_PSNR_DB = 20.0
 
 
@@ -89,10 +89,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_int4_export_is_the_default_and_close_to_fp32(exported_tiny):
-    folder = exported_tiny("qwen-image")  # no formats said: Qwen-Image's int4 transformer and text encoder
+    folder = exported_tiny("qwen-image")  # no formats said: Qwen-Image's int4 transformer, int8 text encoder
     data = manifest_io.read(folder, check_files=False).data
     assert data["components"]["transformer"]["weights"]["format"] == "int4"
-    assert data["components"]["text_encoder"]["weights"]["format"] == "int4"
+    assert data["components"]["text_encoder"]["weights"]["format"] == "int8"
+    assert data["components"]["text_encoder"]["weights"]["bf16_embeddings"] == 1
     latents = _latents(64, 48)
     fp32 = engine_image(exported_tiny("qwen-image", **FP32), 64, 48, 3, 4.0, "", latents).image
     int4 = engine_image(folder, 64, 48, 3, 4.0, "", latents).image
