@@ -109,7 +109,9 @@ def materialize(cls, config, checkpoint, remap=None):
     state = {}
     for name in module.state_dict():
         if name not in buffers:  # parameters; buffers keep their constructed values, as the streamed graph
-            state[name] = torch.from_numpy(streaming.fetch(name, checkpoint, buffers, names, remap).copy())
+            value = streaming.fetch(name, checkpoint, buffers, names, remap)
+            # a checkpoint read returns a fresh array: no copy (a 2.2 GB embedding table would be held twice)
+            state[name] = torch.from_numpy(value if value.flags.writeable else value.copy())
     module.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in module.named_parameters() if p.is_meta]
     if left:
