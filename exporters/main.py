@@ -407,6 +407,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
             "detail": weight_formats.describe(fmt),
             "linear_weights": written.formats,
             "bf16_embeddings": written.bf16_embeddings,
+            # the memory estimate leaves these out: a lookup table's mapped pages are read only where looked up
+            "bf16_embedding_bytes": written.bf16_embedding_bytes,
         },
         # the engine's memory estimate reads this: fused attention never materialises its scores
         "fusion": {"multi_head_attention": written.fused_attention},

@@ -261,6 +261,7 @@ class Written:
     formats: dict  # "fp32" / "int8" / "int4" → number of Linear weights in that format
     fused_attention: int = 0  # Attention ops rewritten as MultiHeadAttention
     bf16_embeddings: int = 0  # token embedding tables stored as bf16 (weights.py)
+    bf16_embedding_bytes: int = 0
 
 
 def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, remap=None, progress=None) -> Written:
@@ -301,7 +302,13 @@ def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, 
                 progress(index + 1, len(plan.jobs))
         size = data.tell()
     _save(model, folder / "model.onnx")
-    return Written(params=int(params), bytes=size, formats=dict(plan.formats), bf16_embeddings=plan.embeddings)
+    return Written(
+        params=int(params),
+        bytes=size,
+        formats=dict(plan.formats),
+        bf16_embeddings=plan.embeddings,
+        bf16_embedding_bytes=plan.embedding_bytes,
+    )
 
 
 def _align(handle) -> int:

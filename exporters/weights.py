@@ -114,6 +114,7 @@ class Plan:
     jobs: list[Job] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)  # format → Linear weights in it
     embeddings: int = 0  # token embedding tables stored as bf16
+    embedding_bytes: int = 0  # their bytes in the data file
 
 
 def _is_meta(value) -> bool:
@@ -205,6 +206,7 @@ def _bf16_embeddings(graph, result: Plan) -> set[str]:
                     use.node.replace_input_with(use.idx, widened)
         result.jobs.append(Job(name.removeprefix(PREFIX), [table], "bf16"))
         result.embeddings += 1
+        result.embedding_bytes += 2 * int(np.prod([int(d) for d in table.shape]))
         done.add(name)
     return done
 
