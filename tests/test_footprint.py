@@ -31,9 +31,17 @@ def test_sd3_medium_fp32_is_its_text_phase():
     assert footprint.need_mb(model, "fp32") == pytest.approx(text + 200)
 
 
+def test_qwen_image_int4_is_its_transformer_phase():
+    model = registry.get("qwen-image")
+    transformer = 20_430e6 * (0.5 + 4 / 128) * 1.25 / MB  # int4 MatMulNBits, repacked on load
+    assert footprint.need_mb(model, "int4") == pytest.approx(transformer + 1296 + 200)
+    text = 8_292e6 * (1 + 4 / 128) * 1.05 / MB  # Qwen2.5-VL in int8, the int4 column's text encoder
+    assert text < transformer
+
+
 def test_unet_int4_has_no_figure_and_unexportable_models_none():
     assert footprint.need_mb(registry.get("sd15"), "int4") is None
-    assert footprint.need_mb(registry.get("qwen-image"), "int4") is None
+    assert footprint.need_mb(registry.get("hidream-i1"), "int4") is None
     sdxl = registry.get("sdxl")  # int8: the UNet at ~1 byte a weight; the 1024x1024 decode then dominates
     decode = 84e6 * 4 * 1.05 / MB + sdxl.activations_mb["decode"]
     assert footprint.need_mb(sdxl, "int8") == pytest.approx(
