@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 import registry
-from registry import policy, timings
+from registry import policy, requests, timings
 from registry.files import OutputError, atomic_write_text, check_output
 from registry.manifest import ManifestError
 from registry.policy import InputError
@@ -612,30 +612,35 @@ def generate(
         target = resolve_model(model_spec or DEMO_MODEL)
     m = target.model
     start = _start_image(target, image_file, mask_file, strength, width, height)
-    try:
-        prompt = policy.check_prompt(prompt)
-        rounding = m.strength_steps or target.family.strength_steps
-        decision = policy.decide_steps(m, steps, strength=start.strength if start else None, rounding=rounding)
-        guidance = policy.check_guidance(m, guidance)
-        native = start.size if start else target.native_size
-        width, height = policy.check_size(m, target.family, width, height, native)
-        seed = policy.check_seed(seed)
-        if threads is not None and threads < 1:
-            raise InputError(f"--threads must be at least 1 (got {threads})")
-    except InputError as exc:
+    try:  # the checks `stepwise serve` makes too: registry/requests.py
+        plan = requests.plan_request(
+            m,
+            target.family,
+            prompt=prompt,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            seed=seed,
+            force=force,
+            native=target.native_size,
+            image_size=start.image.size if start else None,
+            inpaint=start is not None and start.mask is not None,
+            strength=start.strength if start else None,
+            threads=threads,
+        )
+    except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
         _fail(str(exc), 2)
-    if decision.refused and not force:
-        _fail(f"refused: {decision.advice}", 2)
+    decision, guidance, width, height, seed = plan.decision, plan.guidance, plan.width, plan.height, plan.seed
+    prompt = plan.prompt
     cores = os.cpu_count() or 1
     if threads is not None and threads > cores:
         click.echo(
             f"warning: --threads {threads} is more than this machine's {cores} logical cores; using {cores}", err=True
         )
         threads = cores
-    if decision.verdict != policy.OK and not interactive:
-        click.echo(f"warning: {decision.advice}", err=True)
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
+    if plan.warning and not interactive:
+        click.echo(f"warning: {plan.warning}", err=True)
     print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
@@ -685,8 +690,10 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
         if strength is not None:
             _fail("--strength needs --image: it says how much of the image to repaint", 2)
         return None
-    if strength is not None and not 0.0 < strength <= 1.0:
-        _fail(f"--strength must be in (0, 1] (got {strength}); 1 repaints everything", 2)
+    try:
+        requests.check_strength(strength)
+    except InputError as exc:
+        _fail(str(exc), 2)
     from engine.errors import EngineError
     from engine.images import load_image
 
@@ -701,11 +708,8 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
             f"give a mask of the image's size",
             2,
         )
-    if strength is None:
-        strength = target.family.default_strength(inpaint=mask is not None)
-    m = target.family.size_multiple
-    w, h = (max(v - v % m, target.family.min_size) for v in image.size)
-    return StartImage(image, mask, strength, (w, h))
+    strength = requests.start_strength(target.family, strength, inpaint=mask is not None)
+    return StartImage(image, mask, strength, requests.start_size(target.family, image.size))
 
 
 @main_group.command("verify")
