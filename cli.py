@@ -712,6 +712,60 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
     return StartImage(image, mask, strength, requests.start_size(target.family, image.size))
 
 
+SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart")
+
+
+@main_group.command("serve")
+@click.option(
+    "--model",
+    "model_specs",
+    multiple=True,
+    help="Registry id or exported folder to serve; repeat for several [default: sdxl-turbo].",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: this machine).")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--threads", type=int, help="ONNX Runtime threads per model [default: physical cores].")
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    help="Where images asked for by URL or with save_images are written [default: $STEPWISE_HOME/outputs].",
+)
+@click.option("--low-memory", is_flag=True, help="Load one phase at a time instead of keeping every session loaded.")
+def serve_cmd(model_specs, host, port, threads, out_dir, low_memory):
+    """Keep models loaded and serve AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images) image APIs.
+
+    Requests for a model run one at a time, in order, each through the same step policy as `generate`."""
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        missing = exc.name or ", ".join(SERVE_PACKAGES)
+        _fail(f"serve needs the serve extra ({missing} missing): pip install -e '.[serve]'", 2)
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1 (got {threads})", 2)
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535 (got {port})", 2)
+    from serve.app import create_app
+    from serve.server import run
+    from serve.worker import ModelError
+
+    specs = list(model_specs) or [DEMO_MODEL]
+    click.echo(f"loading {', '.join(specs)} …")
+    try:
+        app = create_app(specs, threads=threads, out_dir=out_dir, low_memory=low_memory)
+    except ModelError as exc:
+        _fail(str(exc), 2)
+    for worker in app.state.stepwise.workers.values():
+        click.echo(f"  {worker.id}: {worker.target.folder} — {worker.pipeline.memory.describe()}")
+    click.echo(
+        f"serving on http://{host}:{port}  (AUTOMATIC1111: /sdapi/v1/txt2img, OpenAI: /v1/images/generations); "
+        f"Ctrl-C stops"
+    )
+    run(app, host=host, port=port)
+    click.echo("server stopped")
+
+
 @main_group.command("verify")
 @click.argument("model_spec", metavar="MODEL")
 def verify_cmd(model_spec):
