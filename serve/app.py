@@ -299,10 +299,15 @@ async def _run(state: ServerState, request: Request, worker: ModelWorker, job: J
     if state.closing:
         raise ApiError(503, "the server is shutting down; send the request again once it is back")
     future = worker.submit(job)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when answered early
     try:
         while not future.done():
             await asyncio.wait({future}, timeout=0.25)
-            if not future.done() and await request.is_disconnected():
+            if future.done():
+                break
+            if job.cancel.is_set():  # the server is stopping: answered now, the worker drops it at its next step
+                raise ApiError(503, f"the request was cancelled: {job.why_cancelled}")
+            if await request.is_disconnected():
                 job.cancel.set()
                 raise ApiError(499, "the client went away; the request was cancelled")
     except asyncio.CancelledError:

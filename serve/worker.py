@@ -68,13 +68,16 @@ class Job:
         return (self.index + self.step / self.total_steps) / self.count
 
     def stop(self, step) -> bool:
-        """The sampling callback: records the step; False stops the loop."""
+        """The sampling callback: records the step; False stops the loop there (the image so far is decoded),
+        Cancelled leaves it at once (nothing is decoded)."""
         self.step = step.index + 1
         self.total_steps = step.total
         self.step_ms.append(round(step.denoiser_ms + step.scheduler_ms, 3))
         latest = step.denoised if step.denoised is not None else step.latents
         self.latents = np.array(latest, copy=True)
-        return not (self.cancel.is_set() or self.interrupt.is_set())
+        if self.cancel.is_set():
+            raise Cancelled(self.why_cancelled)
+        return not self.interrupt.is_set()
 
 
 @dataclass

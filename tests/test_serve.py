@@ -331,7 +331,7 @@ def test_listings(server):
     assert "Sampler: DPM++ 2M Karras" in json.loads(karras.json()["info"])["infotexts"][0]
 
 
-def test_sigterm_finishes_the_running_request_and_exits_cleanly(folder, tmp_path):
+def test_sigterm_finishes_the_running_request_drops_the_waiting_one_and_exits_cleanly(folder, tmp_path):
     port = free_port()
     env = {**os.environ, "STEPWISE_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
@@ -350,19 +350,29 @@ def test_sigterm_finishes_the_running_request_and_exits_cleanly(folder, tmp_path
             except requests.ConnectionError:
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(0.1)
-        results: dict = {}
+        results, waiting = {}, {}
         thread = threading.Thread(target=long_job, args=(server, results), kwargs={"batch_size": 2})
         thread.start()
         wait_for_steps(server)
+        queued = threading.Thread(target=long_job, args=(server, waiting))
+        queued.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = requests.get(server["url"] + "/sdapi/v1/progress", timeout=10).json()
+            if state["stepwise"]["queued"]["sdxl-turbo"]:
+                break
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         thread.join(120)
+        queued.join(120)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     output = proc.stdout.read()
     assert "server stopped" in output and "Traceback" not in output, output
-    assert results["answer"].status_code == 200 and len(results["answer"].json()["images"]) == 2
+    assert results["answer"].status_code == 200 and len(results["answer"].json()["images"]) == 2  # finished
+    assert waiting["answer"].status_code == 503 and "shutting down" in waiting["answer"].json()["detail"]
     # nothing written outside the output folder: not the export, not the home, not the working folder
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     # (~/.cache/Microsoft is onnxruntime's own device id, written by every process that imports it)
