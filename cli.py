@@ -746,6 +746,14 @@ def serve_cmd(model_specs, host, port, threads, out_dir, low_memory):
         _fail(f"--threads must be at least 1 (got {threads})", 2)
     if not 0 < port < 65536:
         _fail(f"--port must be between 1 and 65535 (got {port})", 2)
+    import socket
+
+    try:  # before loading: a big model takes a while to load, for nothing if the port is taken
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        _fail(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host", 2)
     from serve.app import create_app
     from serve.server import run
     from serve.worker import ModelError

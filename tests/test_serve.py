@@ -392,3 +392,21 @@ cli.main(["serve", "--model", "sdxl-turbo"])
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "pip install -e '.[serve]'" in out.stderr, out.stderr
+
+
+def test_serve_command_errors_are_one_line(folder, tmp_path):
+    env = {**os.environ, "STEPWISE_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+
+    def serve(*args):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "cli.py"), "serve", *args], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+
+    unknown = serve("--model", "no-such-model")
+    assert unknown.returncode == 2 and "error: unknown model 'no-such-model'" in unknown.stderr
+    twice = serve("--model", str(folder), "--model", str(folder))
+    assert twice.returncode == 2 and "two --model name the id 'sdxl-turbo'" in twice.stderr
+    with socket.create_server((HOST, 0)) as taken:
+        busy = serve("--model", str(folder), "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 2 and "cannot listen on 127.0.0.1:" in busy.stderr and "Traceback" not in busy.stderr
