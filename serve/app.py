@@ -619,6 +619,15 @@ def create_app(
         info = _info(worker, job, out, kind)
         return {"created": int(time.time()), "data": data, "stepwise": info}
 
+    @app.get("/v1/models")
+    async def openai_models():
+        return {
+            "object": "list",
+            "data": [
+                {"id": w.id, "object": "model", "created": 0, "owned_by": "stepwise"} for w in state.workers.values()
+            ],
+        }
+
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         return await openai(request, _validated(OpenAIRequest, await _json_body(request)))

@@ -200,6 +200,7 @@ def test_openai_errors_have_openais_shape(server):
     with pytest.raises(openai.UnprocessableEntityError) as exc:
         client.images.generate(prompt="a cat", size="sixty", response_format="b64_json")
     assert exc.value.body["param"] == "size"
+    assert [m.id for m in client.models.list()] == ["sdxl-turbo"]
 
 
 def test_a_refusal_is_422_with_the_policys_message_and_the_server_keeps_serving(server):
