@@ -322,7 +322,7 @@ LATENT_RGB = {
 def preview_rgb(latents: np.ndarray, family: str) -> np.ndarray:
     """(1, C, h, w) latents → (h, w, 3) uint8: the 4-channel families through their linear map, the others
     (16-channel SD3/FLUX/Qwen latents) as three channel groups' means, stretched to the full range."""
-    x = np.asarray(latents, np.float32)[0]
+    x = np.nan_to_num(np.asarray(latents, np.float32)[0], nan=0.0, posinf=0.0, neginf=0.0)
     if x.ndim == 4:  # a video VAE's frame axis (Qwen-Image): the one frame
         x = x[:, 0]
     factors = LATENT_RGB.get(family)
@@ -332,9 +332,9 @@ def preview_rgb(latents: np.ndarray, family: str) -> np.ndarray:
     else:
         groups = np.array_split(x, 3, axis=0)
         rgb = np.stack([g.mean(axis=0) for g in groups], axis=-1)
-        lo, hi = np.nanmin(rgb), np.nanmax(rgb)
+        lo, hi = rgb.min(), rgb.max()
         rgb = (rgb - lo) / (hi - lo) if hi > lo else np.zeros_like(rgb)
-    return (np.nan_to_num(np.clip(rgb, 0, 1)) * 255).round().astype(np.uint8)
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
 def preview_png(latents: np.ndarray, family: str) -> bytes:
