@@ -385,12 +385,14 @@ def create_app(
     preload: bool = True,
     limits: Limits | None = None,
     workers: dict[str, ModelWorker] | None = None,
+    page: bool = True,
 ) -> FastAPI:
     """The server for ``models`` (registry ids or export folders, as the CLI's ``--model``): each pipeline is
     loaded once (now, unless ``preload`` is False: on its first request) and kept, resident (``low_memory``:
     phased). ``out_dir``: where images asked for by URL or with ``save_images`` are written (default
     ``$STEPWISE_HOME/outputs``); the server writes nowhere else. ``workers``: already built ModelWorkers (a Ray
-    replica that built its own). Raises ``ModelError`` (one line) for a model it cannot serve."""
+    replica that built its own). ``page``: serve the web page at ``/`` (serve/page.py) where it is installed.
+    Raises ``ModelError`` (one line) for a model it cannot serve."""
     limits = limits or Limits()
     workers = workers or load_workers(list(models), threads=threads, low_memory=low_memory)
     if preload:
@@ -655,6 +657,13 @@ def create_app(
         )
         return await openai(request, req, image.convert("RGB"), mask)
 
+    if page:
+        try:  # the web page (serve/page.py, its own branch): GET / and /static/
+            from .page import mount_page
+        except ImportError:
+            mount_page = None
+        if mount_page is not None:
+            mount_page(app)
     return app
 
 
