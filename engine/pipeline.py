@@ -133,9 +133,8 @@ class Pipeline:
         return tiled(graphs[name], self.vae.tiling)
 
     def make_scheduler(self, name: str | dict | None):
-        """The export's scheduler, or another by diffusers class name; a dict gives config options too, e.g.
-        ``{"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}`` (AUTOMATIC1111's
-        "DPM++ 2M Karras")."""
+        """The export's scheduler, or another by diffusers class name; a dict gives config options too
+        (``_class_name`` and e.g. ``use_karras_sigmas``: AUTOMATIC1111's "DPM++ 2M Karras")."""
         config = dict(self.scheduler_config)
         if isinstance(name, dict):
             config.update(name)
