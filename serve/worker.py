@@ -294,17 +294,15 @@ class ModelWorker:
 
 
 def _scheduler_config(folder) -> dict:
-    """The export's own scheduler config (the sampler a request without sampler_name runs)."""
-    import json
+    """The export's own scheduler config (the sampler a request without sampler_name runs), read as the engine
+    reads it."""
+    from engine.errors import EngineError
+    from engine.pipeline import _scheduler_config as read
 
-    path = folder / "scheduler" / "scheduler_config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} cannot be read ({exc}); export the model again") from None
-    if not isinstance(config, dict) or "_class_name" not in config:
-        raise ModelError(f"{path} names no scheduler class; export the model again")
-    return config
+        return read(folder)
+    except EngineError as exc:
+        raise ModelError(str(exc)) from None
 
 
 # AUTOMATIC1111's "Approx cheap" previews: a linear map from the 4 latent channels to RGB
