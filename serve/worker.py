@@ -270,9 +270,8 @@ class ModelWorker:
                 raise Cancelled(job.why_cancelled)
             stopped = job.interrupt.is_set()  # the image is what the steps so far made
             interrupted = interrupted or stopped
-            self.last_step_ms[(result.parameters["width"], result.parameters["height"])] = result.profile[
-                "median_step_ms"
-            ]
+            if result.profile.get("median_step_ms"):
+                self.last_step_ms[(plan.width, plan.height)] = result.profile["median_step_ms"]
             results.append(result)
             pngs.append(engine.png_bytes(result, self.extra))
             if stopped:
