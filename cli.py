@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 import registry
-from registry import policy, timings
+from registry import policy, requests, timings
 from registry.files import OutputError, atomic_write_text, check_output
 from registry.manifest import ManifestError
 from registry.policy import InputError
@@ -612,30 +612,35 @@ def generate(
         target = resolve_model(model_spec or DEMO_MODEL)
     m = target.model
     start = _start_image(target, image_file, mask_file, strength, width, height)
-    try:
-        prompt = policy.check_prompt(prompt)
-        rounding = m.strength_steps or target.family.strength_steps
-        decision = policy.decide_steps(m, steps, strength=start.strength if start else None, rounding=rounding)
-        guidance = policy.check_guidance(m, guidance)
-        native = start.size if start else target.native_size
-        width, height = policy.check_size(m, target.family, width, height, native)
-        seed = policy.check_seed(seed)
-        if threads is not None and threads < 1:
-            raise InputError(f"--threads must be at least 1 (got {threads})")
-    except InputError as exc:
+    try:  # the checks `stepwise serve` makes too: registry/requests.py
+        plan = requests.plan_request(
+            m,
+            target.family,
+            prompt=prompt,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            seed=seed,
+            force=force,
+            native=target.native_size,
+            image_size=start.image.size if start else None,
+            inpaint=start is not None and start.mask is not None,
+            strength=start.strength if start else None,
+            threads=threads,
+        )
+    except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
         _fail(str(exc), 2)
-    if decision.refused and not force:
-        _fail(f"refused: {decision.advice}", 2)
+    decision, guidance, width, height, seed = plan.decision, plan.guidance, plan.width, plan.height, plan.seed
+    prompt = plan.prompt
     cores = os.cpu_count() or 1
     if threads is not None and threads > cores:
         click.echo(
             f"warning: --threads {threads} is more than this machine's {cores} logical cores; using {cores}", err=True
         )
         threads = cores
-    if decision.verdict != policy.OK and not interactive:
-        click.echo(f"warning: {decision.advice}", err=True)
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
+    if plan.warning and not interactive:
+        click.echo(f"warning: {plan.warning}", err=True)
     print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
@@ -685,8 +690,10 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
         if strength is not None:
             _fail("--strength needs --image: it says how much of the image to repaint", 2)
         return None
-    if strength is not None and not 0.0 < strength <= 1.0:
-        _fail(f"--strength must be in (0, 1] (got {strength}); 1 repaints everything", 2)
+    try:
+        requests.check_strength(strength)
+    except InputError as exc:
+        _fail(str(exc), 2)
     from engine.errors import EngineError
     from engine.images import load_image
 
@@ -701,11 +708,70 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
             f"give a mask of the image's size",
             2,
         )
-    if strength is None:
-        strength = target.family.default_strength(inpaint=mask is not None)
-    m = target.family.size_multiple
-    w, h = (max(v - v % m, target.family.min_size) for v in image.size)
-    return StartImage(image, mask, strength, (w, h))
+    strength = requests.start_strength(target.family, strength, inpaint=mask is not None)
+    return StartImage(image, mask, strength, requests.start_size(target.family, image.size))
+
+
+SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart")
+
+
+@main_group.command("serve")
+@click.option(
+    "--model",
+    "model_specs",
+    multiple=True,
+    help="Registry id or exported folder to serve; repeat for several [default: sdxl-turbo].",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: this machine).")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--threads", type=int, help="ONNX Runtime threads per model [default: physical cores].")
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    help="Where images asked for by URL or with save_images are written [default: $STEPWISE_HOME/outputs].",
+)
+@click.option("--low-memory", is_flag=True, help="Load one phase at a time instead of keeping every session loaded.")
+def serve_cmd(model_specs, host, port, threads, out_dir, low_memory):
+    """Keep models loaded and serve AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images) image APIs.
+
+    Requests for a model run one at a time, in order, each through the same step policy as `generate`."""
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        missing = exc.name or ", ".join(SERVE_PACKAGES)
+        _fail(f"serve needs the serve extra ({missing} missing): pip install -e '.[serve]'", 2)
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1 (got {threads})", 2)
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535 (got {port})", 2)
+    import socket
+
+    try:  # before loading: a big model takes a while to load, for nothing if the port is taken
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        _fail(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host", 2)
+    from serve.app import create_app
+    from serve.server import run
+    from serve.worker import ModelError
+
+    specs = list(model_specs) or [DEMO_MODEL]
+    click.echo(f"loading {', '.join(specs)} …")
+    try:
+        app = create_app(specs, threads=threads, out_dir=out_dir, low_memory=low_memory)
+    except ModelError as exc:
+        _fail(str(exc), 2)
+    for worker in app.state.stepwise.workers.values():
+        click.echo(f"  {worker.id}: {worker.target.folder} — {worker.pipeline.memory.describe()}")
+    click.echo(
+        f"serving on http://{host}:{port}  (AUTOMATIC1111: /sdapi/v1/txt2img, OpenAI: /v1/images/generations); "
+        f"Ctrl-C stops"
+    )
+    run(app, host=host, port=port)
+    click.echo("server stopped")
 
 
 @main_group.command("verify")

@@ -6,7 +6,7 @@ No torch, no diffusers: tests/test_boundaries.py proves it.
 from .errors import EngineError
 from .memory import PHASED, RESIDENT, plan_memory
 from .pipeline import Pipeline, Result, load_pipeline
-from .png import save_png
+from .png import png_bytes, save_png
 from .profile import format_profile
 from .sampling import Step, sample
 
@@ -20,6 +20,7 @@ __all__ = [
     "format_profile",
     "load_pipeline",
     "plan_memory",
+    "png_bytes",
     "sample",
     "save_png",
 ]

@@ -19,6 +19,7 @@ axis 1) becomes latents as diffusers' ``DiagonalGaussianDistribution`` does; the
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,23 @@ def load_image(path) -> Image.Image:
         raise EngineError(f"{path} does not exist; pass the path of a PNG or JPEG")
     if not path.is_file():
         raise EngineError(f"{path} is not a file; pass the path of a PNG or JPEG")
+    return _read(path, f"{path}", "pass a PNG or JPEG")
+
+
+def image_from_bytes(data: bytes, what: str = "the image", mode: str | None = "RGB") -> Image.Image:
+    """An image sent as bytes (the server's uploads), read as ``load_image`` reads a file; ``mode`` None keeps
+    the image's own mode (an alpha channel a mask is read from). ``what`` names it in the error."""
+    return _read(io.BytesIO(data), what, "send a PNG or JPEG", mode)
+
+
+def _read(source, what: str, fix: str, mode: str | None = "RGB") -> Image.Image:
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             image = ImageOps.exif_transpose(opened)  # reads the pixels: a truncated file fails here
-            return image.convert("RGB")
+            return image.convert(mode) if mode else image.copy()
     except Exception as exc:  # UnidentifiedImageError, truncated data, decompression bombs, ...
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"{path} is not an image Pillow can read ({reason}); pass a PNG or JPEG") from None
+        raise EngineError(f"{what} is not an image Pillow can read ({reason}); {fix}") from None
 
 
 def default_size(image_w: int, image_h: int, vae_scale_factor: int) -> tuple[int, int]:

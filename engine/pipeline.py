@@ -132,9 +132,14 @@ class Pipeline:
         tiled = TiledDecoder if name == "vae_decoder" else TiledEncoder
         return tiled(graphs[name], self.vae.tiling)
 
-    def make_scheduler(self, name: str | None):
+    def make_scheduler(self, name: str | dict | None):
+        """The export's scheduler, or another by diffusers class name; a dict gives config options too
+        (``_class_name`` and e.g. ``use_karras_sigmas``: AUTOMATIC1111's "DPM++ 2M Karras")."""
         config = dict(self.scheduler_config)
-        if name:
+        if isinstance(name, dict):
+            config.update(name)
+            name = name.get("_class_name") or config["_class_name"]
+        elif name:
             config["_class_name"] = name
         try:
             sched = schedulers.from_config(config)
@@ -194,7 +199,7 @@ class Pipeline:
         height: int | None = None,
         seed: int,
         latents: np.ndarray | None = None,
-        scheduler: str | None = None,
+        scheduler: str | dict | None = None,
         image=None,
         mask=None,
         strength: float | None = None,
@@ -279,7 +284,7 @@ class Pipeline:
             "height": height,
             "model": self.model_label,
             "scheduler": sched.name,
-            "sampler": sched.sampler_name,
+            "sampler": _sampler_label(sched),
         }
         if start_image is not None:
             parameters["strength"] = start_image.strength
@@ -287,6 +292,12 @@ class Pipeline:
         if plan.vae_tiling and max(width, height) > plan.tile:  # the image was decoded in tiles
             parameters["vae_tiling"] = plan.tile
         return Result(picture, final, parameters, prof.result(), warnings)
+
+
+def _sampler_label(sched) -> str:
+    """The sampler's AUTOMATIC1111 name, with " Karras" when it runs Karras sigmas ("DPM++ 2M Karras")."""
+    karras = sched.config.get("use_karras_sigmas") and not sched.sampler_name.endswith("Karras")
+    return f"{sched.sampler_name} Karras" if karras else sched.sampler_name
 
 
 def _scheduler_config(folder: Path) -> dict:

@@ -7,6 +7,7 @@ Each value is also stored under its own key for programs.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -37,13 +38,26 @@ def _text(value: str) -> str:
     return value.replace("\x00", "")
 
 
-def save_png(result, path, extra: dict | None = None) -> Path:
-    params = {**result.parameters, **(extra or {})}
+def png_info(params: dict) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of a generation's parameters: ``parameters`` (the AUTOMATIC1111 convention), one
+    chunk per field, and ``Software``."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", _text(parameters_text(params)))
     for key, value in params.items():
         info.add_text(key, _text("" if value is None else str(value)))
     info.add_text("Software", "Stepwise")
+    return info
+
+
+def save_png(result, path, extra: dict | None = None) -> Path:
+    info = png_info({**result.parameters, **(extra or {})})
     # a kill or a full disk mid-write leaves the PNG already at that path intact
     image = Image.fromarray(result.image)
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def png_bytes(result, extra: dict | None = None) -> bytes:
+    """The PNG ``save_png`` writes, as bytes (what the server sends)."""
+    buffer = io.BytesIO()
+    Image.fromarray(result.image).save(buffer, format="PNG", pnginfo=png_info({**result.parameters, **(extra or {})}))
+    return buffer.getvalue()

@@ -20,7 +20,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
-@pytest.mark.parametrize("package", ["engine", "schedulers", "registry"])
+@pytest.mark.parametrize("package", ["engine", "schedulers", "registry", "serve"])
 def test_runtime_packages_have_no_heavy_imports_in_source(package):
     for path in (ROOT / package).rglob("*.py"):
         tree = ast.parse(path.read_text())

@@ -1,0 +1,127 @@
+"""One generation request, checked and planned before anything is loaded.
+
+``plan_request`` is the one place the step policy and the input checks are applied to a request: the CLI's
+``generate`` and the server (``serve/``) both call it, so a request the CLI refuses is refused by the server
+with the same message. Like the rest of ``registry`` it imports nothing heavier than the stdlib.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import policy
+from .models import Family, Model
+from .policy import InputError, StepDecision
+
+
+class Refused(InputError):
+    """The step policy refuses the step count (and ``force`` was not given); the message says why and what to use."""
+
+    def __init__(self, decision: StepDecision):
+        super().__init__(f"refused: {decision.advice}")
+        self.decision = decision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request as it will run: every value checked, every default filled in."""
+
+    prompt: str
+    negative: str
+    decision: StepDecision  # the policy's verdict on the steps (steps_run: the steps that run)
+    guidance: float
+    width: int
+    height: int
+    seed: int  # drawn at random when the request gave none
+    strength: float | None  # image-to-image only: the family's default when not given
+    seed_given: bool = True
+
+    @property
+    def steps(self) -> int:
+        """The schedule's length, as ``Pipeline.generate(steps=...)`` takes it."""
+        return self.decision.steps
+
+    @property
+    def warning(self) -> str | None:
+        """The policy's advice when the steps are outside the recommended range (run anyway), else None."""
+        return None if self.decision.verdict == policy.OK else self.decision.advice
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def check_strength(strength: float | None) -> None:
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise InputError(f"--strength must be in (0, 1] (got {strength}); 1 repaints everything")
+
+
+def start_strength(family: Family, strength: float | None, inpaint: bool) -> float | None:
+    """Image-to-image's strength: the given one (checked), or the family's diffusers default."""
+    check_strength(strength)
+    return family.default_strength(inpaint=inpaint) if strength is None else strength
+
+
+def start_size(family: Family, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The size image-to-image generates at by default: the image's, rounded down to the family's multiple."""
+    m = family.size_multiple
+    w, h = (max(v - v % m, family.min_size) for v in image_size)
+    return w, h
+
+
+def plan_request(
+    model: Model,
+    family: Family,
+    *,
+    prompt: str | None,
+    negative: str = "",
+    steps: int | None = None,
+    guidance: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = None,
+    force: bool = False,
+    native: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = None,
+    inpaint: bool = False,
+    strength: float | None = None,
+    threads: int | None = None,
+) -> Plan:
+    """Check a request against ``model``'s step policy and ``family``'s limits and fill in its defaults.
+
+    ``native``: the export's own size when it differs from the registry's (a tiny stand-in); ``image_size``:
+    the start image's size (image-to-image; the default output size, rounded to the family's multiple);
+    ``inpaint``: a mask was given (the family's inpainting strength is the default). Raises ``InputError``
+    (one line: the problem and the fix) for bad input, and ``Refused`` for a step count the policy refuses
+    unless ``force``."""
+    if image_size is None:
+        if inpaint:
+            raise InputError("--mask needs --image: the mask says which part of an image to repaint")
+        if strength is not None:
+            raise InputError("--strength needs --image: it says how much of the image to repaint")
+    else:
+        strength = start_strength(family, strength, inpaint)
+        native = start_size(family, image_size)
+    prompt = policy.check_prompt(prompt)
+    rounding = model.strength_steps or family.strength_steps
+    decision = policy.decide_steps(model, steps, strength=strength, rounding=rounding)
+    guidance = policy.check_guidance(model, guidance)
+    width, height = policy.check_size(model, family, width, height, native)
+    seed = policy.check_seed(seed)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1 (got {threads})")
+    if decision.refused and not force:
+        raise Refused(decision)
+    given = seed is not None
+    return Plan(
+        prompt=prompt,
+        negative=negative or "",
+        decision=decision,
+        guidance=guidance,
+        width=width,
+        height=height,
+        seed=seed if given else random_seed(),
+        strength=strength,
+        seed_given=given,
+    )
