@@ -19,7 +19,8 @@ from tests.test_engine_parity import MAX_PIXEL_DIFF, diffusers_scheduler  # noqa
 
 PROMPT = "a red apple on a table"
 FP32 = {"weights": "fp32", "text_encoder_weights": "fp32"}
-# the default formats (int4 transformer, int8 text encoder) against fp32 on the tiny model, 3 steps at 64x48: measured 37.4 dB
+# the default formats (int4 transformer, int8 text encoder) against fp32 on the tiny model, 3 steps at 64x48:
+# measured 37.4 dB
 MIN_INT4_PSNR_DB = 20.0
 
 
