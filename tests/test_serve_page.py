@@ -86,6 +86,7 @@ def _b64png(width: int, height: int, seed: int, shade: float = 1.0) -> str:
 def stand_in_app():
     """A minimal server with the agreed endpoint shapes and a fake generation."""
     from fastapi import FastAPI, HTTPException
+    from fastapi.responses import JSONResponse
 
     from serve.page import mount_page
 
@@ -106,12 +107,13 @@ def stand_in_app():
             raise HTTPException(404, detail=f"unknown model {body.get('model')!r}")
         steps = int(body.get("steps") or model["default_steps"])
         if steps < model["min_steps"] or steps > model["max_useful_steps"]:
-            raise HTTPException(
-                422,
-                detail=f"{model['id']}: {steps} steps refused: its policy allows {model['min_steps']}"
+            message = (
+                f"{model['id']}: {steps} steps refused: its policy allows {model['min_steps']}"
                 f"\u2013{model['max_useful_steps']} (recommended {model['recommended_steps'][0]}"
-                f"\u2013{model['recommended_steps'][1]})",
+                f"\u2013{model['recommended_steps'][1]})"
             )
+            # AUTOMATIC1111's error shape, as serve/app.py answers a refusal
+            return JSONResponse({"error": "Refused", "detail": message, "body": "", "errors": ""}, status_code=422)
         width = int(body.get("width") or model["width"])
         height = int(body.get("height") or model["height"])
         seed = int(body.get("seed", -1))
@@ -124,7 +126,8 @@ def stand_in_app():
                 break
             t = time.perf_counter()
             time.sleep(STEP_S)
-            profile.append({"index": i, "denoiser_ms": (time.perf_counter() - t) * 1000 + 7 * i, "scheduler_ms": 0.1})
+            ms = (time.perf_counter() - t) * 1000 + 7 * i
+            profile.append({"index": i, "timestep": 999.0 - i, "sigma": None, "denoiser_ms": ms, "scheduler_ms": 0.1})
             with lock:
                 state["step"] = i + 1
                 state["image"] = _b64png(32, 32, seed, (i + 1) / steps)
@@ -140,7 +143,19 @@ def stand_in_app():
             "height": height,
             "model": model["id"],
             "infotexts": [infotext],
-            "profile": {"steps": profile, "text_encoder_ms": 12.0, "vae_decode_ms": 30.0},
+            # one profile per image, engine/profile.py's shape
+            "profiles": [
+                {
+                    "steps": profile,
+                    "load_ms": 0.0,
+                    "text_encoder_ms": 12.0,
+                    "vae_encode_ms": 0.0,
+                    "vae_decode_ms": 30.0,
+                    "total_ms": sum(s["denoiser_ms"] for s in profile) + 45.0,
+                    "peak_rss_mb": 321.0,
+                }
+            ],
+            "stepwise": {"model": model["id"], "steps_run": len(profile), "warnings": [], "interrupted": False},
         }
         params = {k: v for k, v in body.items() if k != "init_images"}
         return {"images": [_b64png(width, height, seed)], "parameters": params, "info": json.dumps(info)}

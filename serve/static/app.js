@@ -43,8 +43,19 @@ function applyModel(m) {
   $("negative-field").classList.toggle("muted", !m.cfg);
   $("width").value = m.width;
   $("height").value = m.height;
+  for (const id of ["width", "height"]) {
+    if (m.size_multiple) $(id).step = m.size_multiple;
+    if (m.min_size) $(id).min = m.min_size;
+    if (m.max_size) $(id).max = m.max_size;
+  }
+  const canImg2img = m.img2img !== false;
+  $("init_image").disabled = !canImg2img;
+  if (!canImg2img) clearImage();
+  $("img2img-note").textContent = canImg2img ? "" : "this model has no image-to-image";
   const parts = [m.family];
   if (m.kind) parts.push(m.kind);
+  if (m.random_weights) parts.push("random weights (a test build)");
+  if (m.step_s) parts.push(`about ${fmt(m.step_s, 2)} s a step here at ${m.width}\u00d7${m.height}`);
   if (m.loaded === false) parts.push("not loaded yet: the first request loads it");
   $("model-note").textContent = parts.join(" \u00b7 ") + (m.reason ? ` \u2014 ${m.reason}` : "");
   checkSteps();
@@ -223,8 +234,10 @@ function parseInfo(info) {
   }
 }
 
+// A step's cost: its denoiser pass plus the scheduler's update (engine/profile.py's rows).
 function stepMs(s) {
-  for (const k of ["denoiser_ms", "ms", "total_ms"]) {
+  if (typeof s.denoiser_ms === "number") return s.denoiser_ms + (Number(s.scheduler_ms) || 0);
+  for (const k of ["ms", "step_ms", "total_ms"]) {
     if (typeof s[k] === "number") return s[k];
   }
   return 0;
@@ -274,8 +287,8 @@ function profileChart(steps) {
     });
     const idx = s.index ?? i;
     const extra = Object.entries(s)
-      .filter(([k, v]) => k !== "index" && k !== "denoiser_ms" && typeof v === "number")
-      .map(([k, v]) => `, ${k} ${fmt(v)}`)
+      .filter(([k, v]) => k !== "index" && typeof v === "number")
+      .map(([k, v]) => `, ${k.replace(/_/g, " ")} ${fmt(v, 3)}`)
       .join("");
     bar.appendChild(svgEl("title", {}, `step ${idx}: ${fmt(ms[i])} ms${extra}`));
     svg.appendChild(bar);
@@ -323,7 +336,8 @@ function showResult(res, sent) {
   $("infotext").textContent = infotext;
   $("infotext").hidden = !infotext;
 
-  const prof = info.profile || {};
+  // the server's info has one profile per image ("profiles"); a single "profile" is read as well
+  const prof = info.profile || (info.profiles || [])[0] || {};
   const steps = Array.isArray(prof) ? prof : prof.steps || [];
   const box = $("profile");
   box.replaceChildren();
@@ -331,15 +345,25 @@ function showResult(res, sent) {
     box.appendChild(profileChart(steps));
     const ms = steps.map(stepMs);
     const total = ms.reduce((a, b) => a + b, 0);
+    const skip = new Set(["mean_step_ms", "median_step_ms"]);
     const totals = Object.entries(Array.isArray(prof) ? {} : prof)
-      .filter(([k, v]) => typeof v === "number" && k.endsWith("_ms"))
+      .filter(([k, v]) => typeof v === "number" && v > 0 && k.endsWith("_ms") && !skip.has(k))
       .map(([k, v]) => `${k.replace(/_ms$/, "").replace(/_/g, " ")} ${fmt(v, 0)} ms`);
+    if (prof.peak_rss_mb) totals.push(`peak memory ${fmt(prof.peak_rss_mb, 0)} MB`);
     $("profile-summary").textContent =
       `${steps.length} steps, ${fmt(total, 0)} ms denoising (${fmt(total / steps.length, 0)} ms a step)` +
       (totals.length ? `; ${totals.join(", ")}` : "");
   } else {
     $("profile-summary").textContent = "no per-step profile in the answer";
   }
+  const sw = info.stepwise || {};
+  const notes = [];
+  if (sw.interrupted) notes.push("interrupted: the image is what the steps so far made");
+  if (sw.steps_run && sw.steps_run !== p.steps) notes.push(`${sw.steps_run} steps run`);
+  if (sw.advice) notes.push(sw.advice);
+  for (const w of sw.warnings || []) notes.push(w);
+  $("result-notes").textContent = notes.join("\n");
+  $("result-notes").hidden = !notes.length;
   $("result").hidden = false;
 }
 
