@@ -126,7 +126,7 @@ def stand_in_app():
                 break
             t = time.perf_counter()
             time.sleep(STEP_S)
-            ms = (time.perf_counter() - t) * 1000 + 7 * i
+            ms = (time.perf_counter() - t) * 1000 + 40 * i  # rising: the last bar is the tallest
             profile.append({"index": i, "timestep": 999.0 - i, "sigma": None, "denoiser_ms": ms, "scheduler_ms": 0.1})
             with lock:
                 state["step"] = i + 1
