@@ -392,3 +392,56 @@ def test_page_generates_and_refuses(server, browser, tmp_path):
     _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#profile svg rect.bar")) == 2, what="2 bars")
 
     assert time.monotonic() - t0 < 25
+
+
+@pytest.mark.slow
+def test_page_against_the_server(browser, exported_tiny, tmp_path_factory):
+    """The same page on `stepwise serve` itself (serve.app.create_app) holding the tiny SDXL Turbo export:
+    the policy's numbers in the form, an image with one profile bar per step, the policy's refusal shown."""
+    from selenium.webdriver.common.by import By
+
+    uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed")
+    app_module = pytest.importorskip("serve.app", reason="serve/app.py (the server) is not in this tree")
+    from serve.page import mount_page
+
+    folder = exported_tiny("sdxl", model_id="sdxl-turbo")
+    app = app_module.create_app([str(folder)], out_dir=tmp_path_factory.mktemp("serve-page-out"))
+    if not any(getattr(r, "path", None) == "/" for r in app.routes):
+        mount_page(app)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        drv = browser
+        _load(drv, f"http://127.0.0.1:{port}/")
+        assert drv.find_element(By.ID, "steps").get_attribute("value") == "1"  # SDXL Turbo's default
+        note = drv.find_element(By.ID, "steps-note").text
+        assert "recommended 1\u20134" in note and "max useful 4" in note, note
+
+        drv.find_element(By.ID, "prompt").send_keys("a red apple")
+        _set(drv, "steps", 3)
+        _set(drv, "width", 64)
+        _set(drv, "height", 64)
+        _set(drv, "seed", 7)
+        seen = _generate_and_watch(drv)
+        assert not any(s["error"] for s in seen), seen[-1]
+        img = drv.find_element(By.CSS_SELECTOR, "#result img")
+        assert _js(drv, "return arguments[0].complete && arguments[0].naturalWidth", img) == 64
+        assert len(drv.find_elements(By.CSS_SELECTOR, "#profile svg rect.bar")) == 3
+        assert "7" in drv.find_element(By.ID, "params").text
+
+        _set(drv, "steps", 30)
+        _generate_and_watch(drv)
+        err = drv.find_element(By.ID, "error")
+        assert err.is_displayed() and "30" in err.text, err.text
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
