@@ -91,7 +91,7 @@ def stand_in_app():
     from serve.page import mount_page
 
     app = FastAPI()
-    models = {m["id"]: m for m in (FEW_STEP, STANDARD)}
+    models = {m["id"]: dict(m) for m in (FEW_STEP, STANDARD)}
     lock = threading.Lock()
     state = {"job": "", "step": 0, "steps": 0, "t0": 0.0, "interrupted": False, "image": None}
     app.state.requests = []
@@ -118,6 +118,7 @@ def stand_in_app():
         height = int(body.get("height") or model["height"])
         seed = int(body.get("seed", -1))
         seed = 1234 if seed < 0 else seed
+        model["loaded"] = True
         with lock:
             state.update(job="txt2img", step=0, steps=steps, t0=time.perf_counter(), interrupted=False, image=None)
         profile = []

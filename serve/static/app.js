@@ -31,9 +31,11 @@ function applyModel(m) {
   if (!m) return;
   $("steps").value = m.default_steps;
   const [lo, hi] = m.recommended_steps || [m.default_steps, m.default_steps];
+  // each on its own line, so a narrow column never breaks a range at its dash
   $("steps-note").textContent =
-    `default ${m.default_steps}; recommended ${range(lo, hi)}, max useful ${m.max_useful_steps}` +
-    (m.min_steps ? ` (min ${m.min_steps})` : "");
+    `recommended ${range(lo, hi)}, max useful ${m.max_useful_steps}\n` +
+    `default ${m.default_steps}` +
+    (m.min_steps ? `, min ${m.min_steps}` : "");
   $("steps").dataset.min = m.min_steps;
   $("steps").dataset.max = m.max_useful_steps;
   $("guidance").value = m.guidance;
@@ -52,13 +54,17 @@ function applyModel(m) {
   $("init_image").disabled = !canImg2img;
   if (!canImg2img) clearImage();
   $("img2img-note").textContent = canImg2img ? "" : "this model has no image-to-image";
+  $("model-note").textContent = modelNote(m);
+  checkSteps();
+}
+
+function modelNote(m) {
   const parts = [m.family];
   if (m.kind) parts.push(m.kind);
   if (m.random_weights) parts.push("random weights (a test build)");
   if (m.step_s) parts.push(`about ${fmt(m.step_s, 2)} s a step here at ${m.width}\u00d7${m.height}`);
   if (m.loaded === false) parts.push("not loaded yet: the first request loads it");
-  $("model-note").textContent = parts.join(" \u00b7 ") + (m.reason ? ` \u2014 ${m.reason}` : "");
-  checkSteps();
+  return parts.join(" \u00b7 ") + (m.reason ? ` \u2014 ${m.reason}` : "");
 }
 
 // A hint only: the server's step policy decides, and its refusal is shown as it says it.
@@ -87,13 +93,35 @@ async function loadModels() {
   for (const m of models) {
     const o = document.createElement("option");
     o.value = m.id;
-    o.textContent = `${m.name} (${m.id})` + (m.loaded === false ? " \u2014 not loaded" : "");
+    o.textContent = optionText(m);
     sel.appendChild(o);
   }
   const loaded = models.find((m) => m.loaded);
   if (loaded) sel.value = loaded.id;
   applyModel(currentModel());
   sel.dataset.ready = "1";
+}
+
+function optionText(m) {
+  return `${m.name} (${m.id})` + (m.loaded === false ? " \u2014 not loaded" : "");
+}
+
+// After a request: the models' loaded state and step times, without touching the form's values.
+async function refreshModels() {
+  try {
+    const r = await fetch("stepwise/v1/models", { cache: "no-store" });
+    if (!r.ok) return;
+    const fresh = await r.json();
+    for (const o of $("model").options) {
+      const m = fresh.find((x) => x.id === o.value);
+      if (m) o.textContent = optionText(m);
+    }
+    models = fresh;
+    const m = currentModel();
+    if (m) $("model-note").textContent = modelNote(m);
+  } catch (_) {
+    // the list stays as it was
+  }
 }
 
 function readImage(file) {
@@ -393,6 +421,7 @@ async function generate(ev) {
   } finally {
     setRunning(false);
     await polling;
+    refreshModels();
   }
 }
 
