@@ -7,7 +7,8 @@ few 100 ms steps that returns a real PNG, plus ``serve.page.mount_page``. It run
 of 127.0.0.1 in a thread. The test skips, saying why, where chromium, chromedriver, selenium, fastapi or uvicorn
 is missing (`.ci/run` installs chromium and chromium-driver with apt-get when they are missing).
 
-STEPWISE_PAGE_SCREENSHOT=path.png saves a screenshot of the page with its result.
+STEPWISE_PAGE_SCREENSHOT=path.png saves a screenshot of the page with its result (and path-server.png of the
+page on the real server, where serve/app.py is in the tree).
 """
 
 from __future__ import annotations
@@ -437,6 +438,9 @@ def test_page_against_the_server(browser, exported_tiny, tmp_path_factory):
         assert _js(drv, "return arguments[0].complete && arguments[0].naturalWidth", img) == 64
         assert len(drv.find_elements(By.CSS_SELECTOR, "#profile svg rect.bar")) == 3
         assert "7" in drv.find_element(By.ID, "params").text
+        shot = os.environ.get("STEPWISE_PAGE_SCREENSHOT")
+        if shot:
+            drv.save_screenshot(str(Path(shot).with_name(Path(shot).stem + "-server.png")))
 
         _set(drv, "steps", 30)
         _generate_and_watch(drv)
