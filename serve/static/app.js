@@ -388,10 +388,13 @@ function showResult(res, sent) {
   const notes = [];
   if (sw.interrupted) notes.push("interrupted: the image is what the steps so far made");
   if (sw.steps_run && sw.steps_run !== p.steps) notes.push(`${sw.steps_run} steps run`);
-  if (sw.advice) notes.push(sw.advice);
   for (const w of sw.warnings || []) notes.push(w);
+  // the policy's word on the step count: amber when it warned ("warn"), plain when in range ("ok")
+  const warned = notes.length > 0 || (sw.verdict && sw.verdict !== "ok");
+  if (sw.advice && !notes.includes(sw.advice)) notes.push(sw.advice);
   $("result-notes").textContent = notes.join("\n");
   $("result-notes").hidden = !notes.length;
+  $("result-notes").classList.toggle("warn", Boolean(warned));
   $("result").hidden = false;
 }
 
