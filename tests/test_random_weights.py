@@ -364,7 +364,8 @@ def _small_qwen() -> dict:
     cfg["vae"].update(base_dim=16, num_res_blocks=1)
     text = cfg["text_encoder"]
     text.update(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    text.update(num_hidden_layers=2, vocab_size=512, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    # vocab_size: above the tiny tokenizer's 754 ids
+    text.update(num_hidden_layers=2, vocab_size=1024, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     text["vision_config"].update(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64)
     text["vision_config"]["fullatt_block_indexes"] = [1]
     return cfg
