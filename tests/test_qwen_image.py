@@ -90,7 +90,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_int4_export_is_the_default_and_close_to_fp32(exported_tiny):
-    folder = exported_tiny("qwen-image")  # no formats said: Qwen-Image's int4 transformer, int8 text encoder
+    # no formats said: int4 transformer, int8 text encoder (the export tests/test_qwen_cli.py runs too)
+    folder = exported_tiny("qwen-image", model_id="qwen-image")
     data = manifest_io.read(folder, check_files=False).data
     assert data["components"]["transformer"]["weights"]["format"] == "int4"
     assert data["components"]["text_encoder"]["weights"]["format"] == "int8"
