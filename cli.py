@@ -708,6 +708,34 @@ def _start_image(target: Target, image_file, mask_file, strength, width, height)
     return StartImage(image, mask, strength, (w, h))
 
 
+@main_group.command("batch")
+@click.argument("prompts", type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", required=True, help="Registry id, menu number or exported folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the images and results.jsonl.")
+@click.option("--threads", type=int, help="ONNX Runtime threads per worker [default: 1, or cores / --workers].")
+@click.option(
+    "--workers", "--actors", "workers", type=int, help="Processes (or Ray actors) [default: cores / threads]."
+)
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run on Ray: auto, or a cluster's address.")
+@click.option("--force", is_flag=True, help="Run step counts the model's policy refuses.")
+def batch_cmd(prompts, model_spec, out, threads, workers, ray_address, force):
+    """Generate every line of PROMPTS.jsonl ({"prompt": …, "seed": …, "steps": …, "size": "WxH", "negative": …})
+    into --out, one PNG per line plus results.jsonl; a rerun skips what is finished."""
+    import batch
+
+    target = resolve_model(model_spec)
+    if target.folder is None:
+        _fail(not_exported_message(target), 1)
+    try:
+        summary = batch.run_batch(target, prompts, out, threads=threads, workers=workers, ray=ray_address, force=force)
+    except InputError as exc:
+        _fail(str(exc), 2)
+    if summary.failures:
+        job, error = summary.failures[0]
+        more = f" (and {len(summary.failures) - 1} more)" if len(summary.failures) > 1 else ""
+        _fail(f"{len(summary.failures)} of {summary.total} failed, line {job.line}: {error}{more}; rerun to retry them")
+
+
 @main_group.command("verify")
 @click.argument("model_spec", metavar="MODEL")
 def verify_cmd(model_spec):

@@ -1,0 +1,90 @@
+"""The batch on Ray: Ray Data ``map_batches`` over actors that each load the pipeline once, each asking Ray for
+as many CPUs as ONNX Runtime runs threads, so the cluster's cores are not oversubscribed.
+
+Ray is imported here only (the ``ray`` extra: ``pip install -e '.[ray]'``); the runtime install has none.
+``--ray auto`` joins the cluster this machine belongs to (``RAY_ADDRESS``, or the last ``ray start`` here)
+and starts a local one when there is none; ``--ray ADDRESS`` joins that one (``HOST:6379`` from a node of
+the cluster, ``ray://HOST:10001`` from outside). Stepwise's own packages travel with the job
+(``runtime_env`` ``py_modules``); every node needs the runtime (``pip install stepwise[ray]``) and the
+exported model at the same path (or on a shared disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from registry.policy import InputError
+
+from .worker import Worker
+
+CODE = ("batch", "engine", "registry", "schedulers", "serve")  # what a worker imports: shipped to every node
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs the ray extra (ray is not installed): pip install -e '.[ray]'") from None
+    return ray
+
+
+def runtime_env() -> dict:
+    """Stepwise's own packages as the driver has them, shipped to the workers of every node."""
+    return {"py_modules": [str(ROOT / name) for name in CODE if (ROOT / name).is_dir()]}
+
+
+def connect(address: str | None = "auto"):
+    """Join (or start) Ray unless this process already did; returns the ray module."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        target = None if address in (None, "auto", "local") else address
+        try:
+            ray.init(address=target, runtime_env=runtime_env(), logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"--ray {address}: cannot join that Ray cluster ({reason}); start one with `ray start --head` "
+                f"or give its address (HOST:6379, or ray://HOST:10001)"
+            ) from None
+    return ray
+
+
+class GenerateActor:
+    """A Ray Data actor: the pipeline loaded once in ``__init__``, one job per call (``batch_size=1``)."""
+
+    def __init__(self, folder: str, threads: int | None):
+        self.worker = Worker(folder, threads)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = [self.worker.run(json.loads(text)) for text in batch["job"]]
+        return pa.Table.from_pylist(rows)
+
+
+def default_actors(ray, threads: int) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // max(1, threads)))
+
+
+def run_ray(folder, jobs: list[dict], *, threads: int, actors: int | None, address: str | None) -> Iterator[dict]:
+    """Each job's result as it finishes."""
+    ray = connect(address)
+    from ray import data
+
+    actors = actors or default_actors(ray, threads)
+    context = data.DataContext.get_current()
+    context.enable_progress_bars = False  # the batch prints its own
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    items = [{"job": json.dumps(job)} for job in jobs]
+    dataset = data.from_items(items, override_num_blocks=len(items)).map_batches(
+        GenerateActor,
+        fn_constructor_kwargs={"folder": str(folder), "threads": threads},
+        concurrency=actors,
+        num_cpus=threads,
+        batch_size=1,
+    )
+    yield from dataset.iter_rows()
