@@ -730,6 +730,8 @@ def batch_cmd(prompts, model_spec, out, threads, workers, ray_address, force):
         summary = batch.run_batch(target, prompts, out, threads=threads, workers=workers, ray=ray_address, force=force)
     except InputError as exc:
         _fail(str(exc), 2)
+    except batch.BatchStopped as exc:
+        _fail(str(exc), 1)
     if summary.failures:
         job, error = summary.failures[0]
         more = f" (and {len(summary.failures) - 1} more)" if len(summary.failures) > 1 else ""

@@ -5,5 +5,6 @@ Imported by the CLI only when ``batch`` runs; Ray is imported only with ``--ray`
 
 from .jobs import KEYS, RESULTS, Job, Results, plan_item, read_jobs
 from .run import Summary, run_batch
+from .worker import BatchStopped
 
-__all__ = ["KEYS", "RESULTS", "Job", "Results", "Summary", "plan_item", "read_jobs", "run_batch"]
+__all__ = ["BatchStopped", "KEYS", "RESULTS", "Job", "Results", "Summary", "plan_item", "read_jobs", "run_batch"]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
-from .worker import Worker
+from .worker import BatchStopped, Worker
 
 _worker: Worker | None = None  # the pool process's one pipeline
 
@@ -42,5 +43,9 @@ def run_local(folder, jobs: list[dict], *, threads: int, workers: int) -> Iterat
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
+    except BrokenProcessPool:
+        raise BatchStopped(
+            "a worker process died (out of memory? try fewer --workers); the finished images are kept: rerun to resume"
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

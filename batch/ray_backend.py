@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from registry.policy import InputError
 
-from .worker import Worker
+from .worker import BatchStopped, Worker
 
 CODE = ("batch", "engine", "registry", "schedulers", "serve")  # what a worker imports: shipped to every node
 ROOT = Path(__file__).resolve().parents[1]
+_started = False  # whether connect() called ray.init
 
 
 def import_ray():
@@ -39,6 +41,7 @@ def runtime_env() -> dict:
 
 def connect(address: str | None = "auto"):
     """Join (or start) Ray unless this process already did; returns the ray module."""
+    global _started
     ray = import_ray()
     if not ray.is_initialized():
         target = None if address in (None, "auto", "local") else address
@@ -50,20 +53,42 @@ def connect(address: str | None = "auto"):
                 f"--ray {address}: cannot join that Ray cluster ({reason}); start one with `ray start --head` "
                 f"or give its address (HOST:6379, or ray://HOST:10001)"
             ) from None
+        _started = True
     return ray
 
 
-class GenerateActor:
-    """A Ray Data actor: the pipeline loaded once in ``__init__``, one job per call (``batch_size=1``)."""
+def disconnect() -> None:
+    """Shut down the Ray that ``connect`` started or joined for this batch (not one the caller started)."""
+    global _started
+    if _started:
+        import ray
 
-    def __init__(self, folder: str, threads: int | None):
-        self.worker = Worker(folder, threads)
+        ray.shutdown()
+        _started = False
+
+
+class GenerateActor:
+    """A Ray Data actor: the pipeline loaded once in ``__init__``, one job per call (``batch_size=1``).
+    ``run_ray`` subclasses it with the model's folder and threads as class attributes: no constructor
+    arguments, which Ray would keep in its object store for restarts."""
+
+    folder: str = ""
+    threads: int | None = None
+
+    def __init__(self):
+        self.worker = Worker(self.folder, self.threads)
 
     def __call__(self, batch):
         import pyarrow as pa
 
         rows = [self.worker.run(json.loads(text)) for text in batch["job"]]
         return pa.Table.from_pylist(rows)
+
+
+def _no_restarts() -> dict:
+    """A failed actor fails its jobs (a rerun resumes) rather than reloading the model in a loop; and Ray does
+    not warn that a restart could lose the constructor's arguments."""
+    return {"max_restarts": 0}
 
 
 def default_actors(ray, threads: int) -> int:
@@ -79,12 +104,20 @@ def run_ray(folder, jobs: list[dict], *, threads: int, actors: int | None, addre
     context = data.DataContext.get_current()
     context.enable_progress_bars = False  # the batch prints its own
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    actor = type("GenerateActor", (GenerateActor,), {"folder": str(folder), "threads": threads})
     items = [{"job": json.dumps(job)} for job in jobs]
-    dataset = data.from_items(items, override_num_blocks=len(items)).map_batches(
-        GenerateActor,
-        fn_constructor_kwargs={"folder": str(folder), "threads": threads},
-        concurrency=actors,
-        num_cpus=threads,
-        batch_size=1,
-    )
-    yield from dataset.iter_rows()
+    with warnings.catch_warnings():  # ray_remote_args_fn: deprecated from 2.60, the only way to say max_restarts
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = data.from_items(items, override_num_blocks=len(items)).map_batches(
+            actor,
+            compute=data.ActorPoolStrategy(size=actors),
+            num_cpus=threads,
+            batch_size=1,
+            ray_remote_args_fn=_no_restarts,
+        )
+    try:
+        yield from dataset.iter_rows()
+    except ray.exceptions.RayError as exc:  # an actor died (out of memory, a node lost): what is saved stays
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise BatchStopped(f"Ray stopped the batch ({reason}); the finished images are kept: rerun to resume") from None

@@ -64,7 +64,6 @@ def run_batch(
     echo=click.echo,
 ) -> Summary:
     """Raises InputError (one line naming the fix) before anything is written when an input is bad."""
-    from engine import save_png
     from engine.session import physical_cores
 
     out = Path(out)
@@ -88,19 +87,32 @@ def run_batch(
     if threads is None:
         threads = max(1, cores // workers) if workers else 1
     rows = [job.as_dict() for job in todo]
-    if ray is None:
-        from .local import default_workers, run_local
+    try:
+        if ray is None:
+            from .local import default_workers, run_local
 
-        workers = min(workers or default_workers(threads), len(todo))
-        summary.backend = f"{workers} local worker{'s' * (workers > 1)} × {threads} thread{'s' * (threads > 1)}"
-        stream = run_local(target.folder, rows, threads=threads, workers=workers)
-    else:
-        from .ray_backend import connect, default_actors, run_ray
+            workers = min(workers or default_workers(threads), len(todo))
+            summary.backend = f"{workers} local worker{'s' * (workers > 1)} × {threads} thread{'s' * (threads > 1)}"
+            stream = run_local(target.folder, rows, threads=threads, workers=workers)
+        else:  # Ray's own start-up (a local instance) is not counted in the throughput; its actors' is
+            from .ray_backend import connect, default_actors, run_ray
 
-        ray_module = connect(ray)
-        actors = min(workers or default_actors(ray_module, threads), len(todo))
-        summary.backend = f"Ray ({ray}): {actors} actor{'s' * (actors > 1)} × {threads} CPU{'s' * (threads > 1)}"
-        stream = run_ray(target.folder, rows, threads=threads, actors=actors, address=ray)
+            ray_module = connect(ray)
+            actors = min(workers or default_actors(ray_module, threads), len(todo))
+            summary.backend = f"Ray ({ray}): {actors} actor{'s' * (actors > 1)} × {threads} CPU{'s' * (threads > 1)}"
+            stream = run_ray(target.folder, rows, threads=threads, actors=actors, address=ray)
+        _write(summary, stream, todo, target, out, results, echo)
+    finally:
+        if ray is not None:
+            from .ray_backend import disconnect
+
+            disconnect()
+    return summary
+
+
+def _write(summary: Summary, stream, todo: list[Job], target, out: Path, results: Results, echo) -> None:
+    from engine import save_png
+
     echo(f"Batch:    {len(todo)} images with {target.label} on {summary.backend} → {out}")
     out.mkdir(parents=True, exist_ok=True)
     by_id = {job.id: job for job in todo}
@@ -137,4 +149,3 @@ def run_batch(
         f"{summary.done} images in {summary.seconds:.1f} s: {summary.per_minute:.1f} images/minute "
         f"({summary.backend}, model loads included)"
     )
-    return summary

@@ -11,6 +11,11 @@ import time
 import numpy as np
 
 
+class BatchStopped(RuntimeError):
+    """The backend failed as a whole (a worker killed, a node lost); the finished images and results.jsonl
+    are kept, and a rerun resumes."""
+
+
 class Worker:
     """One loaded pipeline; ``run(job)`` → a plain dict (picklable, and a Ray Data row)."""
 
