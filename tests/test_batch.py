@@ -142,6 +142,23 @@ def test_bad_line_is_one_line_exit_2_nothing_written(tiny, work, line, expect):
     assert not (work / "bad-out").exists()
 
 
+def test_a_failed_item_is_reported_and_the_others_kept(tiny, work):
+    lines = [PROMPTS[0], {**PROMPTS[1], "scheduler": "FlowMatchEulerDiscreteScheduler"}]  # runs, then fails
+    (work / "mixed.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = stepwise(work, "batch", "mixed.jsonl", "--model", str(tiny), "--out", "mixed", "--workers", "1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "error: 1 of 2 failed, line 2: --scheduler FlowMatchEulerDiscreteScheduler does not fit" in out.stderr
+    assert "rerun to retry them" in out.stderr
+    assert [json.loads(t)["line"] for t in (work / "mixed" / "results.jsonl").read_text().splitlines()] == [1]
+
+
+def test_import_batch_imports_no_ray_and_no_torch():
+    code = "import sys, batch, batch.local, batch.ray_backend; print(sorted({'ray', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_jobs_ids_and_seeds_are_stable(tiny, tmp_path):
     import batch
 
