@@ -39,12 +39,30 @@ def runtime_env() -> dict:
     return {"py_modules": [str(ROOT / name) for name in CODE if (ROOT / name).is_dir()]}
 
 
+def _check_reachable(address: str) -> None:
+    """A cluster address that answers nothing fails in seconds here; ray.init would retry for minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--ray {address}: not an address; give HOST:6379, ray://HOST:10001 or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise InputError(
+            f"--ray {address}: nothing answers there ({exc.strerror or exc}); start the cluster's head with "
+            f"`ray start --head` and give its address, or use --ray auto"
+        ) from None
+
+
 def connect(address: str | None = "auto"):
     """Join (or start) Ray unless this process already did; returns the ray module."""
     global _started
     ray = import_ray()
     if not ray.is_initialized():
         target = None if address in (None, "auto", "local") else address
+        if target is not None:
+            _check_reachable(target)
         try:
             ray.init(address=target, runtime_env=runtime_env(), logging_level=logging.WARNING)
         except (ConnectionError, ValueError, RuntimeError) as exc:

@@ -85,20 +85,35 @@ def run_batch(
             click.echo(f"warning: line {job.line}: {job.warning}", err=True)
     cores = physical_cores()
     if threads is None:
-        threads = max(1, cores // workers) if workers else 1
+        threads = max(1, cores // workers) if workers and ray is None else 1
     rows = [job.as_dict() for job in todo]
     try:
         if ray is None:
             from .local import default_workers, run_local
 
             workers = min(workers or default_workers(threads), len(todo))
+            if workers * threads > (os.cpu_count() or 1):
+                click.echo(
+                    f"warning: {workers} workers × {threads} threads is more than this machine's "
+                    f"{os.cpu_count()} cores: they slow each other down; use --workers {default_workers(threads)}",
+                    err=True,
+                )
             summary.backend = f"{workers} local worker{'s' * (workers > 1)} × {threads} thread{'s' * (threads > 1)}"
             stream = run_local(target.folder, rows, threads=threads, workers=workers)
         else:  # Ray's own start-up (a local instance) is not counted in the throughput; its actors' is
             from .ray_backend import connect, default_actors, run_ray
 
             ray_module = connect(ray)
-            actors = min(workers or default_actors(ray_module, threads), len(todo))
+            cpus = int(ray_module.cluster_resources().get("CPU", 0))
+            actors = workers or default_actors(ray_module, threads)
+            if actors * threads > cpus:
+                raise InputError(
+                    f"{actors} actors × --threads {threads} need {actors * threads} CPUs and the Ray cluster has "
+                    f"{cpus}: they would wait for CPUs for ever; use --actors {max(1, cpus // threads)}"
+                    + ("" if threads <= cpus else f" --threads {max(1, cpus)}")
+                    + " (or add nodes)"
+                )
+            actors = min(actors, len(todo))
             summary.backend = f"Ray ({ray}): {actors} actor{'s' * (actors > 1)} × {threads} CPU{'s' * (threads > 1)}"
             stream = run_ray(target.folder, rows, threads=threads, actors=actors, address=ray)
         _write(summary, stream, todo, target, out, results, echo)

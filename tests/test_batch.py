@@ -152,6 +152,24 @@ def test_a_failed_item_is_reported_and_the_others_kept(tiny, work):
     assert [json.loads(t)["line"] for t in (work / "mixed" / "results.jsonl").read_text().splitlines()] == [1]
 
 
+def test_ray_unreachable_or_missing_is_one_line(tiny, work):
+    out = stepwise(work, "batch", "prompts.jsonl", "--model", str(tiny), "--out", "nowhere", "--ray", "127.0.0.1:1")
+    assert out.returncode == 2 and out.stderr.startswith("error: --ray 127.0.0.1:1: nothing answers there"), out.stderr
+    blocker = "import sys\nclass B:\n def find_spec(self, n, p=None, t=None):\n  if n == 'ray': raise ImportError(n)\n"
+    code = blocker + "sys.meta_path.insert(0, B())\nimport cli\ncli.main()\n"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "STEPWISE_HOME": str(work / "home")}
+    args = ["batch", "prompts.jsonl", "--model", str(tiny), "--out", "nowhere", "--ray", "auto"]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 2 and "--ray needs the ray extra" in out.stderr and "Traceback" not in out.stderr
+    assert not (work / "nowhere").exists()
+
+
 def test_import_batch_imports_no_ray_and_no_torch():
     code = "import sys, batch, batch.local, batch.ray_backend; print(sorted({'ray', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -197,6 +215,15 @@ def test_ray_data_two_actors_equals_local(ray_local, local_run, tiny, work):
     workers = {json.loads(line)["worker"] for line in (work / "ray" / "results.jsonl").read_text().splitlines()}
     assert len(workers) <= 2
     print(f"ray batch of 4: {seconds:.1f} s")
+
+
+def test_ray_more_actors_than_cpus_is_refused(ray_local, tiny, work):
+    import batch
+    from registry.policy import InputError
+
+    with pytest.raises(InputError, match=r"need 3 CPUs and the Ray cluster has 2.*use --actors 2"):
+        batch.run_batch(target_of(tiny), work / "prompts.jsonl", work / "ray-3", threads=1, workers=3, ray="auto")
+    assert not (work / "ray-3").exists()
 
 
 def free_port() -> int:
