@@ -731,7 +731,13 @@ SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart")
     help="Where images asked for by URL or with save_images are written [default: $STEPWISE_HOME/outputs].",
 )
 @click.option("--low-memory", is_flag=True, help="Load one phase at a time instead of keeping every session loaded.")
-def serve_cmd(model_specs, host, port, threads, out_dir, low_memory):
+@click.option(
+    "--ray",
+    "ray_address",
+    help="Serve as Ray Serve replicas on this cluster (auto: join or start one; or ADDRESS); needs the ray extra.",
+)
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas, each with its models.")
+def serve_cmd(model_specs, host, port, threads, out_dir, low_memory, ray_address, replicas):
     """Keep models loaded and serve AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images) image APIs.
 
     Requests for a model run one at a time, in order, each through the same step policy as `generate`."""
@@ -759,6 +765,9 @@ def serve_cmd(model_specs, host, port, threads, out_dir, low_memory):
     from serve.worker import ModelError
 
     specs = list(model_specs) or [DEMO_MODEL]
+    if ray_address is not None:
+        _serve_on_ray(create_app, specs, replicas, threads, host, port, ray_address, out_dir, low_memory)
+        return
     click.echo(f"loading {', '.join(specs)} …")
     try:
         app = create_app(specs, threads=threads, out_dir=out_dir, low_memory=low_memory)
@@ -772,6 +781,65 @@ def serve_cmd(model_specs, host, port, threads, out_dir, low_memory):
     )
     run(app, host=host, port=port)
     click.echo("server stopped")
+
+
+def _serve_on_ray(create_app, specs, replicas, threads, host, port, address, out_dir, low_memory) -> None:
+    """The same app as ``replicas`` Ray Serve replicas, each loading its own models (serve/ray_deploy.py)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        _fail("serve --ray needs the ray extra: pip install -e '.[ray]'", 2)
+    if replicas < 1:
+        _fail(f"--replicas must be at least 1 (got {replicas})", 2)
+    from serve.ray_deploy import deploy
+
+    click.echo(f"deploying {replicas} replica(s) of {', '.join(specs)} on Ray ({address}) …")
+    try:
+        deploy(
+            create_app,
+            specs,
+            replicas,
+            threads or 1,
+            host=host,
+            port=port,
+            address=address,
+            blocking=True,
+            out_dir=out_dir,
+            low_memory=low_memory,
+        )
+    except (InputError, ValueError) as exc:  # a cluster that cannot be joined, a bad --replicas
+        _fail(str(exc), 2)
+    click.echo("server stopped")
+
+
+@main_group.command("batch")
+@click.argument("prompts", type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", required=True, help="Registry id, menu number or exported folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the images and results.jsonl.")
+@click.option("--threads", type=int, help="ONNX Runtime threads per worker [default: 1, or cores / --workers].")
+@click.option(
+    "--workers", "--actors", "workers", type=int, help="Processes (or Ray actors) [default: cores / threads]."
+)
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run on Ray: auto, or a cluster's address.")
+@click.option("--force", is_flag=True, help="Run step counts the model's policy refuses.")
+def batch_cmd(prompts, model_spec, out, threads, workers, ray_address, force):
+    """Generate every line of PROMPTS.jsonl ({"prompt": …, "seed": …, "steps": …, "size": "WxH", "negative": …})
+    into --out, one PNG per line plus results.jsonl; a rerun skips what is finished."""
+    import batch
+
+    target = resolve_model(model_spec)
+    if target.folder is None:
+        _fail(not_exported_message(target), 1)
+    try:
+        summary = batch.run_batch(target, prompts, out, threads=threads, workers=workers, ray=ray_address, force=force)
+    except InputError as exc:
+        _fail(str(exc), 2)
+    except batch.BatchStopped as exc:
+        _fail(str(exc), 1)
+    if summary.failures:
+        job, error = summary.failures[0]
+        more = f" (and {len(summary.failures) - 1} more)" if len(summary.failures) > 1 else ""
+        _fail(f"{len(summary.failures)} of {summary.total} failed, line {job.line}: {error}{more}; rerun to retry them")
 
 
 @main_group.command("verify")
