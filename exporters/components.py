@@ -330,20 +330,29 @@ def flux_transformer(module) -> Component:
 
 def _vae_scale(vae) -> int:
     if hasattr(vae.config, "temperal_downsample"):  # AutoencoderKLQwenImage: its spatial_compression_ratio
-        return 2 ** len(vae.config.temperal_downsample)
+        from .qwen_image.vae import scale_factor
+
+        return scale_factor(vae)
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def vae_decoder(vae) -> Component:
-    down = _vae_scale(vae)
+def _decode(model, latent_sample):
+    return (model.decode(latent_sample, return_dict=False)[0],)
 
-    def forward(model, latent_sample):
-        return (model.decode(latent_sample, return_dict=False)[0],)
+
+def _encode(model, sample):
+    return (model.encode(sample, return_dict=False)[0].parameters,)
+
+
+def vae_decoder(vae, forward=_decode) -> Component:
+    """``forward(vae, latent_sample) -> (sample,)``: AutoencoderKL's decode, or another VAE's way to it."""
+    down = _vae_scale(vae)
+    channels = getattr(vae.config, "latent_channels", None) or vae.config.z_dim  # z_dim: AutoencoderKLQwenImage
 
     def make_inputs(case: str) -> dict[str, np.ndarray]:
         batch, h, w = LATENT_CASES[case]
         rng = np.random.default_rng(_stable_seed("vae_decoder", case))
-        return {"latent_sample": _randn(rng, batch, vae.config.latent_channels, h, w)}
+        return {"latent_sample": _randn(rng, batch, channels, h, w)}
 
     return Component(
         name="vae_decoder",
@@ -359,11 +368,9 @@ def vae_decoder(vae) -> Component:
     )
 
 
-def vae_encoder(vae) -> Component:
+def vae_encoder(vae, forward=_encode) -> Component:
+    """``forward(vae, sample) -> (latent_parameters,)``: the latent distribution's mean and log-variance."""
     down = _vae_scale(vae)
-
-    def forward(model, sample):
-        return (model.encode(sample, return_dict=False)[0].parameters,)
 
     def make_inputs(case: str) -> dict[str, np.ndarray]:
         batch, h, w = LATENT_CASES[case]

@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
-
-from ..components import LATENT_CASES, Component, _randn, _stable_seed, _wrapper
+from .. import components
+from ..components import Component
 
 CLASS_NAME = "AutoencoderKLQwenImage"
 
@@ -186,42 +185,8 @@ def _encode(model, sample):
 
 
 def vae_decoder(vae) -> Component:
-    down = scale_factor(vae)
-
-    def make_inputs(case: str) -> dict[str, np.ndarray]:
-        batch, h, w = LATENT_CASES[case]
-        rng = np.random.default_rng(_stable_seed("vae_decoder", case))
-        return {"latent_sample": _randn(rng, batch, vae.config.z_dim, h, w)}
-
-    return Component(
-        name="vae_decoder",
-        kind="vae-decoder",
-        module=vae,
-        parts=(vae.decoder, vae.post_quant_conv),
-        inputs={"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
-        outputs={"sample": {0: "batch_size", 2: f"latent_height * {down}", 3: f"latent_width * {down}"}},
-        make_inputs=make_inputs,
-        wrapper=_wrapper(_decode)(vae).eval(),
-        rebuild=vae_decoder,
-    )
+    return components.vae_decoder(vae, forward=_decode)
 
 
 def vae_encoder(vae) -> Component:
-    down = scale_factor(vae)
-
-    def make_inputs(case: str) -> dict[str, np.ndarray]:
-        batch, h, w = LATENT_CASES[case]
-        rng = np.random.default_rng(_stable_seed("vae_encoder", case))
-        return {"sample": rng.uniform(-1, 1, size=(batch, 3, h * down, w * down)).astype(np.float32)}
-
-    return Component(
-        name="vae_encoder",
-        kind="vae-encoder",
-        module=vae,
-        parts=(vae.encoder, vae.quant_conv),
-        inputs={"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
-        outputs={"latent_parameters": {0: "batch_size", 2: f"sample_height / {down}", 3: f"sample_width / {down}"}},
-        make_inputs=make_inputs,
-        wrapper=_wrapper(_encode)(vae).eval(),
-        rebuild=vae_encoder,
-    )
+    return components.vae_encoder(vae, forward=_encode)
