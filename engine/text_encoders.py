@@ -59,7 +59,7 @@ class QwenTextEncoder:
         self.graph, self.tokenizer = graph, tokenizer
         self.template, self.drop = template, int(drop)
         self.max_sequence_length = int(max_sequence_length)
-        self.max_length = tokenizer.max_length
+        self.max_length = self.max_sequence_length  # the prompt's window, as a truncation warning names it
 
     def __call__(self, text: str) -> Encoded:
         tokens = self.tokenizer(self.template.format(text))

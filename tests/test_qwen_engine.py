@@ -196,6 +196,8 @@ class FakeQwenEncoder:
 
     def __init__(self, graph, tokenizer, template, drop, max_sequence_length):
         FakeQwenEncoder.calls.append(("init", template, drop, max_sequence_length))
+        # what a truncation warning reads of the real encoder: its tokenizer's name and the prompt's window
+        self.tokenizer, self.max_length = SimpleNamespace(name="tokenizer"), max_sequence_length
 
     def __call__(self, text):
         FakeQwenEncoder.calls.append(("encode", text))

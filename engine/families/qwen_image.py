@@ -19,7 +19,7 @@ import numpy as np
 import schedulers
 
 from .. import text_encoders
-from .base import Architecture
+from .base import Architecture, encode_text
 from .flux import FluxArchitecture
 
 # QwenImagePipeline.__init__'s constants, for a manifest that does not record them
@@ -141,14 +141,7 @@ class QwenImageArchitecture(Architecture):
         )
 
     def _encode_one(self, encoder, text: str, warnings: list[str]) -> np.ndarray:
-        out = encoder(text)
-        if out.truncated:
-            note = (
-                f"the prompt is longer than Qwen-Image's {self.max_sequence_length}-token window "
-                f"and was truncated; shorten it to keep its end"
-            )
-            if note not in warnings:
-                warnings.append(note)
+        (out,) = encode_text([encoder], text, warnings)
         return np.asarray(out.last_hidden, dtype=np.float32)
 
     def encode(self, graphs, tokenizers, prompt, negative, guidance):
