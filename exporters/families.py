@@ -16,6 +16,7 @@ TINY_SOURCES: dict[str, tuple[str, str, str]] = {
     "flux-schnell": ("flux", "flux-schnell", "FluxPipeline"),
     "flux-dev": ("flux", "flux-dev", "FluxPipeline"),
     "qwen-image": ("qwen-image", "qwen-image", "QwenImagePipeline"),
+    "deepfloyd-if": ("deepfloyd-if", "deepfloyd-if", "IFPipeline"),  # stage I, with its stage II (deepfloyd_if/)
 }
 
 # The pipeline attributes that become ONNX graphs, in export order (the VAE becomes two graphs).
@@ -24,5 +25,5 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 DENOISERS = ("unet", "transformer")
 # Subfolders a checkpoint needs for export; everything else in a hub repo (safety checker, single-file
 # checkpoints, fp16 variants, other frameworks' weights) is not downloaded.
-NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae")
-UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae", "image_noising_scheduler")
+UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")

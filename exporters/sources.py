@@ -257,19 +257,20 @@ def _unloaded(folder: Path, index: dict) -> dict:
     return modules
 
 
-def load_folder(folder: Path, label: str | None = None, *, streamed: bool = False):
+def load_folder(folder: Path, label: str | None = None, *, streamed: bool = False, exclude: tuple[str, ...] = ()):
+    """``exclude``: components left unloaded (None), e.g. IF stage II's text encoder, which stage I's serves."""
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     label = label or str(folder)
     index = _read_index(folder / "model_index.json", label)
-    skip = {name: None for name in UNNEEDED_COMPONENTS if name in index}
+    skip = {name: None for name in (*UNNEEDED_COMPONENTS, *exclude) if name in index}
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is not one of our stages
     try:
         if streamed:
-            skip.update(_unloaded(folder, index))
+            skip.update({k: v for k, v in _unloaded(folder, index).items() if k not in skip})
         pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **skip)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -45,7 +45,7 @@ STREAMED_CLASSES = (
     "Qwen2_5_VLTextModel",  # Qwen-Image's text encoder: its Component's module is the language model alone
 )
 # Families whose checkpoints are always streamed, tiny ones included.
-STREAMED_FAMILIES = ("sd3", "flux", "qwen-image")
+STREAMED_FAMILIES = ("sd3", "flux", "qwen-image", "deepfloyd-if")
 # The UNet families stream their folder and hub checkpoints unless something needs the whole pipeline in
 # PyTorch: a UNet or LoRA fused in (--unet, --lora), or the static int8 modes calibrated by sampling
 # (--weights int8, --vae-weights int8). Tiny pipelines are built in memory and exported as they are.

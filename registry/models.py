@@ -60,6 +60,9 @@ class Model:
     # the engine's activation estimate for the denoiser at the default size, batch as the policy runs it
     # (registry/footprint.py); None where no engine runs the model yet
     activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}
+    # a cascade's later stages (DeepFloyd IF's stage II), each with its checkpoint and its own step policy:
+    # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"}
+    stages: tuple = ()
 
     @property
     def few_step(self) -> bool:
@@ -114,6 +117,7 @@ def _load() -> tuple[tuple[Model, ...], dict[str, Family]]:
     for spec in data["models"]:
         spec = dict(spec)
         spec["recommended_steps"] = tuple(spec["recommended_steps"])
+        spec["stages"] = tuple(spec.get("stages", ()))
         models.append(Model(**spec))
     return tuple(sorted(models, key=lambda m: m.menu)), families
 
