@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,6 +63,27 @@ class Model:
     # a cascade's later stages (DeepFloyd IF's stage II), each with its checkpoint and its own step policy:
     # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"}
     stages: tuple = ()
+
+    def stage(self, number: int) -> Model:
+        """Stage ``number`` (2, 3) of a cascade as a model with its own step policy and guidance (DeepFloyd IF's
+        stage II), for registry.policy to judge its steps with."""
+        for spec in self.stages:
+            if int(spec["stage"]) == number:
+                return replace(
+                    self,
+                    name=f"{self.name.split(' (')[0]} stage {'I' * number} ({spec['name']})",
+                    hub_id=spec["hub_id"],
+                    min_steps=int(spec["min_steps"]),
+                    default_steps=int(spec["default_steps"]),
+                    recommended_steps=tuple(spec["recommended_steps"]),
+                    max_useful_steps=int(spec["max_useful_steps"]),
+                    guidance=float(spec["guidance"]),
+                    width=int(spec["width"]),
+                    height=int(spec["height"]),
+                    reason=spec["reason"],
+                    stages=(),
+                )
+        raise KeyError(f"{self.id} has no stage {number}")
 
     @property
     def few_step(self) -> bool:
