@@ -5,6 +5,9 @@ from __future__ import annotations
 # model_index.json `_class_name` -> registry family: data the engine needs too, so it lives in the registry
 from registry.pipelines import PIPELINE_FAMILIES, family_of  # noqa: F401
 
+# pipeline classes that are a cascade's later stage: exported with its first stage (--stage-2), not alone
+LATER_STAGES = ("IFSuperResolutionPipeline",)
+
 # tiny:<name> -> (registry family, the registry model whose scheduler config the tiny pipeline copies,
 #                 the diffusers pipeline class it builds)
 TINY_SOURCES: dict[str, tuple[str, str, str]] = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExportError
-from .families import NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_COMPONENTS, family_of
+from .families import LATER_STAGES, NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_COMPONENTS, family_of
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The weight files diffusers loads by default (no variant): model.safetensors, sharded ones and their index.
@@ -41,7 +41,9 @@ class Source:
 
 
 def _supported() -> str:
-    return ", ".join(f"{cls} ({fam})" for cls, fam in PIPELINE_FAMILIES.items())
+    # a cascade's later stages are exported with its first (--stage-2), not as a SOURCE
+    sources = {cls: fam for cls, fam in PIPELINE_FAMILIES.items() if cls not in LATER_STAGES}
+    return ", ".join(f"{cls} ({fam})" for cls, fam in sources.items())
 
 
 def _family_from_index(index: dict, where: str) -> tuple[str, str]:
@@ -49,7 +51,7 @@ def _family_from_index(index: dict, where: str) -> tuple[str, str]:
     family = family_of(cls)
     if family is None:
         raise ExportError(
-            f"{where} is a {cls or 'unknown'} pipeline, which Stepwise cannot export; it exports {_supported()}"
+            f"{where} is a {cls or 'unknown'} pipeline, not one Stepwise exports: {_supported()}"
         )
     return family, cls
 

@@ -137,3 +137,24 @@ def test_default_plan_is_fifty_steps():
     assert (plan.steps, plan.decision_2.steps, model.stage(2).guidance) == (50, 50, 4.0)
     with pytest.raises(requests.Refused):
         requests.plan_request(model, registry.family(model.family), prompt="a cat", steps=10)
+
+
+def test_export_refuses_a_cascade_it_cannot_build(tmp_path):
+    """One line naming the fix, before any graph is exported: stage II as SOURCE, no stage II, stage III."""
+    import exporters
+
+    stage_1, stage_2 = build_cascade()
+    stage_1.save_pretrained(tmp_path / "stage1")
+    stage_2.save_pretrained(tmp_path / "stage2")
+    cases = [
+        (str(tmp_path / "stage2"), {}, "pass stage I (IFPipeline) as SOURCE"),
+        (str(tmp_path / "stage1"), {}, "--stage-2 FOLDER_OR_REPO"),
+        (str(tmp_path / "stage1"), {"stage_2": str(tmp_path / "stage1")}, "stage 2 of DeepFloyd IF is IFSuperRes"),
+        (str(tmp_path / "stage1"), {"stage_2": str(tmp_path / "stage2"), "stage_3": "x"}, "not supported yet"),
+        ("tiny:deepfloyd-if", {"stage_2": str(tmp_path / "stage2")}, "builds its own stage II"),
+        ("tiny:sd15", {"stage_2": str(tmp_path / "stage2")}, "is a sd15 model"),
+    ]
+    for source, options, message in cases:
+        with pytest.raises(exporters.ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            exporters.export(source, out=tmp_path / "out", progress=None, **options)
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ def _resolve_stage(spec: str, stage: int):
                 f"{spec} is DeepFloyd IF's stage II ({src.pipeline_class}); pass stage I (IFPipeline) as SOURCE "
                 f"and this one as --stage-2"
             )
-        raise ExportError(f"--stage-{stage} {spec} is a {src.pipeline_class} pipeline; stage {stage} must be an {want}")
+        raise ExportError(f"--stage-{stage} {spec} is {src.pipeline_class}; stage {stage} of DeepFloyd IF is {want}")
     return src
 
 
