@@ -50,9 +50,7 @@ def _family_from_index(index: dict, where: str) -> tuple[str, str]:
     cls = index.get("_class_name")
     family = family_of(cls)
     if family is None:
-        raise ExportError(
-            f"{where} is a {cls or 'unknown'} pipeline, not one Stepwise exports: {_supported()}"
-        )
+        raise ExportError(f"{where} is a {cls or 'unknown'} pipeline, not one Stepwise exports: {_supported()}")
     return family, cls
 
 

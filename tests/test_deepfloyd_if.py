@@ -12,6 +12,7 @@ variance noise, then stage II's noise, the noise of the upscaled image, its step
 from __future__ import annotations
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -68,8 +69,19 @@ def test_export_names_the_stages(exported):
     assert "class_labels" in found.components["unet_2"]["inputs"]
     first, second = found.config["stages"]
     assert (first["unet"], second["unet"]) == ("unet", "unet_2")
-    assert first["scheduler"]["variance_type"] == second["scheduler"]["variance_type"] == "learned_range"
-    assert second["image_noising_scheduler"]["_class_name"] == "DDPMScheduler" and second["noise_level"] == 250
+    assert (first["scheduler"], second["scheduler"]) == ("scheduler", "stage_2/scheduler")
+    assert second["image_noising_scheduler"] == "stage_2/image_noising_scheduler" and second["noise_level"] == 250
+
+    def scheduler(folder):
+        return json.loads((exported / folder / "scheduler_config.json").read_text())
+
+    stage_1, stage_2 = build_cascade()  # what the export came from: its schedulers' configs, as saved
+    for folder, module in (
+        ("scheduler", stage_1.scheduler),
+        ("stage_2/scheduler", stage_2.scheduler),
+        ("stage_2/image_noising_scheduler", stage_2.image_noising_scheduler),
+    ):
+        assert scheduler(folder) == json.loads(module.to_json_string())
 
 
 def test_cascade_matches_diffusers(exported, monkeypatch):

@@ -5,7 +5,7 @@ As diffusers 0.39's IFPipeline (stage I) and IFSuperResolutionPipeline (stage II
   with padding and encoded with the tokenizer's attention mask; the negative prompt ("" when none is given) the
   same way; both stages use the same states (diffusers' IF docs feed stage I's ``encode_prompt`` to stage II);
 - the UNet predicts noise and a variance (6 channels for 3); classifier-free guidance is applied to the noise
-  half alone and the variance is the text branch's (DDPMScheduler's ``learned_range`` takes it from there);
+  half alone and the variance is the text branch's (the DDPM scheduler's ``learned_range`` takes it from there);
 - stage I samples (1, 3, s, s) pixels from noise; stage II draws its own starting noise, then upscales the stage I
   image with ``F.interpolate(mode="bilinear", align_corners=True)``, noises it to ``noise_level`` (250) with its
   ``image_noising_scheduler`` (one more draw), and feeds it beside the sample with the noise level as the UNet's
@@ -15,10 +15,13 @@ As diffusers 0.39's IFPipeline (stage I) and IFSuperResolutionPipeline (stage II
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import EngineError
 from ..text_encoders import TextEncoder
 from .base import Architecture, encode_text
 
@@ -87,18 +90,31 @@ class Stage:
         return self.in_channels // 2 if self.image_noising_scheduler is not None else self.in_channels
 
     @classmethod
-    def of(cls, entry: dict) -> Stage:
+    def of(cls, entry: dict, folder: Path) -> Stage:
+        """The manifest's stage entry; its schedulers are read from the folders it names."""
+        noising = entry.get("image_noising_scheduler")
         return cls(
             number=int(entry["stage"]),
             unet=entry["unet"],
             sample_size=int(entry["sample_size"]),
             in_channels=int(entry["in_channels"]),
             guidance=float(entry["guidance"]),
-            scheduler=dict(entry["scheduler"]),
+            scheduler=read_scheduler(folder / entry["scheduler"]),
             default_steps=entry.get("default_steps"),
             noise_level=entry.get("noise_level"),
-            image_noising_scheduler=entry.get("image_noising_scheduler"),
+            image_noising_scheduler=read_scheduler(folder / noising) if noising else None,
         )
+
+
+def read_scheduler(folder: Path) -> dict:
+    path = folder / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{path} cannot be read ({exc}); export the model again") from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise EngineError(f"{path} names no scheduler class; export the model again")
+    return config
 
 
 class DeepFloydIFArchitecture(Architecture):
@@ -108,7 +124,7 @@ class DeepFloydIFArchitecture(Architecture):
 
     def __init__(self, manifest):
         super().__init__(manifest)
-        self.stages = [Stage.of(entry) for entry in self.config.get("stages") or ()]
+        self.stages = [Stage.of(entry, Path(manifest.folder)) for entry in self.config.get("stages") or ()]
         self.vae_scale_factor = 1  # pixel space
 
     def tokenizer_lengths(self) -> dict[str, int]:

@@ -120,6 +120,10 @@ def export_cascade(
         main.save_tokenizer(stage_1_pipe.tokenizer, tmp / "tokenizer")
         for folder in (tmp / "text_encoder", tmp / "unet", tmp / "stage_2" / "unet"):
             folder.mkdir(parents=True)
+        for folder, scheduler in schedulers(config).items():
+            (tmp / folder).mkdir(parents=True)
+            text = json.dumps(scheduler, indent=2, sort_keys=True) + "\n"
+            (tmp / folder / "scheduler_config.json").write_text(text)
         stage_1_pipe.text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
         stage_1_pipe.unet.save_config(str(tmp / "unet"))
         stage_2_pipe.unet.save_config(str(tmp / "stage_2" / "unet"))
@@ -152,6 +156,19 @@ def export_cascade(
         raise
     say(f"exported {src.spec} + {stage_2_src.spec} to {final} in {time.monotonic() - started:.1f}s")
     return final
+
+
+def schedulers(config: dict) -> dict[str, dict]:
+    """Each stage's scheduler configs by the folder the manifest names for them (``scheduler_config.json`` in it,
+    as every export keeps its scheduler); the stage entries keep the folder names."""
+    found = {}
+    for stage in config["stages"]:
+        for key in ("scheduler", "image_noising_scheduler"):
+            if isinstance(stage.get(key), dict):
+                folder = key if stage["stage"] == 1 else f"stage_{stage['stage']}/{key}"
+                found[folder] = stage[key]
+                stage[key] = folder
+    return found
 
 
 def _moved(entry: dict, folder: str) -> dict:
