@@ -55,8 +55,8 @@ class CascadePipeline:
             raise EngineError(
                 f"{self.folder} lacks {', '.join(missing) or 'its stages'}, which DeepFloyd IF needs; export it again"
             )
-        if skip:
-            raise EngineError(f"{', '.join(skip)} cannot be left out of DeepFloyd IF: its T5 conditions every stage")
+        if "text_encoder" in skip or "text_encoder_3" in skip:  # --no-t5
+            raise EngineError("DeepFloyd IF cannot run without its T5 encoder: it conditions every stage; drop --no-t5")
         self.phases = {"encode": ["text_encoder"], **{f"stage_{s.number}": [s.unet] for s in arch.stages}}
         self.memory = self.plan_memory(width, height, guidance=guidance, policy=policy, available_mb=available_mb)
         paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
