@@ -179,8 +179,14 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads)}")
 
 
-def print_stage_plan(stage, decision) -> None:
-    """A cascade's stage II line (DeepFloyd IF): its own steps and guidance; it upscales stage I's image."""
+def _stage_label(target: Target, stage: int) -> str:
+    """Where a cascade's later stage keeps its measured time per step (registry/timings.py)."""
+    return f"{target.label}#stage-{stage}"
+
+
+def print_stage_plan(stage, decision, target: Target, width, height, threads) -> None:
+    """A cascade's stage II line (DeepFloyd IF): its own steps and guidance (it upscales stage I's image), and
+    its estimate from its own measured time per step."""
     note = (
         "default" if decision.default else ("recommended" if decision.verdict == policy.OK else "outside recommended")
     )
@@ -189,6 +195,10 @@ def print_stage_plan(stage, decision) -> None:
         f"Stage II: {decision.steps} steps ({note}; recommended {lo}-{hi}, max useful {stage.max_useful_steps}), "
         f"guidance {stage.guidance}; upscales stage I's image (Size above)"
     )
+    per_step = timings.step_seconds(_stage_label(target, 2), width, height, threads)
+    if per_step is not None:
+        total = decision.steps * per_step
+        click.echo(f"          ≈ {policy.plural(decision.steps)} × {per_step:.2f} s/step = {total:.1f} s (measured)")
 
 
 def not_exported_message(target: Target) -> str:
@@ -529,7 +539,12 @@ def _run_generation(
     click.echo(f"saved {path}")
     prof = result.profile
     try:
-        timings.record(target.label, width, height, threads, prof["median_step_ms"], prof)
+        stages = prof.get("stages") or []
+        # a cascade: each stage's own time per step (the plan estimates each), stage I's under the model's label
+        main_ms = stages[0]["median_step_ms"] if stages else prof["median_step_ms"]
+        timings.record(target.label, width, height, threads, main_ms, prof)
+        for stage in stages[1:]:
+            timings.record(_stage_label(target, stage["stage"]), width, height, threads, stage["median_step_ms"])
     except OSError as exc:  # the image is saved: a timings file that cannot be written is not a failure
         click.echo(
             f"warning: the step time was not recorded in {timings.timings_path()} ({exc.strerror or exc})", err=True
@@ -677,7 +692,7 @@ def generate(
         click.echo(f"warning: {plan.warning}", err=True)
     print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
     if plan.decision_2 is not None:
-        print_stage_plan(m.stage(2), plan.decision_2)
+        print_stage_plan(m.stage(2), plan.decision_2, target, width, height, threads)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")

@@ -135,6 +135,10 @@ def test_cli_plans_fifty_refuses_ten_and_runs_the_cascade(exported, tmp_path):
     ran = stepwise(tmp_path, "generate", "a cat", "--model", "deepfloyd-if", *args)
     assert ran.returncode == 0, ran.stderr
     assert "Stage II: 2 steps" in ran.stdout and "stage 2 (32x32)" in ran.stdout
+    measured = json.loads((tmp_path / "timings.json").read_text())  # each stage's time per step, for the plan
+    assert any(k.startswith("deepfloyd-if#stage-2|16x16") for k in measured) and any(
+        k.startswith("deepfloyd-if|16x16") for k in measured
+    )
     with Image.open(tmp_path / "if.png") as png:
         assert png.size == (32, 32)
         assert png.text["steps"] == "3" and png.text["steps_2"] == "2" and png.text["guidance_2"] == "4.0"
