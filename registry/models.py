@@ -120,6 +120,7 @@ class Model:
             "parts": dict(self.parts),
             "scheduler": self.scheduler.get("_class_name"),
             "memory_mb": {fmt: _round(footprint.need_mb(self, fmt)) for fmt in footprint.FORMATS},
+            "stages": [dict(stage) for stage in self.stages],  # a cascade's later stages and their policies
         }
 
 
