@@ -5,6 +5,7 @@ Keyed by the registry's family name.
 """
 
 from .base import Architecture
+from .deepfloyd_if import DeepFloydIFArchitecture
 from .flux import FluxArchitecture
 from .qwen_image import QwenImageArchitecture
 from .sd3 import SD3Architecture
@@ -16,4 +17,8 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "sd3": SD3Architecture,
     "flux": FluxArchitecture,
     "qwen-image": QwenImageArchitecture,
+    "deepfloyd-if": DeepFloydIFArchitecture,  # a pixel-space cascade: engine/cascade.py runs it
 }
+
+# families whose exports are cascades of pixel-space stages, loaded by engine.cascade.CascadePipeline
+CASCADES = ("deepfloyd-if",)
