@@ -406,7 +406,7 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         "opset": max(opset, streaming.MIN_DYNAMO_OPSET),
         "weights": {
             "format": fmt,
-            "detail": weight_formats.describe(fmt),
+            "detail": weight_formats.describe(fmt, written.int8_convs),
             "linear_weights": written.formats,
             "int8_convs": written.int8_convs,
             "bf16_embeddings": written.bf16_embeddings,

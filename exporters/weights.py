@@ -43,10 +43,10 @@ MIN_SNR_DB = {
 }
 
 
-def describe(fmt: str) -> str:
+def describe(fmt: str, int8_convs: int = 0) -> str:
     if fmt == "fp32":
         return "fp32"
-    convs = "; convolutions int8 per output channel (DequantizeLinear)" if fmt == "int8" else ""
+    convs = "; convolutions int8 per output channel (DequantizeLinear)" if int8_convs else ""
     return (
         f"MatMulNBits {BITS[fmt]}-bit weights, block {BLOCK}, symmetric; accuracy level {ACCURACY_LEVEL} "
         f"(int8 activations){convs}; token embeddings bf16; other weights fp32"
