@@ -54,11 +54,11 @@ def assert_one_line_error(out, code, *needles):
         assert needle in errors[0], errors[0]
 
 
-def test_models_json_lists_all_twelve(tmp_path):
+def test_models_json_lists_all_fourteen(tmp_path):
     out, _ = run(["models", "--json"], tmp_path)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert len(rows) == 12
+    assert len(rows) == 14
     keys = {
         "id",
         "name",
