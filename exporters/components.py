@@ -429,6 +429,10 @@ def make(pipeline, name: str) -> Component:
             return sd3_transformer(pipeline.transformer)
         if cls == "FluxTransformer2DModel":
             return flux_transformer(pipeline.transformer)
+        if cls == "HiDreamImageTransformer2DModel":
+            from .hidream.transformer import transformer_component as hidream_transformer
+
+            return hidream_transformer(pipeline.transformer)
         if cls == "QwenImageTransformer2DModel":
             from .qwen_image.transformer import transformer_component
 

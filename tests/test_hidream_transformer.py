@@ -1,0 +1,92 @@
+"""HiDream-I1's transformer: the dense mixture-of-experts against diffusers' sparse one, the patch-token graph
+(numpy patchify/unpatchify around it) against diffusers' whole forward, and its ONNX export at other sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import backends, validate
+from exporters.hidream import moe, transformer
+
+# the dense form adds the experts in moe_infer's order, an unpicked one as 0 x out: equal to fp32 reordering
+MOE_ATOL = 1e-6
+# the whole transformer, ours (numpy patchify, dense MoE, our rotary spelling) against diffusers' forward
+FORWARD_ATOL = 1e-5
+
+
+def _moe_layer(seed: int, experts: int = 4, active: int = 2):
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    torch.manual_seed(seed)
+    layer = MOEFeedForwardSwiGLU(dim=32, hidden_dim=128, num_routed_experts=experts, num_activated_experts=active)
+    return layer.eval()
+
+
+@pytest.mark.parametrize(("experts", "active"), [(4, 2), (8, 2), (4, 1)])
+def test_dense_moe_equals_diffusers_sparse_moe(experts, active):
+    layer = _moe_layer(1, experts, active)
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 50, 32)).astype(np.float32))
+    with torch.no_grad():
+        sparse = layer(x)
+        dense = moe.dense_moe_forward(layer, x)
+        with moe.dense_moe():  # the patch the export runs under
+            patched = layer(x)
+        # a control that the comparison can fail: every expert weighted by its score, no top-k
+        scores = torch.nn.functional.linear(x.reshape(-1, 32), layer.gate.weight).softmax(-1)
+        everyone = sum(e(x.reshape(-1, 32)) * scores[:, i : i + 1] for i, e in enumerate(layer.experts))
+        everyone = everyone.view(x.shape) + layer.shared_experts(x)
+    np.testing.assert_allclose(dense.numpy(), sparse.numpy(), rtol=0, atol=MOE_ATOL)
+    np.testing.assert_array_equal(patched.numpy(), dense.numpy())
+    assert np.abs(everyone.numpy() - sparse.numpy()).max() > 1e-3
+    assert layer.forward.__func__ is not moe.dense_moe_forward  # the patch is undone
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return transformer.tiny_transformer(0, t5_dim=64, llama_dim=48, pooled_dim=64)
+
+
+@pytest.mark.parametrize(("height", "width"), [(24, 24), (24, 16), (16, 32)])
+def test_patch_token_forward_equals_diffusers(tiny, height, width):
+    """Square latents run unpadded; non-square ones padded to max_seq with a key mask, as diffusers does."""
+    rng = np.random.default_rng(height * width)
+    latents = rng.standard_normal((2, 16, height, width)).astype(np.float32)
+    t5 = rng.standard_normal((2, 10, 64)).astype(np.float32)
+    llama = rng.standard_normal((2, 2, 7, 48)).astype(np.float32)
+    pooled = rng.standard_normal((2, 64)).astype(np.float32)
+    timesteps = np.array([937.5, 20.0], np.float32)
+    with torch.no_grad():
+        reference = tiny(
+            hidden_states=torch.from_numpy(latents),
+            timesteps=torch.from_numpy(timesteps),
+            encoder_hidden_states_t5=torch.from_numpy(t5),
+            encoder_hidden_states_llama3=torch.from_numpy(llama),
+            pooled_embeds=torch.from_numpy(pooled),
+            return_dict=False,
+        )[0].numpy()
+    tokens, mask, ids = transformer.patch_tokens(latents, 2, transformer.max_seq(tiny.config))
+    assert tokens.shape[1] == (height * width // 4 if height == width else transformer.max_seq(tiny.config))
+    feeds = {
+        "hidden_states": tokens,
+        "hidden_states_masks": mask,
+        "img_ids": ids,
+        "timestep": timesteps,
+        "encoder_hidden_states_t5": t5,
+        "encoder_hidden_states_llama3": llama,
+        "pooled_embeds": pooled,
+    }
+    out = transformer.transformer_component(tiny).reference(feeds)["out_hidden_states"]
+    ours = transformer.unpatch_tokens(out, 2, height, width)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=FORWARD_ATOL)
+
+
+def test_transformer_exports_one_graph_for_every_size(tiny, tmp_path):
+    """Traced non-square at batch 2 (max_seq tokens), validated square at two other token counts and batches."""
+    component = transformer.transformer_component(tiny)
+    path = tmp_path / "transformer" / "model.onnx"
+    backends.TorchOnnx().export(component, path, 17)
+    result = validate.validate(component, path)
+    assert result["max_abs_diff"] <= result["tolerance"]
+    shapes = {tuple(s["hidden_states"]) for s in result["shapes"]}
+    assert shapes == {(1, 144, 64), (2, 64, 64)}
+    assert result["graph"]["inputs"]["hidden_states"]["shape"] == ["batch_size", "image_tokens", 64]
