@@ -408,13 +408,23 @@ def tokenizer_max_length(pipeline, encoder_name: str) -> int:
 
 
 def component_names(pipeline) -> list[str]:
-    names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipeline, n, None)]
+    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+    names = [n for n in encoders if getattr(pipeline, n, None)]
     names += [n for n in ("unet", "transformer") if getattr(pipeline, n, None) is not None]
     return [*names, "vae_encoder", "vae_decoder"]
 
 
 def make(pipeline, name: str) -> Component:
     """The Component ``name`` of a loaded diffusers pipeline."""
+    if name.startswith("text_encoder") and type(pipeline).__name__ == "HiDreamImagePipeline":
+        from .hidream import text
+
+        module = getattr(pipeline, name)
+        if name == "text_encoder_4":
+            return text.llama_component(name, module)
+        if name == "text_encoder_3":
+            return text.t5_component(name, module)
+        return text_encoder(name, module, text.CLIP_MAX_LENGTH)
     if name.startswith("text_encoder"):
         module = getattr(pipeline, name)
         return text_encoder(name, module, tokenizer_max_length(pipeline, name))

@@ -200,5 +200,5 @@ def tiny_transformer(seed: int, t5_dim: int, llama_dim: int, pooled_dim: int):
         num_activated_experts=2,
         axes_dims_rope=(4, 2, 2),
         max_resolution=(32, 32),
-        llama_layers=(0, 1),
+        llama_layers=(2, 1),  # into the tiny Llama's 3 layers: not in order, not from the first
     ).eval()
