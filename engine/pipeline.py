@@ -109,6 +109,8 @@ class Pipeline:
 
     def _plan(self, width, height, guidance, image, vae_tiling, policy, available_mb) -> MemoryPlan:
         batch = self.architecture.denoiser_batch(guidance)
+        if width is not None and height is not None:
+            width, height = self.architecture.image_size(width, height)
         return plan_memory(
             self.manifest,
             self.phases,
@@ -220,6 +222,11 @@ class Pipeline:
             width, height = start_image.width, start_image.height
         if width is None or height is None:
             raise EngineError("say the image size: width and height")
+        size_note = []
+        if (arch.image_size(width, height)) != (width, height):
+            asked = f"{width}x{height}"
+            width, height = arch.image_size(width, height)
+            size_note.append(f"{self.model_label} generates at one area: {asked} was rescaled to {width}x{height}")
         plan = self.plan_memory(
             width, height, guidance=guidance, image=start_image is not None, vae_tiling=vae_tiling
         )  # refuses, before anything runs, a size that does not fit
@@ -234,7 +241,7 @@ class Pipeline:
         negative_prompt = arch.negative_prompt_used(negative_prompt, guidance)
         bar.phase("encoding the prompt")
         cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
-        warnings = ignored + warnings
+        warnings = size_note + ignored + warnings
         if start_image is not None and sched.strength_in_schedule:  # LCM: strength shapes the schedule itself
             arch.set_timesteps(sched, steps, width, height, strength=start_image.strength)
         else:

@@ -23,6 +23,7 @@ def _token_text(token) -> str | None:
 class Tokens:
     ids: np.ndarray  # (1, max_length) int64; (1, tokens) when not padded
     truncated: bool
+    mask: np.ndarray | None = None  # (1, length) int64: 1 for the prompt's tokens, 0 for padding
 
 
 class PromptTokenizer:
@@ -52,7 +53,11 @@ class PromptTokenizer:
 
     def __call__(self, text: str) -> Tokens:
         encoding = self.tokenizer.encode(text)
-        return Tokens(np.asarray([encoding.ids], dtype=np.int64), truncated=bool(encoding.overflowing))
+        return Tokens(
+            np.asarray([encoding.ids], dtype=np.int64),
+            truncated=bool(encoding.overflowing),
+            mask=np.asarray([encoding.attention_mask], dtype=np.int64),
+        )
 
 
 def clip_from_slow_files(folder: Path, config: dict) -> Tokenizer:

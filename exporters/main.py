@@ -191,7 +191,8 @@ def export(
         try:
             # a pipeline whose big components were not loaded exports the rest with plain torch.onnx
             # optimum (2.1) has no Qwen-Image configs: its VAE is exported with plain torch.onnx too
-            plain = sources.has_meta(pipeline) or src.family == "qwen-image"
+            # and HiDream's four encoders and MoE transformer (optimum has no HiDream configs)
+            plain = sources.has_meta(pipeline) or src.family in ("qwen-image", "hidream")
             backend = backends.make(False if plain else use_optimum, pipeline)
         except Exception as exc:
             raise ExportError(
@@ -605,6 +606,8 @@ def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
     }
     if family == "qwen-image":
         config.update(_qwen_image_fields(pipeline, vae))
+    if family == "hidream":
+        config.update(_hidream_fields(pipeline))
     return config
 
 
@@ -644,6 +647,23 @@ def _qwen_image_fields(pipeline, vae: dict) -> dict:
     }
 
 
+def _hidream_fields(pipeline) -> dict:
+    """HiDreamImagePipeline's constants: its prompt windows, the area every request is rescaled to
+    (``default_sample_size`` latent pixels a side), and the transformer's token layout (non-square latents are
+    padded to ``max_seq`` tokens; ``llama_layers`` index the Llama states it takes)."""
+    from .hidream import text, transformer
+
+    cfg = pipeline.transformer.config
+    return {
+        "max_sequence_length": text.MAX_SEQUENCE_LENGTH,
+        "clip_max_length": text.CLIP_MAX_LENGTH,
+        "default_sample_size": int(pipeline.default_sample_size),
+        "max_seq": transformer.max_seq(cfg),
+        "llama_layers": [int(k) for k in cfg.llama_layers],
+        "llama_states": max(cfg.llama_layers) + 1,
+    }
+
+
 # QwenImagePipeline.__call__'s max_sequence_length default (its tokenizer window is 1024 + the dropped prefix)
 QWEN_MAX_SEQUENCE_LENGTH = 512
 
@@ -670,6 +690,8 @@ def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizer
     text = t5_tokens  # T5's window (zeros in its place without T5), then SD3 puts CLIP's before it
     if family == "qwen-image":  # the prompt's states, at most its window
         text = QWEN_MAX_SEQUENCE_LENGTH
+    if family == "hidream":  # T5's 128 tokens and two Llama layers' 128 each attend with the image
+        text = 3 * 128
     if family == "sd3":
         text += _max_length(tokenizers["tokenizer"]) or 77
     # FLUX packs 2x2 latent pixels into a token before its patch embedding (patch_size 1)

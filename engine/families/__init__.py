@@ -6,6 +6,7 @@ Keyed by the registry's family name.
 
 from .base import Architecture
 from .flux import FluxArchitecture
+from .hidream import HiDreamArchitecture
 from .qwen_image import QwenImageArchitecture
 from .sd3 import SD3Architecture
 from .unet import UNetArchitecture
@@ -16,4 +17,5 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "sd3": SD3Architecture,
     "flux": FluxArchitecture,
     "qwen-image": QwenImageArchitecture,
+    "hidream": HiDreamArchitecture,
 }
