@@ -41,6 +41,7 @@ from . import (
 from . import weights as weight_formats
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
+from .hidream import text as hidream_text
 
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
@@ -117,7 +118,12 @@ def export(
     unet_file = parts.fetch(unet_spec, "UNet") if unet_spec else None
     lora_file = parts.fetch(lora, "LoRA") if lora else None
     streamed = streaming.streamed_source(
-        src.family, src.kind, parts=bool(unet_file or lora_file), weights=weights, vae_weights=vae_weights
+        src.family,
+        src.kind,
+        parts=bool(unet_file or lora_file),
+        weights=weights,
+        vae_weights=vae_weights,
+        text_encoder_weights=text_encoder_weights,
     )
     if (unet_file or lora_file) and src.kind != "tiny" and src.family in streaming.STREAMED_FAMILIES:
         raise ExportError(
@@ -146,8 +152,8 @@ def export(
     unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
     if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _big_text_encoders(pipeline)):
         raise ExportError(
-            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX) and Qwen2.5-VL "
-            f"(Qwen-Image), which {src.spec} does not have; export without it"
+            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX, HiDream), Qwen2.5-VL "
+            f"(Qwen-Image) and Llama-3.1 (HiDream), which {src.spec} does not have; export without it"
         )
     if vae_weights != "fp32" and not unet_pipeline:
         raise ExportError(
@@ -310,7 +316,13 @@ class _Rewrite:
 
 
 # text encoders big enough for --text-encoder-weights (T5-XXL 4.8 B, Qwen2.5-VL 8.3 B parameters)
-BIG_TEXT_ENCODERS = ("T5EncoderModel", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLTextModel")
+BIG_TEXT_ENCODERS = (
+    "T5EncoderModel",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLTextModel",
+    "LlamaForCausalLM",  # HiDream's Llama-3.1-8B (the component's module is its LlamaModel)
+    "LlamaModel",
+)
 
 
 def _big_text_encoders(pipeline) -> list:
@@ -378,6 +390,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None
     if component.kind == qwen_image.TEXT_KIND:  # the checkpoint names the language model's tensors its own way
         checkpoint = qwen_image.TextWeights(checkpoint)
+    if component.kind == hidream_text.LLAMA_KIND:  # LlamaForCausalLM's checkpoint: model.layers.N...
+        checkpoint = hidream_text.LlamaWeights(checkpoint)
     bar = _Bar(say if params > BIG_COMPONENT else None, f"writing {name} ({_count(params)} parameters, {fmt})")
     try:
         say(f"exporting {name}: tracing on the meta device (no weights in memory)")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.families import hidream
 from exporters import backends, validate
 from exporters.hidream import moe, transformer
 
@@ -48,11 +49,12 @@ def tiny():
 
 @pytest.mark.parametrize(("height", "width"), [(24, 24), (24, 16), (16, 32)])
 def test_patch_token_forward_equals_diffusers(tiny, height, width):
-    """Square latents run unpadded; non-square ones padded to max_seq with a key mask, as diffusers does."""
+    """The engine's patch tokens through the graph's forward equal diffusers' forward on the latents: square
+    latents unpadded, non-square ones padded to max_seq with a key mask, as diffusers does."""
     rng = np.random.default_rng(height * width)
     latents = rng.standard_normal((2, 16, height, width)).astype(np.float32)
     t5 = rng.standard_normal((2, 10, 64)).astype(np.float32)
-    llama = rng.standard_normal((2, 2, 7, 48)).astype(np.float32)
+    llama = rng.standard_normal((3, 2, 7, 48)).astype(np.float32)  # the tiny's llama_layers index 3 layers
     pooled = rng.standard_normal((2, 64)).astype(np.float32)
     timesteps = np.array([937.5, 20.0], np.float32)
     with torch.no_grad():
@@ -64,7 +66,7 @@ def test_patch_token_forward_equals_diffusers(tiny, height, width):
             pooled_embeds=torch.from_numpy(pooled),
             return_dict=False,
         )[0].numpy()
-    tokens, mask, ids = transformer.patch_tokens(latents, 2, transformer.max_seq(tiny.config))
+    tokens, mask, ids = hidream.patch_tokens(latents, 2, transformer.max_seq(tiny.config))  # the engine's
     assert tokens.shape[1] == (height * width // 4 if height == width else transformer.max_seq(tiny.config))
     feeds = {
         "hidden_states": tokens,
@@ -76,7 +78,7 @@ def test_patch_token_forward_equals_diffusers(tiny, height, width):
         "pooled_embeds": pooled,
     }
     out = transformer.transformer_component(tiny).reference(feeds)["out_hidden_states"]
-    ours = transformer.unpatch_tokens(out, 2, height, width)
+    ours = hidream.unpatch_tokens(out, 2, height, width)
     np.testing.assert_allclose(ours, reference, rtol=0, atol=FORWARD_ATOL)
 
 
@@ -90,3 +92,21 @@ def test_transformer_exports_one_graph_for_every_size(tiny, tmp_path):
     shapes = {tuple(s["hidden_states"]) for s in result["shapes"]}
     assert shapes == {(1, 144, 64), (2, 64, 64)}
     assert result["graph"]["inputs"]["hidden_states"]["shape"] == ["batch_size", "image_tokens", 64]
+
+
+def test_reduced_depth_plan_keeps_each_blocks_llama_layer_and_projection():
+    """Validation at reduced depth (a 17B transformer is not held in PyTorch) keeps the first double- and the
+    first single-stream block: each must read the Llama layer and caption projection it reads in the full model,
+    and T5's projection stays the last."""
+    from exporters import reduced
+
+    full = transformer.tiny_transformer(0, t5_dim=64, llama_dim=48, pooled_dim=64)
+    full.register_to_config(num_layers=3, num_single_layers=2, llama_layers=[4, 3, 2, 1, 0])
+    config, remap, what = reduced.hidream_plan(full)
+    assert (config["num_layers"], config["num_single_layers"]) == (1, 1)
+    assert config["llama_layers"] == [4, 1]  # block 0 and block 3 (the first single-stream one)
+    assert remap("caption_projection.0.linear.weight") == "caption_projection.0.linear.weight"
+    assert remap("caption_projection.1.linear.weight") == "caption_projection.3.linear.weight"
+    assert remap("caption_projection.2.linear.weight") == "caption_projection.5.linear.weight"  # T5's
+    assert remap("single_stream_blocks.0.block.attn1.to_q.weight") == "single_stream_blocks.0.block.attn1.to_q.weight"
+    assert "double_stream_blocks [0] of 3" in what and "single_stream_blocks [0] of 2" in what

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .moe import dense_moe, dense_moe_forward
-from .transformer import max_seq, patch_tokens, tiny_transformer, transformer_component, unpatch_tokens
+from .transformer import max_seq, patch_tokens, tiny_transformer, transformer_component
 
 __all__ = [
     "dense_moe",
@@ -12,5 +12,4 @@ __all__ = [
     "patch_tokens",
     "tiny_transformer",
     "transformer_component",
-    "unpatch_tokens",
 ]

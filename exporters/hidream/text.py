@@ -97,9 +97,17 @@ def tiny_llama(seed: int, vocab_size: int):
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=131072,  # Llama-3.1's (rotary: no table of that size)
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
+        # Llama-3.1's frequency scaling (meta-llama/Llama-3.1-8B-Instruct's config.json)
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -132,11 +140,51 @@ def _llama_forward(model, input_ids, attention_mask):
     import torch
 
     seq = input_ids.shape[1]
-    positions = torch.arange(seq)
+    positions = torch.arange(seq, device=input_ids.device)
     causal = positions[None, :] <= positions[:, None]  # (query, key)
     allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
     out = model(input_ids=input_ids, attention_mask=allowed, output_hidden_states=True, use_cache=False)
     return (torch.stack(out.hidden_states[1:], dim=0),)
+
+
+def _traceable_rope(rope) -> None:
+    """Give ``rope`` (a ``LlamaRotaryEmbedding``) a forward without the ``torch.autocast`` block of transformers'
+    one, which cannot be entered on the meta device the streaming exporter traces on; the same arithmetic in
+    fp32. Llama-3.1's "llama3" scaling only changes ``inv_freq`` (a buffer, computed once), not the forward.
+    Only the meta module being traced gets it: validation compares with transformers' own forward."""
+    import types
+
+    import torch
+
+    if getattr(rope, "rope_type", "default") not in ("default", "llama3"):
+        raise TypeError(f"no ONNX export for Llama rope type {rope.rope_type!r}")
+
+    def forward(self, x, position_ids):
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    rope.forward = types.MethodType(forward, rope)
+
+
+_LLAMA_WRAPPER = None
+
+
+def _llama_wrapper_class():
+    """The traced module around the Llama model (built when first needed: it imports torch)."""
+    global _LLAMA_WRAPPER
+    if _LLAMA_WRAPPER is None:
+
+        class LlamaStatesWrapper(_wrapper(_llama_forward)):
+            def __init__(self, module):
+                super().__init__(module)
+                if any(p.is_meta for p in module.parameters()):  # the streamed trace
+                    _traceable_rope(module.rotary_emb)
+
+        _LLAMA_WRAPPER = LlamaStatesWrapper
+    return _LLAMA_WRAPPER
 
 
 def llama_component(name: str, module) -> Component:
@@ -152,7 +200,7 @@ def llama_component(name: str, module) -> Component:
         },
         outputs={"hidden_states": {1: "batch_size", 2: "sequence_length"}},
         make_inputs=lambda case: _masked_inputs(name, vocab, case),
-        wrapper=_wrapper(_llama_forward)(model).eval(),
+        wrapper=_llama_wrapper_class()(model).eval(),
         rebuild=lambda other: llama_component(name, other),
     )
 
@@ -174,3 +222,29 @@ def t5_component(name: str, module) -> Component:
         wrapper=_wrapper(_t5_forward)(module).eval(),
         rebuild=lambda other: t5_component(name, other),
     )
+
+
+class LlamaWeights:
+    """A ``LlamaForCausalLM`` checkpoint (``model.layers.0...``, ``lm_head``) seen under its ``LlamaModel``'s
+    names (``layers.0...``): what ``streaming.export`` and ``reduced.check`` read. A name it lacks is looked up
+    as it is, so a ``LlamaModel`` saved alone reads too, and a missing one is reported missing."""
+
+    PREFIXES = ("model.", "")
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def _name(self, name: str) -> str:
+        return next((p + name for p in self.PREFIXES if p + name in self.checkpoint), name)
+
+    def __contains__(self, name: str) -> bool:
+        return self._name(name) in self.checkpoint
+
+    def params(self) -> int:
+        return self.checkpoint.params()
+
+    def array(self, name: str) -> np.ndarray:
+        return self.checkpoint.array(self._name(name))
+
+    def close(self) -> None:
+        self.checkpoint.close()

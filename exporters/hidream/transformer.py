@@ -25,7 +25,8 @@ TEXT_TOKENS = {"export": (16, 12), "a": (128, 128), "b": (9, 21)}
 
 
 def patch_tokens(latents: np.ndarray, patch: int, max_seq: int):
-    """``HiDreamImageTransformer2DModel.patchify`` in numpy: (tokens (B, S, p*p*C), key mask (B, S), ids (S, 3))
+    """The validation inputs' layout (the engine's is engine/families/hidream.py, tested against diffusers):
+    ``HiDreamImageTransformer2DModel.patchify`` in numpy: (tokens (B, S, p*p*C), key mask (B, S), ids (S, 3))
     with S = h*w/p^2 for a square latent and ``max_seq`` (zero-padded) otherwise."""
     b, c, h, w = latents.shape
     ph, pw = h // patch, w // patch
@@ -59,7 +60,8 @@ def _forward(model, hidden_states, hidden_states_masks, img_ids, timesteps, t5, 
         states.append(model.caption_projection[-1](t5).view(batch, -1, dim))
 
         ids = img_ids.unsqueeze(0).expand(batch, -1, -1)
-        txt_ids = torch.zeros(batch, states[-1].shape[1] + states[-2].shape[1] + states[0].shape[1], 3)
+        text_tokens = states[-1].shape[1] + states[-2].shape[1] + states[0].shape[1]
+        txt_ids = torch.zeros(batch, text_tokens, 3, device=ids.device)  # the device: meta when streamed
         rotary = _rotary(model.pe_embedder, torch.cat((ids, txt_ids.to(ids.dtype)), dim=1))
 
         block_id = 0
@@ -80,7 +82,8 @@ def _forward(model, hidden_states, hidden_states_masks, img_ids, timesteps, t5, 
         hidden_states = torch.cat([hidden_states, initial], dim=1)
         joint_len = hidden_states.shape[1]
         llama_len = states[0].shape[1]
-        masks = torch.cat([hidden_states_masks, torch.ones(batch, initial_len + llama_len)], dim=1)
+        text_mask = torch.ones(batch, initial_len + llama_len, device=hidden_states_masks.device)
+        masks = torch.cat([hidden_states_masks, text_mask], dim=1)
         for block in model.single_stream_blocks:
             hidden_states = torch.cat([hidden_states, states[block_id]], dim=1)
             hidden_states = block(
@@ -100,7 +103,7 @@ def _rope(pos, dim: int, theta: int):
     positions with float64 frequencies, which torch promotes and ONNX's Einsum refuses. The same numbers."""
     import torch
 
-    scale = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
     omega = 1.0 / (theta**scale)
     batch, seq = pos.shape
     out = pos.to(torch.float64)[..., None] * omega
@@ -168,15 +171,6 @@ def transformer_component(module) -> Component:
         wrapper=_wrapper(_forward)(module).eval(),
         rebuild=transformer_component,
     )
-
-
-def unpatch_tokens(tokens: np.ndarray, patch: int, height: int, width: int) -> np.ndarray:
-    """``unpatchify`` (inference branch) in numpy: the first h*w/p^2 tokens back to (B, C, h, w)."""
-    b = tokens.shape[0]
-    ph, pw = height // patch, width // patch
-    c = tokens.shape[-1] // (patch * patch)
-    t = tokens[:, : ph * pw].reshape(b, ph, pw, patch, patch, c)
-    return t.transpose(0, 5, 1, 3, 2, 4).reshape(b, c, ph * patch, pw * patch)
 
 
 def tiny_transformer(seed: int, t5_dim: int, llama_dim: int, pooled_dim: int):
