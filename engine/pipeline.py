@@ -72,6 +72,9 @@ class Pipeline:
             raise EngineError(
                 f"{self.folder} lacks {', '.join(missing)}, which a {family} model needs; export the model again"
             )
+        needed = [n for n in skip if arch.components.get(n)]
+        if needed:  # --no-t5 leaves SD 3's optional T5 out; other families cannot run without theirs
+            raise EngineError(f"a {family} model cannot run without its {needed[0]}; run without --no-t5")
         text = [n for n in arch.text_components if n in present and n not in skip]
         self.phases = {
             "encode": text,

@@ -137,6 +137,12 @@ def export(
     with backends.quiet():
         pipeline = sources.load(src, streamed=streamed)
     _check_policy(model, src, pipeline)
+    if src.family == "hidream" and getattr(pipeline, "text_encoder_4", None) is None:
+        raise ExportError(
+            f"{src.spec} has no text_encoder_4 (HiDream's Llama-3.1-8B-Instruct, which its hub repos leave out); "
+            f"put meta-llama/Llama-3.1-8B-Instruct in the folder as text_encoder_4/ and tokenizer_4/, list them in "
+            f"model_index.json, and export the folder"
+        )
     if unet_file:
         say(f"applying UNet weights {unet_spec}")
         parts.apply_unet(pipeline, unet_file)

@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):
 
 
 def test_unsupported_family_says_so(tmp_path):
-    out, _ = run(["generate", "a cat", "--model", "hidream-i1"], tmp_path)
+    out, _ = run(["generate", "a cat", "--model", "deepfloyd-if"], tmp_path)
     assert_one_line_error(out, 1, "no Stepwise engine yet")
 
 
@@ -156,7 +156,7 @@ def test_estimate_uses_measured_step_time(tmp_path):
 
 def test_interactive_enter_takes_the_default(tmp_path):
     out, _ = run([], tmp_path, stdin="\na cat\n\n")  # Enter at the menu: SDXL Turbo, as the guide shows
-    assert "Select model [1-12, Enter = 1]:" in out.stdout
+    assert "Select model [1-14, Enter = 1]:" in out.stdout
     # said before the prompt is asked, not found out after the dialogue
     assert out.stdout.index("note: SDXL Turbo is not exported") < out.stdout.index("Enter prompt:")
     assert "Enter prompt:" in out.stdout

@@ -77,7 +77,7 @@ def test_model_of_another_family():
 
 def test_unknown_and_unexportable_models():
     assert "known models" in export_error("tiny:sd15", model_id="sd9")
-    assert "cannot export" in export_error("tiny:sd15", model_id="hidream-i1")
+    assert "cannot export" in export_error("tiny:sd15", model_id="deepfloyd-if")
 
 
 @pytest.mark.parametrize(

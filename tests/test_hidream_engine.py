@@ -32,7 +32,7 @@ def reference():
 @pytest.fixture(scope="module")
 def folder(exported_tiny, tmp_path_factory):
     """The tiny export, and copies of it carrying Dev's and Fast's scheduler configs."""
-    full = exported_tiny("hidream-i1")
+    full = exported_tiny("hidream-i1", weights="fp32", text_encoder_weights="fp32")
     folders = {"hidream-i1": full}
     for model_id in ("hidream-i1-dev", "hidream-i1-fast"):
         copy = tmp_path_factory.mktemp(model_id) / "export"
@@ -110,3 +110,9 @@ def test_engine_matches_hidream_pipeline(folder, reference, model_id, guidance, 
     diff = np.abs(ours.astype(int) - expected.astype(int)).max()
     assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
     assert expected.std() > 5  # a flat image would match anything flat
+
+
+def test_t5_cannot_be_left_out(folder):
+    """--no-t5 is SD 3's (zeros in T5's place); HiDream's transformer reads T5's states: refused, one line."""
+    with pytest.raises(engine.EngineError, match="cannot run without its text_encoder_3"):
+        engine.load_pipeline(folder["hidream-i1"], threads=1, skip=("text_encoder_3",))
