@@ -116,3 +116,19 @@ def test_t5_cannot_be_left_out(folder):
     """--no-t5 is SD 3's (zeros in T5's place); HiDream's transformer reads T5's states: refused, one line."""
     with pytest.raises(engine.EngineError, match="cannot run without its text_encoder_3"):
         engine.load_pipeline(folder["hidream-i1"], threads=1, skip=("text_encoder_3",))
+
+
+def test_memory_estimate_counts_the_padded_tokens_of_a_non_square_latent():
+    """diffusers pads a non-square latent to max_seq tokens (4096 at full size): 1344x768 costs what 1024² does."""
+    from types import SimpleNamespace
+
+    from engine import memory
+
+    layout = {"stride": 2, "heads": 20, "joint_tokens": 384, "width": 2560}
+    manifest = SimpleNamespace(
+        config={"vae_scale_factor": 8, "denoiser_attention": layout, "max_seq": 4096},
+        components={"transformer": {"fusion": {"multi_head_attention": 48}}},
+    )
+    square = memory.activation_mb(manifest, "transformer", 1024, 1024, batch=2)
+    assert memory.activation_mb(manifest, "transformer", 1344, 768, batch=2) == square  # 84x48 tokens padded
+    assert memory.activation_mb(manifest, "transformer", 512, 512, batch=2) < square  # square: its own tokens
