@@ -41,7 +41,11 @@ class Source:
 
 
 def _supported() -> str:
-    return ", ".join(f"{cls} ({fam})" for cls, fam in PIPELINE_FAMILIES.items())
+    """The pipeline classes by family, without their common "Pipeline" suffix: the list outgrew one line."""
+    by_family: dict[str, list[str]] = {}
+    for cls, fam in PIPELINE_FAMILIES.items():
+        by_family.setdefault(fam, []).append(cls.removesuffix("Pipeline"))
+    return "; ".join(f"{fam}: {', '.join(classes)}" for fam, classes in by_family.items()) + " (…Pipeline)"
 
 
 def _family_from_index(index: dict, where: str) -> tuple[str, str]:

@@ -57,7 +57,11 @@ def test_pipeline_class_stepwise_cannot_export(tmp_path):
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     message = export_error(str(folder))
-    assert "KandinskyV22Pipeline" in message and "StableDiffusionXLPipeline (sdxl)" in message
+    assert (
+        "KandinskyV22Pipeline" in message
+        and "sdxl: StableDiffusionXL" in message
+        and "hidream: HiDreamImage" in message
+    )
 
 
 def test_unknown_tiny_family():
