@@ -179,6 +179,28 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads)}")
 
 
+def _stage_label(target: Target, stage: int) -> str:
+    """Where a cascade's later stage keeps its measured time per step (registry/timings.py)."""
+    return f"{target.label}#stage-{stage}"
+
+
+def print_stage_plan(stage, decision, target: Target, width, height, threads) -> None:
+    """A cascade's stage II line (DeepFloyd IF): its own steps and guidance (it upscales stage I's image), and
+    its estimate from its own measured time per step."""
+    note = (
+        "default" if decision.default else ("recommended" if decision.verdict == policy.OK else "outside recommended")
+    )
+    lo, hi = stage.recommended_steps
+    click.echo(
+        f"Stage II: {decision.steps} steps ({note}; recommended {lo}-{hi}, max useful {stage.max_useful_steps}), "
+        f"guidance {stage.guidance}; upscales stage I's image (Size above)"
+    )
+    per_step = timings.step_seconds(_stage_label(target, 2), width, height, threads)
+    if per_step is not None:
+        total = decision.steps * per_step
+        click.echo(f"          ≈ {policy.plural(decision.steps)} × {per_step:.2f} s/step = {total:.1f} s (measured)")
+
+
 def not_exported_message(target: Target) -> str:
     m, fam = target.model, target.family
     if Path(m.id).is_dir():  # a folder named like the id is not the model: a path must say so
@@ -375,8 +397,22 @@ def _memory_column(memory: dict) -> str:
     "(Qwen-Image): int8/int4 = block-wise MatMulNBits weights (T5-XXL 9.5 GB fp32 → 5 / 2.7 GB).",
 )
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
+@click.option("--stage-2", "stage_2", help="A cascade's stage II, folder or hub repo (DeepFloyd IF: IF-II).")
+@click.option("--stage-3", "stage_3", help="A cascade's stage III (DeepFloyd IF's x4 upscaler): not supported yet.")
 def export_cmd(
-    source, model_id, out, unet, lora, lora_scale, no_optimum, weights, vae_weights, text_encoder_weights, no_fuse
+    source,
+    model_id,
+    out,
+    unet,
+    lora,
+    lora_scale,
+    no_optimum,
+    weights,
+    vae_weights,
+    text_encoder_weights,
+    no_fuse,
+    stage_2,
+    stage_3,
 ):
     """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once.
 
@@ -409,6 +445,8 @@ def export_cmd(
             vae_weights=vae_weights,
             text_encoder_weights=text_encoder_weights,
             fuse=not no_fuse,
+            stage_2=stage_2,
+            stage_3=stage_3,
             progress=lambda line: click.echo(line, err=True),
         )
     except exporters.ExportError as exc:
@@ -448,6 +486,7 @@ def _run_generation(
     profile,
     profile_json,
     vae_tiling=False,
+    steps_2=None,
 ):
     import engine
 
@@ -470,7 +509,9 @@ def _run_generation(
         if sys.stderr.isatty():
             click.echo("\r\033[K", err=True, nl=False)
         click.echo(f"Memory:   {pipe.memory.describe()}")
+        cascade = {"steps_2": steps_2} if steps_2 is not None else {}
         result = pipe.generate(
+            **cascade,
             prompt=prompt,
             negative_prompt=negative,
             steps=steps,
@@ -498,7 +539,12 @@ def _run_generation(
     click.echo(f"saved {path}")
     prof = result.profile
     try:
-        timings.record(target.label, width, height, threads, prof["median_step_ms"], prof)
+        stages = prof.get("stages") or []
+        # a cascade: each stage's own time per step (the plan estimates each), stage I's under the model's label
+        main_ms = stages[0]["median_step_ms"] if stages else prof["median_step_ms"]
+        timings.record(target.label, width, height, threads, main_ms, prof)
+        for stage in stages[1:]:
+            timings.record(_stage_label(target, stage["stage"]), width, height, threads, stage["median_step_ms"])
     except OSError as exc:  # the image is saved: a timings file that cannot be written is not a failure
         click.echo(
             f"warning: the step time was not recorded in {timings.timings_path()} ({exc.strerror or exc})", err=True
@@ -533,6 +579,7 @@ def _read_latents(latents_file):
 @click.argument("prompt", required=False)
 @click.option("--model", "model_spec", help="Registry id, menu number or exported folder [default: sdxl-turbo].")
 @click.option("--steps", type=int, help="Denoising steps [default: the model's].")
+@click.option("--steps-2", "steps_2", type=int, help="DeepFloyd IF: stage II's steps [default: its own, 50].")
 @click.option("--guidance", type=float, help="Guidance scale [default: the model's].")
 @click.option("--seed", type=int, help="Random seed [default: random, printed].")
 @click.option("--width", type=int)
@@ -578,6 +625,7 @@ def generate(
     prompt,
     model_spec,
     steps,
+    steps_2,
     guidance,
     seed,
     width,
@@ -628,6 +676,7 @@ def generate(
             inpaint=start is not None and start.mask is not None,
             strength=start.strength if start else None,
             threads=threads,
+            steps_2=steps_2,
         )
     except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
         _fail(str(exc), 2)
@@ -642,6 +691,8 @@ def generate(
     if plan.warning and not interactive:
         click.echo(f"warning: {plan.warning}", err=True)
     print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
+    if plan.decision_2 is not None:
+        print_stage_plan(m.stage(2), plan.decision_2, target, width, height, threads)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
@@ -670,6 +721,7 @@ def generate(
         profile=profile,
         profile_json=profile_json,
         vae_tiling=vae_tiling,
+        steps_2=plan.decision_2.steps if plan.decision_2 is not None else None,
     )
 
 

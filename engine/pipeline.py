@@ -21,7 +21,7 @@ from registry.verify import verify
 
 from . import img2img, sampling
 from .errors import EngineError
-from .families import ARCHITECTURES
+from .families import ARCHITECTURES, CASCADES
 from .loader import Sessions
 from .memory import MemoryPlan, plan_memory
 from .profile import Profiler, StepBar
@@ -63,6 +63,8 @@ class Pipeline:
         family = self.manifest.family
         if family not in ARCHITECTURES:
             raise EngineError(f"{self.folder} holds a {family} model, which has no Stepwise engine yet")
+        if family in CASCADES:
+            raise EngineError(f"{self.folder} holds a {family} cascade; load it with engine.load_pipeline")
         arch = ARCHITECTURES[family](self.manifest)
         self.architecture = arch
         present = self.manifest.components
@@ -335,6 +337,22 @@ def load_pipeline(
     plan is made for (see ``Pipeline``)."""
     if folder is None:
         raise EngineError("no exported model given; export one with `stepwise export`")
+    try:
+        family = manifest_format.read(folder, check_files=False).family
+    except manifest_format.ManifestError:
+        family = None  # Pipeline reads it again and says what is wrong
+    if family in CASCADES:
+        from .cascade import CascadePipeline
+
+        return CascadePipeline(
+            Path(folder),
+            threads=threads,
+            skip=skip,
+            available_mb=available_mb,
+            policy=policy,
+            graph_factory=graph_factory,
+            **generation,
+        )
     return Pipeline(
         Path(folder),
         threads=threads,

@@ -59,16 +59,24 @@ class Profiler:
 
 
 def format_profile(p: dict) -> str:
-    lines = [f"{'step':>4}  {'timestep':>10}  {'sigma':>8}  {'denoiser ms':>11}  {'scheduler ms':>12}"]
+    staged = any("stage" in s for s in p["steps"])  # a cascade (DeepFloyd IF): each row says its stage
+    head = f"{'stage':>5}  " if staged else ""
+    lines = [f"{head}{'step':>4}  {'timestep':>10}  {'sigma':>8}  {'denoiser ms':>11}  {'scheduler ms':>12}"]
     for s in p["steps"]:
         sigma = "-" if s["sigma"] is None else f"{s['sigma']:.4f}"
+        stage = f"{s.get('stage', ''):>5}  " if staged else ""
         lines.append(
-            f"{s['index']:>4}  {s['timestep']:>10.3f}  {sigma:>8}  {s['denoiser_ms']:>11.1f}  "
+            f"{stage}{s['index']:>4}  {s['timestep']:>10.3f}  {sigma:>8}  {s['denoiser_ms']:>11.1f}  "
             f"{s['scheduler_ms']:>12.2f}"
+        )
+    for stage in p.get("stages") or ():
+        lines.append(
+            f"stage {stage['stage']} ({stage['size']})  {stage['steps']} steps, "
+            f"median {stage['median_step_ms'] / 1000:.3f} s/step, {stage['total_ms'] / 1000:.2f} s"
         )
     lines += [
         f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
-        f"VAE decode         {p['vae_decode_ms']:>10.1f} ms",
+        *([f"VAE decode         {p['vae_decode_ms']:>10.1f} ms"] if not p.get("stages") else []),
         *([f"VAE encode         {p['vae_encode_ms']:>10.1f} ms"] if p.get("vae_encode_ms") else []),
         f"model load         {p['load_ms']:>10.1f} ms",
         f"total              {p['total_ms']:>10.1f} ms",

@@ -33,7 +33,8 @@ class TextEncoder:
     def __call__(self, text: str) -> Encoded:
         tokens = self.tokenizer(text)
         wanted = ["last_hidden_state"] + [n for n in (self.penultimate_name, self.pooled_name) if n]
-        out = self.graph(outputs=wanted, input_ids=tokens.ids)
+        # a graph that takes the mask gets it (DeepFloyd IF's T5); the others ignore it
+        out = self.graph(outputs=wanted, input_ids=tokens.ids, attention_mask=tokens.mask)
         return Encoded(
             last_hidden=out["last_hidden_state"],
             penultimate=out.get(self.penultimate_name) if self.penultimate_name else None,

@@ -23,7 +23,7 @@ def _token_text(token) -> str | None:
 class Tokens:
     ids: np.ndarray  # (1, max_length) int64; (1, tokens) when not padded
     truncated: bool
-    mask: np.ndarray | None = None  # (1, length) int64: 1 for the prompt's tokens, 0 for padding
+    mask: np.ndarray | None = None  # (1, len(ids)) int64: 1 for the text's tokens, 0 for padding
 
 
 class PromptTokenizer:

@@ -29,6 +29,8 @@ def export(
     vae_weights: str = "fp32",
     text_encoder_weights: str | None = None,
     fuse: bool = True,
+    stage_2: str | None = None,
+    stage_3: str | None = None,
     progress=print,
 ):
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to a validated ONNX folder.
@@ -46,6 +48,8 @@ def export(
     ``vae_weights``: the VAE decoder's, ``fp32`` or ``int8`` (static int8 convolutions calibrated on the
     pipeline's own sampled latents; UNet pipelines);
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
+    ``stage_2``/``stage_3``: a cascade's later stages, folders or hub repos (DeepFloyd IF: SOURCE is stage I,
+    ``stage_2`` its IFSuperResolutionPipeline; stage III is not supported yet);
     ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
     Raises ExportError, one line naming the problem and the fix.
     """
@@ -64,6 +68,8 @@ def export(
         vae_weights=vae_weights,
         text_encoder_weights=text_encoder_weights,
         fuse=fuse,
+        stage_2=stage_2,
+        stage_3=stage_3,
         progress=progress,
     )
 

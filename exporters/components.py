@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from registry.pipelines import MASKED_TEXT_PIPELINES
+
 # latent (height, width) per case: "export" is what the torch.onnx path traces with (batch 2,
 # height != width); validation runs "a" and "b". All multiples of 8, so they fit any VAE/UNet depth.
 LATENT_CASES = {"export": (2, 24, 16), "a": (1, 32, 24), "b": (2, 16, 40)}
@@ -106,7 +108,13 @@ def _t5_forward(model, input_ids):
     return (model(input_ids=input_ids, return_dict=True).last_hidden_state,)
 
 
-def text_encoder(name: str, module, max_length: int) -> Component:
+def _t5_masked_forward(model, input_ids, attention_mask):
+    return (model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state,)
+
+
+def text_encoder(name: str, module, max_length: int, *, attention_mask: bool = False) -> Component:
+    """``attention_mask``: the graph takes the tokenizer's mask too, as DeepFloyd IF's pipelines pass it to T5
+    (the padding is masked out of attention; SD 3 and FLUX run T5 on the padded ids alone)."""
     cls = type(module).__name__
     if cls in ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLTextModel"):  # Qwen-Image: the language model
         from .qwen_image.text import text_encoder_component
@@ -127,7 +135,8 @@ def text_encoder(name: str, module, max_length: int) -> Component:
         vocab = module.config.vocab_size
         eos = vocab - 1  # CLIP's <|endoftext|>, the largest id: what the pooling looks for
     elif cls == "T5EncoderModel":
-        kind, outputs, forward = "t5-encoder", {"last_hidden_state": dict(batch_seq)}, _t5_forward
+        kind, outputs = "t5-encoder", {"last_hidden_state": dict(batch_seq)}
+        forward = _t5_masked_forward if attention_mask else _t5_forward
         vocab, eos = module.config.vocab_size, module.config.eos_token_id
     else:
         raise TypeError(f"no ONNX export for text encoder class {cls}")
@@ -137,21 +146,27 @@ def text_encoder(name: str, module, max_length: int) -> Component:
         seq = seq or max_length
         rng = np.random.default_rng(_stable_seed(name, case))
         ids = rng.integers(3, max(vocab - 1, 4), size=(batch, seq), dtype=np.int64)
+        mask = np.ones((batch, seq), dtype=np.int64)
         for row in range(batch):  # a prompt: tokens, one end-of-text, then padding
             end = int(rng.integers(1, seq))
             ids[row, end] = eos
             ids[row, end + 1 :] = eos if kind != "t5-encoder" else 0
-        return {"input_ids": ids}
+            if attention_mask:
+                mask[row, end + 1 :] = 0
+        return {"input_ids": ids, "attention_mask": mask} if attention_mask else {"input_ids": ids}
 
+    inputs = {"input_ids": dict(batch_seq)}
+    if attention_mask:
+        inputs["attention_mask"] = dict(batch_seq)
     return Component(
         name=name,
         kind=kind,
         module=module,
-        inputs={"input_ids": dict(batch_seq)},
+        inputs=inputs,
         outputs=outputs,
         make_inputs=make_inputs,
         wrapper=_wrapper(forward)(module).eval(),
-        rebuild=lambda other: text_encoder(name, other, max_length),
+        rebuild=lambda other: text_encoder(name, other, max_length, attention_mask=attention_mask),
     )
 
 
@@ -162,6 +177,8 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
     cfg = module.config
     sdxl = cfg.addition_embed_type == "text_time"
     lcm = cfg.time_cond_proj_dim is not None
+    # DeepFloyd IF's stage II embeds its noise level as a timestep: class_labels, one per sample
+    noise_level = cfg.class_embed_type == "timestep"
     inputs = {
         "sample": {0: "batch_size", 2: "height", 3: "width"},
         "timestep": {},
@@ -172,6 +189,8 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
         inputs["time_ids"] = {0: "batch_size"}
     if lcm:
         inputs["timestep_cond"] = {0: "batch_size"}
+    if noise_level:
+        inputs["class_labels"] = {0: "batch_size"}
     names = list(inputs)
 
     def forward(model, *args):
@@ -181,6 +200,8 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
             kwargs["added_cond_kwargs"] = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]}
         if lcm:
             kwargs["timestep_cond"] = feeds["timestep_cond"]
+        if noise_level:
+            kwargs["class_labels"] = feeds["class_labels"]
         out = model(
             feeds["sample"],
             feeds["timestep"],
@@ -196,7 +217,7 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
         feeds = {
             "sample": _randn(rng, batch, cfg.in_channels, h, w),
             "timestep": np.array(rng.uniform(1, 999), dtype=np.float32),
-            "encoder_hidden_states": _randn(rng, batch, TEXT_SEQ[case], cfg.cross_attention_dim),
+            "encoder_hidden_states": _randn(rng, batch, TEXT_SEQ[case], cfg.encoder_hid_dim or cfg.cross_attention_dim),
         }
         if sdxl:
             feeds["text_embeds"] = _randn(rng, batch, text_embeds_dim)
@@ -204,6 +225,8 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
             feeds["time_ids"] = np.tile(np.array(size, dtype=np.float32), (batch, 1))
         if lcm:
             feeds["timestep_cond"] = _randn(rng, batch, cfg.time_cond_proj_dim)
+        if noise_level:
+            feeds["class_labels"] = rng.integers(0, 1000, size=(batch,)).astype(np.int64)
         return feeds
 
     return Component(
@@ -411,6 +434,8 @@ def component_names(pipeline) -> list[str]:
     encoders = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
     names = [n for n in encoders if getattr(pipeline, n, None)]
     names += [n for n in ("unet", "transformer") if getattr(pipeline, n, None) is not None]
+    if getattr(pipeline, "vae", None) is None:  # DeepFloyd IF: pixel space
+        return names
     return [*names, "vae_encoder", "vae_decoder"]
 
 
@@ -422,12 +447,13 @@ def make(pipeline, name: str) -> Component:
         module = getattr(pipeline, name)
         if name == "text_encoder_4":
             return text.llama_component(name, module)
-        if name == "text_encoder_3":
-            return text.t5_component(name, module)
+        if name == "text_encoder_3":  # HiDream passes T5 the attention mask, as IF does
+            return text_encoder(name, module, text.MAX_SEQUENCE_LENGTH, attention_mask=True)
         return text_encoder(name, module, text.CLIP_MAX_LENGTH)
     if name.startswith("text_encoder"):
         module = getattr(pipeline, name)
-        return text_encoder(name, module, tokenizer_max_length(pipeline, name))
+        masked = type(pipeline).__name__ in MASKED_TEXT_PIPELINES
+        return text_encoder(name, module, tokenizer_max_length(pipeline, name), attention_mask=masked)
     if name == "unet":
         aesthetics = bool(getattr(pipeline.config, "requires_aesthetics_score", False))
         te2 = getattr(pipeline, "text_encoder_2", None)

@@ -5,6 +5,9 @@ from __future__ import annotations
 # model_index.json `_class_name` -> registry family: data the engine needs too, so it lives in the registry
 from registry.pipelines import PIPELINE_FAMILIES, family_of  # noqa: F401
 
+# pipeline classes that are a cascade's later stage: exported with its first stage (--stage-2), not alone
+LATER_STAGES = ("IFSuperResolutionPipeline",)
+
 # tiny:<name> -> (registry family, the registry model whose scheduler config the tiny pipeline copies,
 #                 the diffusers pipeline class it builds)
 TINY_SOURCES: dict[str, tuple[str, str, str]] = {
@@ -19,6 +22,7 @@ TINY_SOURCES: dict[str, tuple[str, str, str]] = {
     "hidream-i1": ("hidream", "hidream-i1", "HiDreamImagePipeline"),
     "hidream-i1-dev": ("hidream", "hidream-i1-dev", "HiDreamImagePipeline"),
     "hidream-i1-fast": ("hidream", "hidream-i1-fast", "HiDreamImagePipeline"),
+    "deepfloyd-if": ("deepfloyd-if", "deepfloyd-if", "IFPipeline"),  # stage I, with its stage II (deepfloyd_if/)
 }
 
 # The pipeline attributes that become ONNX graphs, in export order (the VAE becomes two graphs).
@@ -27,5 +31,5 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4")
 DENOISERS = ("unet", "transformer")
 # Subfolders a checkpoint needs for export; everything else in a hub repo (safety checker, single-file
 # checkpoints, fp16 variants, other frameworks' weights) is not downloaded.
-NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae")
-UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae", "image_noising_scheduler")
+UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")

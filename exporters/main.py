@@ -29,6 +29,7 @@ from . import (
     backends,
     calibrate,
     components,
+    deepfloyd_if,
     optimize,
     parts,
     quantize,
@@ -69,9 +70,13 @@ def export(
     vae_weights: str = "fp32",
     text_encoder_weights: str | None = None,
     fuse: bool = True,
+    stage_2: str | None = None,
+    stage_3: str | None = None,
     progress=print,
 ) -> Path:
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to ONNX.
+
+    ``stage_2``/``stage_3``: a cascade's later stages (DeepFloyd IF: SOURCE is stage I), folders or hub repos.
 
     Returns the final folder. Raises ExportError (one line: the problem and the fix) for anything the
     caller can fix: a bad source, a registry mismatch, a missing package, a graph that fails validation.
@@ -106,6 +111,23 @@ def export(
     final = Path(out).expanduser() if out else registry.models_home() / (model.id if model else src.name)
     final = final.absolute()
     _check_destination(final)
+    if src.family == deepfloyd_if.FAMILY:
+        if unet or lora or vae_weights != "fp32":
+            raise ExportError("--unet, --lora and --vae-weights do not apply to DeepFloyd IF; export without them")
+        return deepfloyd_if.export_cascade(
+            src,
+            stage_2=stage_2,
+            stage_3=stage_3,
+            final=final,
+            model=model,
+            weights=weights,
+            text_encoder_weights=text_encoder_weights,
+            opset=opset,
+            fuse=fuse,
+            say=say,
+        )
+    if stage_2 is not None or stage_3 is not None:
+        raise ExportError(f"--stage-2/--stage-3 name a cascade's later stages; {src.spec} is a {src.family} model")
 
     unet_spec = unet
     if unet_spec is None and model is not None and model.parts.get("unet"):

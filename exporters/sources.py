@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExportError
-from .families import NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_COMPONENTS, family_of
+from .families import LATER_STAGES, NEEDED_FOLDERS, PIPELINE_FAMILIES, TINY_SOURCES, UNNEEDED_COMPONENTS, family_of
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # The weight files diffusers loads by default (no variant): model.safetensors, sharded ones and their index.
@@ -41,10 +41,12 @@ class Source:
 
 
 def _supported() -> str:
-    """The pipeline classes by family, without their common "Pipeline" suffix: the list outgrew one line."""
+    """The pipeline classes by family, without their common "Pipeline" suffix: the list outgrew one line. A
+    cascade's later stages are exported with its first (--stage-2), not as a SOURCE."""
     by_family: dict[str, list[str]] = {}
     for cls, fam in PIPELINE_FAMILIES.items():
-        by_family.setdefault(fam, []).append(cls.removesuffix("Pipeline"))
+        if cls not in LATER_STAGES:
+            by_family.setdefault(fam, []).append(cls.removesuffix("Pipeline"))
     return "; ".join(f"{fam}: {', '.join(classes)}" for fam, classes in by_family.items()) + " (…Pipeline)"
 
 
@@ -52,9 +54,7 @@ def _family_from_index(index: dict, where: str) -> tuple[str, str]:
     cls = index.get("_class_name")
     family = family_of(cls)
     if family is None:
-        raise ExportError(
-            f"{where} is a {cls or 'unknown'} pipeline, which Stepwise cannot export; it exports {_supported()}"
-        )
+        raise ExportError(f"{where} is a {cls or 'unknown'} pipeline, not one Stepwise exports: {_supported()}")
     return family, cls
 
 
@@ -261,19 +261,20 @@ def _unloaded(folder: Path, index: dict) -> dict:
     return modules
 
 
-def load_folder(folder: Path, label: str | None = None, *, streamed: bool = False):
+def load_folder(folder: Path, label: str | None = None, *, streamed: bool = False, exclude: tuple[str, ...] = ()):
+    """``exclude``: components left unloaded (None), e.g. IF stage II's text encoder, which stage I's serves."""
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     label = label or str(folder)
     index = _read_index(folder / "model_index.json", label)
-    skip = {name: None for name in UNNEEDED_COMPONENTS if name in index}
+    skip = {name: None for name in (*UNNEEDED_COMPONENTS, *exclude) if name in index}
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is not one of our stages
     try:
         if streamed:
-            skip.update(_unloaded(folder, index))
+            skip.update({k: v for k, v in _unloaded(folder, index).items() if k not in skip})
         pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **skip)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,6 +60,30 @@ class Model:
     # the engine's activation estimate for the denoiser at the default size, batch as the policy runs it
     # (registry/footprint.py); None where no engine runs the model yet
     activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}
+    # a cascade's later stages (DeepFloyd IF's stage II), each with its checkpoint and its own step policy:
+    # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"}
+    stages: tuple = ()
+
+    def stage(self, number: int) -> Model:
+        """Stage ``number`` (2, 3) of a cascade as a model with its own step policy and guidance (DeepFloyd IF's
+        stage II), for registry.policy to judge its steps with."""
+        for spec in self.stages:
+            if int(spec["stage"]) == number:
+                return replace(
+                    self,
+                    name=f"{self.name.split(' (')[0]} stage {'I' * number} ({spec['name']})",
+                    hub_id=spec["hub_id"],
+                    min_steps=int(spec["min_steps"]),
+                    default_steps=int(spec["default_steps"]),
+                    recommended_steps=tuple(spec["recommended_steps"]),
+                    max_useful_steps=int(spec["max_useful_steps"]),
+                    guidance=float(spec["guidance"]),
+                    width=int(spec["width"]),
+                    height=int(spec["height"]),
+                    reason=spec["reason"],
+                    stages=(),
+                )
+        raise KeyError(f"{self.id} has no stage {number}")
 
     @property
     def few_step(self) -> bool:
@@ -96,6 +120,7 @@ class Model:
             "parts": dict(self.parts),
             "scheduler": self.scheduler.get("_class_name"),
             "memory_mb": {fmt: _round(footprint.need_mb(self, fmt)) for fmt in footprint.FORMATS},
+            "stages": [dict(stage) for stage in self.stages],  # a cascade's later stages and their policies
         }
 
 
@@ -114,6 +139,7 @@ def _load() -> tuple[tuple[Model, ...], dict[str, Family]]:
     for spec in data["models"]:
         spec = dict(spec)
         spec["recommended_steps"] = tuple(spec["recommended_steps"])
+        spec["stages"] = tuple(spec.get("stages", ()))
         models.append(Model(**spec))
     return tuple(sorted(models, key=lambda m: m.menu)), families
 

@@ -14,7 +14,12 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "FluxPipeline": "flux",
     "QwenImagePipeline": "qwen-image",
     "HiDreamImagePipeline": "hidream",
+    "IFPipeline": "deepfloyd-if",  # stage I; stage II (IFSuperResolutionPipeline) is exported with it
+    "IFSuperResolutionPipeline": "deepfloyd-if",
 }
+
+# Pipelines that pass the tokenizer's attention mask to their text encoder (IF's T5; SD 3 and FLUX do not)
+MASKED_TEXT_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline")
 
 # T5 prompt length the pipelines are used with: SD3's default, FLUX-schnell's model card (256) and
 # FLUX-dev's default (512). FLUX variants are told apart by guidance embedding.

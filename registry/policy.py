@@ -67,7 +67,7 @@ def steps_for(run: int, strength: float | None, rounding: str = "floor") -> int:
 
 
 def decide_steps(
-    model: Model, steps: int | None, strength: float | None = None, rounding: str = "floor"
+    model: Model, steps: int | None, strength: float | None = None, rounding: str = "floor", option: str = "--steps"
 ) -> StepDecision:
     """Judge a step count for a model: OK inside the recommended range, WARN inside [min, max useful],
     REFUSE outside it. ``steps=None`` takes the model's default. With ``strength`` (image-to-image) the
@@ -82,13 +82,13 @@ def decide_steps(
             steps_run=run,
         )
     if steps < 1:
-        raise InputError(f"--steps must be at least 1 (got {steps}); {model.name} defaults to {model.default_steps}")
+        raise InputError(f"{option} must be at least 1 (got {steps}); {model.name} defaults to {model.default_steps}")
     run = steps_run(steps, strength, rounding)
     of = "" if strength is None else f" (with --strength {strength:g}, {run} of {plural(steps)} run)"
     if strength is not None and run < 1:  # not a policy question: nothing would run, --force or not
         raise InputError(
             f"--strength {strength:g} with {plural(steps)} runs no step; "
-            f"use --steps {steps_for(model.default_steps, strength, rounding)}, or a higher --strength"
+            f"use {option} {steps_for(model.default_steps, strength, rounding)}, or a higher --strength"
         )
     lo, hi = model.recommended_steps
     rec = f"recommended {step_range(model)}, default {model.default_steps}"
@@ -108,14 +108,14 @@ def decide_steps(
         why = f"{plural(run)} is too few for {model.name}: expect a blurry, unfinished image"
     why += of
     if model.min_steps <= run <= model.max_useful_steps:
-        use = f"--steps {steps_for(hi if too_many else lo, strength, rounding)}"
+        use = f"{option} {steps_for(hi if too_many else lo, strength, rounding)}"
         return StepDecision(steps, WARN, f"{why}; {use} is the better choice", steps_run=run)
     bound = f"at most {model.max_useful_steps}" if too_many else f"at least {model.min_steps}"
     return StepDecision(
         steps,
         REFUSE,
         f"{why} ({model.name} takes {bound} steps; {rec}). "
-        f"Use --steps {steps_for(model.default_steps, strength, rounding)}, or --force to run anyway",
+        f"Use {option} {steps_for(model.default_steps, strength, rounding)}, or --force to run anyway",
         steps_run=run,
     )
 

@@ -36,6 +36,7 @@ class Plan:
     seed: int  # drawn at random when the request gave none
     strength: float | None  # image-to-image only: the family's default when not given
     seed_given: bool = True
+    decision_2: StepDecision | None = None  # a cascade's stage II (DeepFloyd IF): its own step policy
 
     @property
     def steps(self) -> int:
@@ -45,7 +46,8 @@ class Plan:
     @property
     def warning(self) -> str | None:
         """The policy's advice when the steps are outside the recommended range (run anyway), else None."""
-        return None if self.decision.verdict == policy.OK else self.decision.advice
+        notes = [d.advice for d in (self.decision, self.decision_2) if d is not None and d.verdict != policy.OK]
+        return "; ".join(notes) or None
 
 
 def random_seed() -> int:
@@ -87,6 +89,7 @@ def plan_request(
     inpaint: bool = False,
     strength: float | None = None,
     threads: int | None = None,
+    steps_2: int | None = None,
 ) -> Plan:
     """Check a request against ``model``'s step policy and ``family``'s limits and fill in its defaults.
 
@@ -113,6 +116,13 @@ def plan_request(
         raise InputError(f"--threads must be at least 1 (got {threads})")
     if decision.refused and not force:
         raise Refused(decision)
+    decision_2 = None
+    if model.stages:  # a cascade: stage II's steps have their own policy (--steps-2)
+        decision_2 = policy.decide_steps(model.stage(2), steps_2, option="--steps-2")
+        if decision_2.refused and not force:
+            raise Refused(decision_2)
+    elif steps_2 is not None:
+        raise InputError(f"--steps-2 is for a cascade's second stage (DeepFloyd IF); {model.name} has one stage")
     given = seed is not None
     return Plan(
         prompt=prompt,
@@ -124,4 +134,5 @@ def plan_request(
         seed=seed if given else random_seed(),
         strength=strength,
         seed_given=given,
+        decision_2=decision_2,
     )

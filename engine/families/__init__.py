@@ -5,6 +5,7 @@ Keyed by the registry's family name.
 """
 
 from .base import Architecture
+from .deepfloyd_if import DeepFloydIFArchitecture
 from .flux import FluxArchitecture
 from .hidream import HiDreamArchitecture
 from .qwen_image import QwenImageArchitecture
@@ -18,4 +19,8 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "flux": FluxArchitecture,
     "qwen-image": QwenImageArchitecture,
     "hidream": HiDreamArchitecture,
+    "deepfloyd-if": DeepFloydIFArchitecture,  # a pixel-space cascade: engine/cascade.py runs it
 }
+
+# families whose exports are cascades of pixel-space stages, loaded by engine.cascade.CascadePipeline
+CASCADES = ("deepfloyd-if",)

@@ -2,7 +2,7 @@
 
 ``HiDreamImagePipeline`` pads both prompts to ``max_sequence_length`` (128) and passes the attention mask:
 - T5 (``_get_t5_prompt_embeds``): ``text_encoder_3(ids, attention_mask=mask)[0]``; the mask changes the states
-  of every token (padding is not attended), so this graph takes it, where SD 3's T5 takes ids alone.
+  of every token (padding is not attended), so its graph takes it (components.text_encoder's masked T5, IF's).
 - Llama (``_get_llama3_prompt_embeds``): ``text_encoder_4(ids, attention_mask=mask, output_hidden_states=True)
   .hidden_states[1:]`` stacked: every decoder layer's output (the last one after the final norm), not the
   embeddings. ``LlamaForCausalLM``'s head is never used, so the graph is its ``model`` (``LlamaModel``), output
@@ -20,7 +20,6 @@ import numpy as np
 from ..components import Component, _stable_seed, _wrapper
 
 LLAMA_KIND = "llama-hidden-states"
-T5_KIND = "t5-encoder-masked"
 MAX_SEQUENCE_LENGTH = 128  # HiDreamImagePipeline.__call__'s max_sequence_length: T5's and Llama's window
 CLIP_MAX_LENGTH = 128  # _get_clip_prompt_embeds: min(max_sequence_length, 218)
 
@@ -202,25 +201,6 @@ def llama_component(name: str, module) -> Component:
         make_inputs=lambda case: _masked_inputs(name, vocab, case),
         wrapper=_llama_wrapper_class()(model).eval(),
         rebuild=lambda other: llama_component(name, other),
-    )
-
-
-def _t5_forward(model, input_ids, attention_mask):
-    return (model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state,)
-
-
-def t5_component(name: str, module) -> Component:
-    vocab = int(module.config.vocab_size)
-    batch_seq = {0: "batch_size", 1: "sequence_length"}
-    return Component(
-        name=name,
-        kind=T5_KIND,
-        module=module,
-        inputs={"input_ids": dict(batch_seq), "attention_mask": dict(batch_seq)},
-        outputs={"last_hidden_state": dict(batch_seq)},
-        make_inputs=lambda case: _masked_inputs(name, vocab, case, first=3),
-        wrapper=_wrapper(_t5_forward)(module).eval(),
-        rebuild=lambda other: t5_component(name, other),
     )
 
 

@@ -1,0 +1,248 @@
+"""A loaded pixel-space cascade (DeepFloyd IF) and its generations: encode the prompt → stage I → stage II.
+
+There is no VAE: each stage's sample is the image. ``engine.sampling.sample`` runs once per stage with the
+stage's own UNet, scheduler, steps and guidance; what a stage produced conditions the next (engine/families/
+deepfloyd_if.py says how). Like ``Pipeline`` it holds only what the export is; a generation lives in
+``generate``'s frame.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+import schedulers
+from registry import manifest as manifest_format
+from registry.verify import verify
+
+from . import memory, sampling
+from .errors import EngineError
+from .families.deepfloyd_if import DeepFloydIFArchitecture, to_uint8
+from .loader import Sessions
+from .memory import PHASED, RESIDENT, MemoryPlan
+from .pipeline import Result, _sampler_label
+from .profile import Profiler, StepBar
+from .session import Graph
+from .tokenize import PromptTokenizer
+
+
+class CascadePipeline:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        threads: int | None = None,
+        skip: tuple[str, ...] = (),
+        available_mb: float | None = None,
+        policy: str | None = None,
+        graph_factory=Graph,
+        width: int | None = None,
+        height: int | None = None,
+        guidance: float | None = None,
+        image: bool = False,
+        vae_tiling: bool | None = None,
+    ):
+        del image, vae_tiling  # no image-to-image and no VAE: refused in generate
+        self.folder = Path(folder)
+        self.manifest = manifest_format.read(self.folder)
+        verify(self.manifest)
+        arch = DeepFloydIFArchitecture(self.manifest)
+        self.architecture = arch
+        missing = [n for n, needed in arch.components.items() if needed and n not in self.manifest.components]
+        if missing or len(arch.stages) < 2:
+            raise EngineError(
+                f"{self.folder} lacks {', '.join(missing) or 'its stages'}, which DeepFloyd IF needs; export it again"
+            )
+        if "text_encoder" in skip or "text_encoder_3" in skip:  # --no-t5
+            raise EngineError("DeepFloyd IF cannot run without its T5 encoder: it conditions every stage; drop --no-t5")
+        self.phases = {"encode": ["text_encoder"], **{f"stage_{s.number}": [s.unet] for s in arch.stages}}
+        self.memory = self.plan_memory(width, height, guidance=guidance, policy=policy, available_mb=available_mb)
+        paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
+        self.sessions = Sessions(paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory)
+        self.tokenizers = {
+            "tokenizer": PromptTokenizer(self.folder / "tokenizer", arch.tokenizer_lengths()["tokenizer"])
+        }
+
+    @property
+    def family(self):
+        return self.architecture
+
+    @property
+    def load_ms(self) -> float:
+        return self.sessions.load_ms
+
+    @property
+    def model_label(self) -> str:
+        return self.manifest.model_id or self.folder.name
+
+    @property
+    def has_image_encoder(self) -> bool:
+        return False
+
+    @property
+    def stages(self):
+        return self.architecture.stages
+
+    # --- memory: weights plus each UNet's activations at its own stage's size
+    def plan_memory(self, width=None, height=None, *, guidance=None, policy=None, available_mb=None, **_) -> MemoryPlan:
+        arch = self.architecture
+        first = arch.stages[0]
+        width, height = width or first.sample_size, height or first.sample_size
+        batch = arch.denoiser_batch(guidance)
+        policy = policy if policy is not None else getattr(getattr(self, "memory", None), "policy", None)
+        have = available_mb if available_mb is not None else memory.available_memory_mb()
+        need = {}
+        for phase, names in self.phases.items():
+            total = memory.weights_mb(self.manifest, names)
+            for stage in arch.stages:
+                if stage.unet in names:
+                    w, h = arch.stage_size(stage, width, height)
+                    total += memory.activation_mb(self.manifest, stage.unet, w, h, batch=batch)
+            if "text_encoder" in names:
+                total += memory.activation_mb(self.manifest, "text_encoder", width, height)
+            need[phase] = total
+        resident = memory.OVERHEAD_MB + sum(need.values())
+        phased = memory.OVERHEAD_MB + max(need.values())
+        if policy is None:
+            policy = RESIDENT if have is None or resident <= have else PHASED
+        chosen = resident if policy == RESIDENT else phased
+        if have is not None and chosen > have:
+            raise EngineError(
+                f"DeepFloyd IF needs ~{chosen:,.0f} MB {policy} and {have:,.0f} MB is available; export it with "
+                f"--weights int8 --text-encoder-weights int8, or free memory"
+            )
+        reason = "each stage's sessions are released before the next" if policy == PHASED else "it all fits in memory"
+        return MemoryPlan(policy, chosen, resident, phased, have, reason, width=width, height=height)
+
+    def _phase(self, name: str, prof: Profiler):
+        return self.sessions.phase(self.phases[name], on_load=lambda ms: prof.add("phase_load", ms))
+
+    def _check(self, stage):
+        def check(step: sampling.Step) -> None:
+            if not np.isfinite(step.latents).all():
+                raise EngineError(
+                    f"stage {stage.number}, step {step.index + 1} of {step.total}: the UNet's output made the image "
+                    f"NaN or infinite (a broken export, or a guidance too large); export again or lower --guidance"
+                )
+
+        return check
+
+    def generate(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int,
+        guidance: float,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int,
+        steps_2: int | None = None,
+        guidance_2: float | None = None,
+        latents: np.ndarray | None = None,
+        scheduler: str | dict | None = None,
+        image=None,
+        mask=None,
+        strength: float | None = None,
+        callback=None,
+        show_progress: bool = False,
+        vae_tiling: bool | None = None,
+    ) -> Result:
+        """One image through every stage. ``steps``/``guidance``: stage I's; ``steps_2``/``guidance_2``: stage II's
+        (default: the export's, IFSuperResolutionPipeline's 50 and 4.0). Random tensors are drawn from
+        ``default_rng(seed)`` in diffusers' order: stage I's noise and its steps' variance noise, then stage II's
+        noise, the noise of the upscaled image, and its steps' variance noise. ``callback(step)`` sees every step of
+        every stage (``Step`` has no stage: the profile's rows say which)."""
+        del vae_tiling
+        for given, what in ((image, "--image"), (mask, "--mask"), (strength, "--strength"), (latents, "--latents")):
+            if given is not None:
+                raise EngineError(f"{what} is not supported for DeepFloyd IF; generate from the prompt alone")
+        if scheduler is not None:
+            raise EngineError("--scheduler is not supported for DeepFloyd IF: its stages sample with their own DDPM")
+        arch = self.architecture
+        first, second = arch.stages[0], arch.stages[1]
+        width, height = width or first.sample_size, height or first.sample_size
+        steps_2 = int(steps_2 or second.default_steps or 50)
+        guidance_2 = second.guidance if guidance_2 is None else float(guidance_2)
+        self.plan_memory(width, height, guidance=guidance, policy=self.memory.policy)
+        prof = Profiler()
+        prof.add("load", self.sessions.load_ms)
+        rng = np.random.default_rng(seed)
+        bar = StepBar(steps, show_progress)
+        ignored = []
+        if negative_prompt and not (arch.uses_cfg(guidance) or arch.uses_cfg(guidance_2)):
+            ignored.append("--negative is ignored: guidance 1 or below runs without classifier-free guidance")
+            negative_prompt = ""
+        bar.phase("encoding the prompt")
+        with self._phase("encode", prof) as graphs, prof.section("text_encoder"):
+            # one encoding serves both stages: with the negative prompt when either guides
+            cond, warnings = arch.encode(graphs, self.tokenizers, prompt, negative_prompt, max(guidance, guidance_2))
+        warnings = ignored + warnings
+
+        sample, stage_rows, profiles = None, [], []
+        for stage, n, scale in ((first, steps, guidance), (second, steps_2, guidance_2)):
+            sched = schedulers.from_config(dict(stage.scheduler))
+            sched.set_timesteps(n)
+            w, h = arch.stage_size(stage, width, height)
+            x = rng.standard_normal((1, stage.channels, h, w), dtype=np.float32) * np.float32(sched.init_noise_sigma)
+            image_in = None
+            if sample is not None:  # the previous stage's image, upscaled and noised (one more draw)
+                noising = schedulers.from_config(dict(stage.image_noising_scheduler))
+                noise = rng.standard_normal((1, sample.shape[1], h, w), dtype=np.float32)
+                image_in = arch.noised_image(stage, sample, w, h, noise, noising)
+            bar.phase(f"loading stage {stage.number}")
+            watch = sampling.callbacks(self._check(stage), prof.on_step, bar.on_step, callback)
+            before = len(prof.steps)
+            with self._phase(f"stage_{stage.number}", prof) as graphs:
+                bar.begin_steps(len(sched.timesteps))
+                denoise = arch.stage_denoiser(graphs[stage.unet], stage, cond, scale, image_in)
+                sampled = sampling.sample(denoise, sched, x, rng=rng, callback=watch)
+                del denoise
+            for row in prof.steps[before:]:
+                row["stage"] = stage.number
+            stage_rows.append(prof.steps[before:])
+            if sampled.stopped:
+                raise EngineError(f"stage {stage.number} was stopped after {sampled.steps_run} steps")
+            sample = sampled.latents
+            profiles.append((stage, sched, w, h, sampled.steps_run))
+        bar.clear()
+        out_w, out_h = profiles[-1][2], profiles[-1][3]
+        picture = to_uint8(sample)
+        sched_1 = profiles[0][1]
+        parameters = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "width": out_w,
+            "height": out_h,
+            "model": self.model_label,
+            "scheduler": sched_1.name,
+            "sampler": _sampler_label(sched_1),
+            "stage_1_size": f"{width}x{height}",
+            "steps_2": steps_2,
+            "guidance_2": guidance_2,
+            "noise_level_2": second.noise_level,
+        }
+        result = prof.result()
+        result["stages"] = [
+            _stage_profile(stage, rows, w, h) for (stage, _, w, h, _), rows in zip(profiles, stage_rows, strict=True)
+        ]
+        return Result(picture, sample, parameters, result, warnings)
+
+
+def _stage_profile(stage, rows: list[dict], width: int, height: int) -> dict:
+    step_ms = [r["denoiser_ms"] + r["scheduler_ms"] for r in rows]
+    return {
+        "stage": stage.number,
+        "size": f"{width}x{height}",
+        "steps": len(rows),
+        "median_step_ms": round(statistics.median(step_ms), 3) if step_ms else 0.0,
+        "total_ms": round(sum(step_ms), 3),
+    }
+
+
+__all__ = ["CascadePipeline"]
