@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from engine.families import hidream
-from exporters import backends, validate
 from exporters.hidream import moe, transformer
 
 # the dense form adds the experts in moe_infer's order, an unpicked one as 0 x out: equal to fp32 reordering
@@ -23,7 +22,7 @@ def _moe_layer(seed: int, experts: int = 4, active: int = 2):
     return layer.eval()
 
 
-@pytest.mark.parametrize(("experts", "active"), [(4, 2), (8, 2), (4, 1)])
+@pytest.mark.parametrize(("experts", "active"), [(4, 2), (8, 1)])
 def test_dense_moe_equals_diffusers_sparse_moe(experts, active):
     layer = _moe_layer(1, experts, active)
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 50, 32)).astype(np.float32))
@@ -82,16 +81,17 @@ def test_patch_token_forward_equals_diffusers(tiny, height, width):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=FORWARD_ATOL)
 
 
-def test_transformer_exports_one_graph_for_every_size(tiny, tmp_path):
-    """Traced non-square at batch 2 (max_seq tokens), validated square at two other token counts and batches."""
-    component = transformer.transformer_component(tiny)
-    path = tmp_path / "transformer" / "model.onnx"
-    backends.TorchOnnx().export(component, path, 17)
-    result = validate.validate(component, path)
+def test_transformer_exports_one_graph_for_every_size(exported_tiny):
+    """The tiny export's transformer: traced non-square at batch 2 (max_seq tokens), validated square at two other
+    token counts and batches, its image-token axis symbolic (the manifest records what was validated)."""
+    import json
+
+    folder = exported_tiny("hidream-i1", weights="fp32", text_encoder_weights="fp32")
+    entry = json.loads((folder / "stepwise.json").read_text())["components"]["transformer"]
+    result = entry["validation"]
     assert result["max_abs_diff"] <= result["tolerance"]
-    shapes = {tuple(s["hidden_states"]) for s in result["shapes"]}
-    assert shapes == {(1, 144, 64), (2, 64, 64)}
-    assert result["graph"]["inputs"]["hidden_states"]["shape"] == ["batch_size", "image_tokens", 64]
+    assert {tuple(s["hidden_states"]) for s in result["shapes"]} == {(1, 144, 64), (2, 64, 64)}
+    assert entry["inputs"]["hidden_states"]["shape"] == ["batch_size", "image_tokens", 64]
 
 
 def test_reduced_depth_plan_keeps_each_blocks_llama_layer_and_projection():
