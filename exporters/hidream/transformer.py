@@ -174,8 +174,9 @@ def transformer_component(module) -> Component:
 
 
 def tiny_transformer(seed: int, t5_dim: int, llama_dim: int, pooled_dim: int):
-    """A tiny HiDream transformer: diffusers' test fixture's shape (tests/pipelines/hidream_image), seeded, with
-    the real model's 16 latent channels, patch 2 and 4 routed experts of which 2 are active."""
+    """A tiny HiDream transformer, seeded: 1 double- and 1 single-stream block of 4 heads x 8, with the real
+    model's 16 latent channels, patch 2, 4 routed experts of which 2 are active, and rotary axes that cover the
+    head (as the real (64, 32, 32) of 128 do)."""
     import torch
     from diffusers import HiDreamImageTransformer2DModel
 
