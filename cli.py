@@ -220,7 +220,7 @@ def not_exported_message(target: Target) -> str:
 def _tiny_name(m: registry.Model) -> str:
     if m.id == "lcm":
         return "lcm"
-    if m.family == "flux":
+    if m.family in ("flux", "hidream"):  # one tiny build per variant: tiny:flux-dev, tiny:hidream-i1-fast
         return m.id
     return m.family
 

@@ -59,7 +59,26 @@ def reduce_depth(cfg: dict, units: int) -> dict:
             else:
                 cfg[component][key][index] = units * per_unit
     cfg["depth_units"] = units
+    _cut_llama_layers(cfg, json.loads(json.dumps(plan)))
     return cfg
+
+
+def _cut_llama_layers(cfg: dict, plan: dict) -> None:
+    """HiDream: ``llama_layers`` names one Llama layer per transformer block (double-stream blocks first): keep the
+    entries of the kept blocks, each inside the reduced Llama's layers."""
+    transformer, llama = cfg.get("transformer", {}), cfg.get("text_encoder_4")
+    if "llama_layers" not in transformer or llama is None:
+        return
+    layers = transformer["llama_layers"]
+    real_double = len(layers) - int(config_file(cfg)["transformer"]["num_single_layers"])
+    last = int(llama["num_hidden_layers"]) - 1
+    kept = layers[: transformer["num_layers"]] + layers[real_double : real_double + transformer["num_single_layers"]]
+    transformer["llama_layers"] = [min(int(k), last) for k in kept]
+
+
+def config_file(cfg: dict) -> dict:
+    """The unreduced config ``cfg`` was made from."""
+    return json.loads((CONFIGS / f"{cfg['registry_model']}.json").read_text())
 
 
 def cache_root() -> Path:
@@ -88,6 +107,7 @@ def text_encoder_class(cfg: dict):
     arch = cfg.get("architectures", ["CLIPTextModel"])[0]
     config_cls = {
         "T5EncoderModel": transformers.T5Config,
+        "LlamaForCausalLM": transformers.LlamaConfig,
         "Qwen2_5_VLForConditionalGeneration": transformers.Qwen2_5_VLConfig,  # flat text keys → text_config
     }.get(arch, transformers.CLIPTextConfig)
     extra = {"is_encoder_decoder": False, "use_cache": False} if arch == "T5EncoderModel" else {}

@@ -67,6 +67,10 @@ PIPELINES = {
         "models": ("unet", "vae", "text_encoder", "text_encoder_2"),
         "tokenizers": {"tokenizer": "clip", "tokenizer_2": "clip-g"},
     },
+    "HiDreamImagePipeline": {  # text_encoder_4: LlamaForCausalLM, lm_head included as the hub stores it
+        "models": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"),
+        "tokenizers": {"tokenizer": "clip", "tokenizer_2": "clip-g", "tokenizer_3": "t5", "tokenizer_4": "llama"},
+    },
     "QwenImagePipeline": {  # text_encoder: Qwen2_5_VLForConditionalGeneration, vision tower and lm_head included
         "models": ("transformer", "vae", "text_encoder"),
         "tokenizers": {"tokenizer": "qwen"},
@@ -302,6 +306,10 @@ def _tokenizer(kind: str):
         from exporters.qwen_image.text import tiny_tokenizer
 
         return tiny_tokenizer()
+    if kind == "llama":  # Llama-3-shaped, built in code (the real one is a 128 k BPE we cannot fetch)
+        from exporters.hidream.text import tiny_llama_tokenizer
+
+        return tiny_llama_tokenizer()
     from exporters.vocab import clip_tokenizer, t5_tokenizer
 
     if kind == "t5":

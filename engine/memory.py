@@ -142,6 +142,9 @@ def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int) -> fl
     h, w = height // f, width // f
     stride = layout["stride"]
     tokens = (h // stride) * (w // stride) + layout["joint_tokens"] if stride else 0
+    max_seq = _config(manifest).get("max_seq")
+    if stride and max_seq and h != w:  # HiDream pads a non-square latent's tokens to max_seq
+        tokens = int(max_seq) + layout["joint_tokens"]
     if kind == "unet":
         linear = UNET_BUFFERS * batch * h * w * layout["width"] * FLOAT / MB
     else:

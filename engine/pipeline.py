@@ -74,6 +74,9 @@ class Pipeline:
             raise EngineError(
                 f"{self.folder} lacks {', '.join(missing)}, which a {family} model needs; export the model again"
             )
+        needed = [n for n in skip if arch.components.get(n)]
+        if needed:  # --no-t5 leaves SD 3's optional T5 out; other families cannot run without theirs
+            raise EngineError(f"a {family} model cannot run without its {needed[0]}; run without --no-t5")
         text = [n for n in arch.text_components if n in present and n not in skip]
         self.phases = {
             "encode": text,
@@ -111,6 +114,8 @@ class Pipeline:
 
     def _plan(self, width, height, guidance, image, vae_tiling, policy, available_mb) -> MemoryPlan:
         batch = self.architecture.denoiser_batch(guidance)
+        if width is not None and height is not None:
+            width, height = self.architecture.image_size(width, height)
         return plan_memory(
             self.manifest,
             self.phases,
@@ -222,6 +227,11 @@ class Pipeline:
             width, height = start_image.width, start_image.height
         if width is None or height is None:
             raise EngineError("say the image size: width and height")
+        size_note = []
+        if (arch.image_size(width, height)) != (width, height):
+            asked = f"{width}x{height}"
+            width, height = arch.image_size(width, height)
+            size_note.append(f"{self.model_label} generates at one area: {asked} was rescaled to {width}x{height}")
         plan = self.plan_memory(
             width, height, guidance=guidance, image=start_image is not None, vae_tiling=vae_tiling
         )  # refuses, before anything runs, a size that does not fit
@@ -236,7 +246,7 @@ class Pipeline:
         negative_prompt = arch.negative_prompt_used(negative_prompt, guidance)
         bar.phase("encoding the prompt")
         cond, warnings = self._encode(prompt, negative_prompt, guidance, prof)
-        warnings = ignored + warnings
+        warnings = size_note + ignored + warnings
         if start_image is not None and sched.strength_in_schedule:  # LCM: strength shapes the schedule itself
             arch.set_timesteps(sched, steps, width, height, strength=start_image.strength)
         else:

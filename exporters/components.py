@@ -431,7 +431,8 @@ def tokenizer_max_length(pipeline, encoder_name: str) -> int:
 
 
 def component_names(pipeline) -> list[str]:
-    names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipeline, n, None)]
+    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+    names = [n for n in encoders if getattr(pipeline, n, None)]
     names += [n for n in ("unet", "transformer") if getattr(pipeline, n, None) is not None]
     if getattr(pipeline, "vae", None) is None:  # DeepFloyd IF: pixel space
         return names
@@ -440,6 +441,15 @@ def component_names(pipeline) -> list[str]:
 
 def make(pipeline, name: str) -> Component:
     """The Component ``name`` of a loaded diffusers pipeline."""
+    if name.startswith("text_encoder") and type(pipeline).__name__ == "HiDreamImagePipeline":
+        from .hidream import text
+
+        module = getattr(pipeline, name)
+        if name == "text_encoder_4":
+            return text.llama_component(name, module)
+        if name == "text_encoder_3":  # HiDream passes T5 the attention mask, as IF does
+            return text_encoder(name, module, text.MAX_SEQUENCE_LENGTH, attention_mask=True)
+        return text_encoder(name, module, text.CLIP_MAX_LENGTH)
     if name.startswith("text_encoder"):
         module = getattr(pipeline, name)
         masked = type(pipeline).__name__ in MASKED_TEXT_PIPELINES
@@ -455,6 +465,10 @@ def make(pipeline, name: str) -> Component:
             return sd3_transformer(pipeline.transformer)
         if cls == "FluxTransformer2DModel":
             return flux_transformer(pipeline.transformer)
+        if cls == "HiDreamImageTransformer2DModel":
+            from .hidream.transformer import transformer_component as hidream_transformer
+
+            return hidream_transformer(pipeline.transformer)
         if cls == "QwenImageTransformer2DModel":
             from .qwen_image.transformer import transformer_component
 

@@ -19,12 +19,15 @@ TINY_SOURCES: dict[str, tuple[str, str, str]] = {
     "flux-schnell": ("flux", "flux-schnell", "FluxPipeline"),
     "flux-dev": ("flux", "flux-dev", "FluxPipeline"),
     "qwen-image": ("qwen-image", "qwen-image", "QwenImagePipeline"),
+    "hidream-i1": ("hidream", "hidream-i1", "HiDreamImagePipeline"),
+    "hidream-i1-dev": ("hidream", "hidream-i1-dev", "HiDreamImagePipeline"),
+    "hidream-i1-fast": ("hidream", "hidream-i1-fast", "HiDreamImagePipeline"),
     "deepfloyd-if": ("deepfloyd-if", "deepfloyd-if", "IFPipeline"),  # stage I, with its stage II (deepfloyd_if/)
 }
 
 # The pipeline attributes that become ONNX graphs, in export order (the VAE becomes two graphs).
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")  # _4: HiDream's Llama
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4")
 DENOISERS = ("unet", "transformer")
 # Subfolders a checkpoint needs for export; everything else in a hub repo (safety checker, single-file
 # checkpoints, fp16 variants, other frameworks' weights) is not downloaded.

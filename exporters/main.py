@@ -42,6 +42,7 @@ from . import (
 from . import weights as weight_formats
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
+from .hidream import text as hidream_text
 
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
@@ -141,7 +142,12 @@ def export(
     unet_file = parts.fetch(unet_spec, "UNet") if unet_spec else None
     lora_file = parts.fetch(lora, "LoRA") if lora else None
     streamed = streaming.streamed_source(
-        src.family, src.kind, parts=bool(unet_file or lora_file), vae_weights=vae_weights
+        src.family,
+        src.kind,
+        parts=bool(unet_file or lora_file),
+        weights=weights,
+        vae_weights=vae_weights,
+        text_encoder_weights=text_encoder_weights,
     )
     if (unet_file or lora_file) and src.kind != "tiny" and src.family in streaming.STREAMED_FAMILIES:
         raise ExportError(
@@ -155,6 +161,12 @@ def export(
     with backends.quiet():
         pipeline = sources.load(src, streamed=streamed)
     _check_policy(model, src, pipeline)
+    if src.family == "hidream" and getattr(pipeline, "text_encoder_4", None) is None:
+        raise ExportError(
+            f"{src.spec} has no text_encoder_4 (HiDream's Llama-3.1-8B-Instruct, which its hub repos leave out); "
+            f"put meta-llama/Llama-3.1-8B-Instruct in the folder as text_encoder_4/ and tokenizer_4/, list them in "
+            f"model_index.json, and export the folder"
+        )
     if unet_file:
         say(f"applying UNet weights {unet_spec}")
         parts.apply_unet(pipeline, unet_file)
@@ -170,8 +182,8 @@ def export(
     unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
     if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _big_text_encoders(pipeline)):
         raise ExportError(
-            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX) and Qwen2.5-VL "
-            f"(Qwen-Image), which {src.spec} does not have; export without it"
+            f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX, HiDream), Qwen2.5-VL "
+            f"(Qwen-Image) and Llama-3.1 (HiDream), which {src.spec} does not have; export without it"
         )
     if vae_weights != "fp32" and not unet_pipeline:
         raise ExportError(
@@ -210,7 +222,8 @@ def export(
         try:
             # a pipeline whose big components were not loaded exports the rest with plain torch.onnx
             # optimum (2.1) has no Qwen-Image configs: its VAE is exported with plain torch.onnx too
-            plain = sources.has_meta(pipeline) or src.family == "qwen-image"
+            # and HiDream's four encoders and MoE transformer (optimum has no HiDream configs)
+            plain = sources.has_meta(pipeline) or src.family in ("qwen-image", "hidream")
             backend = backends.make(False if plain else use_optimum, pipeline)
         except Exception as exc:
             raise ExportError(
@@ -333,7 +346,13 @@ class _Rewrite:
 
 
 # text encoders big enough for --text-encoder-weights (T5-XXL 4.8 B, Qwen2.5-VL 8.3 B parameters)
-BIG_TEXT_ENCODERS = ("T5EncoderModel", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLTextModel")
+BIG_TEXT_ENCODERS = (
+    "T5EncoderModel",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLTextModel",
+    "LlamaForCausalLM",  # HiDream's Llama-3.1-8B (the component's module is its LlamaModel)
+    "LlamaModel",
+)
 
 
 def _big_text_encoders(pipeline) -> list:
@@ -401,6 +420,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None
     if component.kind == qwen_image.TEXT_KIND:  # the checkpoint names the language model's tensors its own way
         checkpoint = qwen_image.TextWeights(checkpoint)
+    if component.kind == hidream_text.LLAMA_KIND:  # LlamaForCausalLM's checkpoint: model.layers.N...
+        checkpoint = hidream_text.LlamaWeights(checkpoint)
     bar = _Bar(say if params > BIG_COMPONENT else None, f"writing {name} ({_count(params)} parameters, {fmt})")
     try:
         say(f"exporting {name}: tracing on the meta device (no weights in memory)")
@@ -630,6 +651,8 @@ def pipeline_config(pipeline, family: str, scheduler: dict) -> dict:
     }
     if family == "qwen-image":
         config.update(_qwen_image_fields(pipeline, vae))
+    if family == "hidream":
+        config.update(_hidream_fields(pipeline))
     return config
 
 
@@ -669,6 +692,23 @@ def _qwen_image_fields(pipeline, vae: dict) -> dict:
     }
 
 
+def _hidream_fields(pipeline) -> dict:
+    """HiDreamImagePipeline's constants: its prompt windows, the area every request is rescaled to
+    (``default_sample_size`` latent pixels a side), and the transformer's token layout (non-square latents are
+    padded to ``max_seq`` tokens; ``llama_layers`` index the Llama states it takes)."""
+    from .hidream import text, transformer
+
+    cfg = pipeline.transformer.config
+    return {
+        "max_sequence_length": text.MAX_SEQUENCE_LENGTH,
+        "clip_max_length": text.CLIP_MAX_LENGTH,
+        "default_sample_size": int(pipeline.default_sample_size),
+        "max_seq": transformer.max_seq(cfg),
+        "llama_layers": [int(k) for k in cfg.llama_layers],
+        "llama_states": max(cfg.llama_layers) + 1,
+    }
+
+
 # QwenImagePipeline.__call__'s max_sequence_length default (its tokenizer window is 1024 + the dropped prefix)
 QWEN_MAX_SEQUENCE_LENGTH = 512
 
@@ -695,6 +735,8 @@ def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizer
     text = t5_tokens  # T5's window (zeros in its place without T5), then SD3 puts CLIP's before it
     if family == "qwen-image":  # the prompt's states, at most its window
         text = QWEN_MAX_SEQUENCE_LENGTH
+    if family == "hidream":  # T5's 128 tokens and two Llama layers' 128 each attend with the image
+        text = 3 * 128
     if family == "sd3":
         text += _max_length(tokenizers["tokenizer"]) or 77
     # FLUX packs 2x2 latent pixels into a token before its patch embedding (patch_size 1)

@@ -29,6 +29,7 @@ STACKS = {
     "CLIPTextModel": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
     "CLIPTextModelWithProjection": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
     "Qwen2_5_VLTextModel": [("num_hidden_layers", "layers", 1, False)],
+    "LlamaModel": [("num_hidden_layers", "layers", 1, False)],
 }
 
 
@@ -52,6 +53,8 @@ def plan(module):
     cls = type(module).__name__
     if cls == "UNet2DConditionModel":
         return unet_plan(module)
+    if cls == "HiDreamImageTransformer2DModel":
+        return hidream_plan(module)
     config = copy.deepcopy(streaming.config_of(module))
     moves: list[tuple[str, dict[int, int]]] = []
     kept = []
@@ -97,6 +100,31 @@ def unet_plan(module):
 
     depth = f"{'/'.join(map(str, per_block))} layers per block"
     what = f"reduced depth: UNet of {depth} → 1 (up blocks: first and last), 1 transformer block per attention"
+    return config, remap, what
+
+
+def hidream_plan(module):
+    """HiDream's transformer: its first double-stream and first single-stream block, each with the Llama layer
+    (``llama_layers``) and caption projection it reads (one projection per block, then T5's last)."""
+    config = copy.deepcopy(streaming.config_of(module))
+    double, single = int(config["num_layers"]), int(config["num_single_layers"])
+    layers = list(config["llama_layers"])
+    kept = [0] + ([double] if single else [])  # block index (over both stacks) of each kept block
+    config.update(num_layers=min(double, 1), num_single_layers=min(single, 1))
+    config["llama_layers"] = [layers[i] for i in kept]
+    projections = {i: full for i, full in enumerate([*kept, double + single])}
+    projection = re.compile(r"^caption_projection\.(\d+)\.")
+
+    def remap(name: str) -> str:
+        match = projection.match(name)
+        if match:
+            return f"caption_projection.{projections[int(match.group(1))]}.{name[match.end() :]}"
+        return name  # double_stream_blocks.0 / single_stream_blocks.0 keep their index
+
+    what = (
+        f"reduced depth: double_stream_blocks [0] of {double}; single_stream_blocks [0] of {single}; "
+        f"llama_layers {config['llama_layers']}; everything outside the blocks"
+    )
     return config, remap, what
 
 

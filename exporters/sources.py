@@ -41,9 +41,13 @@ class Source:
 
 
 def _supported() -> str:
-    # a cascade's later stages are exported with its first (--stage-2), not as a SOURCE
-    sources = {cls: fam for cls, fam in PIPELINE_FAMILIES.items() if cls not in LATER_STAGES}
-    return ", ".join(f"{cls} ({fam})" for cls, fam in sources.items())
+    """The pipeline classes by family, without their common "Pipeline" suffix: the list outgrew one line. A
+    cascade's later stages are exported with its first (--stage-2), not as a SOURCE."""
+    by_family: dict[str, list[str]] = {}
+    for cls, fam in PIPELINE_FAMILIES.items():
+        if cls not in LATER_STAGES:
+            by_family.setdefault(fam, []).append(cls.removesuffix("Pipeline"))
+    return "; ".join(f"{fam}: {', '.join(classes)}" for fam, classes in by_family.items()) + " (…Pipeline)"
 
 
 def _family_from_index(index: dict, where: str) -> tuple[str, str]:

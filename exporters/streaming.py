@@ -43,6 +43,9 @@ STREAMED_CLASSES = (
     "CLIPTextModelWithProjection",
     "Qwen2_5_VLForConditionalGeneration",  # built on meta from a folder; only its language model is exported
     "Qwen2_5_VLTextModel",  # Qwen-Image's text encoder: its Component's module is the language model alone
+    "HiDreamImageTransformer2DModel",
+    "LlamaForCausalLM",  # HiDream's text_encoder_4, built on meta from a folder; only its LlamaModel is exported
+    "LlamaModel",
 )
 # Families whose checkpoints are always streamed, tiny ones included.
 STREAMED_FAMILIES = ("sd3", "flux", "qwen-image", "deepfloyd-if")
@@ -52,10 +55,19 @@ STREAMED_FAMILIES = ("sd3", "flux", "qwen-image", "deepfloyd-if")
 UNET_FAMILIES = ("sd15", "sdxl")
 
 
-def streamed_source(family: str, kind: str, *, parts: bool, vae_weights: str) -> bool:
+# Families streamed unless tiny and fp32: a tiny one exports faster through TorchScript (one dynamo trace of the
+# HiDream transformer takes ~20 s), and the int8/int4 weight formats are written only by this module.
+BIG_FAMILIES = ("hidream",)
+
+
+def streamed_source(
+    family: str, kind: str, *, parts: bool, vae_weights: str, weights: str = "fp32", text_encoder_weights: str = "fp32"
+) -> bool:
     """Whether a source of ``family`` (``kind``: tiny, folder, hub) is exported by this module."""
     if family in STREAMED_FAMILIES:
         return True
+    if family in BIG_FAMILIES:
+        return kind != "tiny" or weights != "fp32" or text_encoder_weights != "fp32"
     return family in UNET_FAMILIES and kind != "tiny" and not parts and vae_weights == "fp32"
 
 

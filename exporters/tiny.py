@@ -28,7 +28,7 @@ def _seed(offset: int = 0) -> None:
     torch.manual_seed(SEED + offset)
 
 
-def _clip_config(num_hidden_layers: int, hidden_act: str = "quick_gelu"):
+def _clip_config(num_hidden_layers: int, hidden_act: str = "quick_gelu", positions: int = 77):
     from transformers import CLIPTextConfig
 
     # bos/eos/pad ids 0/2/1 as in openai/clip-vit-large-patch14's config.json (eos id 2 selects the
@@ -39,7 +39,7 @@ def _clip_config(num_hidden_layers: int, hidden_act: str = "quick_gelu"):
         intermediate_size=37,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=positions,
         hidden_act=hidden_act,
         layer_norm_eps=1e-5,
         projection_dim=CLIP_HIDDEN,
@@ -49,19 +49,19 @@ def _clip_config(num_hidden_layers: int, hidden_act: str = "quick_gelu"):
     )
 
 
-def _clip_l(seed: int, with_projection: bool = False):
+def _clip_l(seed: int, with_projection: bool = False, positions: int = 77):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     _seed(seed)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(_clip_config(num_hidden_layers=3)).eval()
+    return cls(_clip_config(num_hidden_layers=3, positions=positions)).eval()
 
 
-def _clip_g(seed: int):
+def _clip_g(seed: int, positions: int = 77):
     from transformers import CLIPTextModelWithProjection
 
     _seed(seed)
-    return CLIPTextModelWithProjection(_clip_config(num_hidden_layers=4, hidden_act="gelu")).eval()
+    return CLIPTextModelWithProjection(_clip_config(num_hidden_layers=4, hidden_act="gelu", positions=positions)).eval()
 
 
 def _t5(seed: int):
@@ -275,6 +275,35 @@ def _build_qwen_image():
     )
 
 
+def _build_hidream(model_id: str):
+    """HiDream-I1 (``model_id``: hidream-i1, -dev or -fast: the scheduler differs). Its CLIPs read 128 tokens
+    (the real ones are long-context CLIPs of 248 positions) and ``default_sample_size`` is 16 latent pixels, where
+    the real pipeline's is 128: the pipeline rescales every request to that area, which for the tiny VAE (scale 2)
+    is a 32x32 image of 64 tokens."""
+    from diffusers import HiDreamImagePipeline
+
+    from .hidream import text, transformer
+
+    tokenizer_4 = text.tiny_llama_tokenizer()
+    pipeline = HiDreamImagePipeline(
+        scheduler=_scheduler(model_id),
+        vae=_vae(1, 16, 0.3611, shift_factor=0.1159),  # FLUX's VAE
+        text_encoder=_clip_l(2, with_projection=True, positions=text.CLIP_MAX_LENGTH),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_g(4, positions=text.CLIP_MAX_LENGTH),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=_t5(5),
+        tokenizer_3=t5_tokenizer(),
+        text_encoder_4=text.tiny_llama(6, len(tokenizer_4)),
+        tokenizer_4=tokenizer_4,
+        transformer=transformer.tiny_transformer(3, t5_dim=T5_HIDDEN, llama_dim=48, pooled_dim=2 * CLIP_HIDDEN),
+    )
+    pipeline.default_sample_size = TINY_HIDREAM_SAMPLE_SIZE
+    return pipeline
+
+
+TINY_HIDREAM_SAMPLE_SIZE = 16
+
 _BUILDERS = {
     "sd15": _build_sd15,
     "sdxl": _build_sdxl,
@@ -284,6 +313,9 @@ _BUILDERS = {
     "flux-schnell": lambda: _build_flux(guidance_embeds=False),
     "flux-dev": lambda: _build_flux(guidance_embeds=True),
     "qwen-image": _build_qwen_image,
+    "hidream-i1": lambda: _build_hidream("hidream-i1"),
+    "hidream-i1-dev": lambda: _build_hidream("hidream-i1-dev"),
+    "hidream-i1-fast": lambda: _build_hidream("hidream-i1-fast"),
 }
 
 

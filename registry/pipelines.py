@@ -13,6 +13,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "QwenImagePipeline": "qwen-image",
+    "HiDreamImagePipeline": "hidream",
     "IFPipeline": "deepfloyd-if",  # stage I; stage II (IFSuperResolutionPipeline) is exported with it
     "IFSuperResolutionPipeline": "deepfloyd-if",
 }
@@ -26,7 +27,7 @@ T5_SEQUENCE_LENGTH: dict[str, int] = {"sd3": 256, "flux": 256, "flux-guidance": 
 
 # Pipelines whose default image size is a constant of the class rather than the denoiser's sample_size
 # (diffusers' FluxPipeline.default_sample_size), in latent pixels.
-DEFAULT_SAMPLE_SIZE: dict[str, int] = {"FluxPipeline": 128, "QwenImagePipeline": 128}
+DEFAULT_SAMPLE_SIZE: dict[str, int] = {"FluxPipeline": 128, "QwenImagePipeline": 128, "HiDreamImagePipeline": 128}
 
 
 def family_of(class_name: str | None) -> str | None:

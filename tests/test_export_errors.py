@@ -57,7 +57,11 @@ def test_pipeline_class_stepwise_cannot_export(tmp_path):
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     message = export_error(str(folder))
-    assert "KandinskyV22Pipeline" in message and "StableDiffusionXLPipeline (sdxl)" in message
+    assert (
+        "KandinskyV22Pipeline" in message
+        and "sdxl: StableDiffusionXL" in message
+        and "hidream: HiDreamImage" in message
+    )
 
 
 def test_unknown_tiny_family():
@@ -75,8 +79,19 @@ def test_model_of_another_family():
     assert "sdxl-turbo" in message and "sd15" in message and "sdxl" in message
 
 
-def test_unknown_and_unexportable_models():
+def without_engine(monkeypatch, family: str) -> None:
+    """Every registry family has an engine now: the refusal is tested on one marked engine-less here."""
+    import dataclasses
+
+    from registry import models
+
+    families = {**models.families(), family: dataclasses.replace(models.families()[family], exportable=False)}
+    monkeypatch.setattr(models, "families", lambda: families)
+
+
+def test_unknown_and_unexportable_models(monkeypatch):
     assert "known models" in export_error("tiny:sd15", model_id="sd9")
+    without_engine(monkeypatch, "hidream")
     assert "cannot export" in export_error("tiny:sd15", model_id="hidream-i1")
 
 

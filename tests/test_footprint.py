@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -39,9 +40,20 @@ def test_qwen_image_int4_is_its_transformer_phase():
     assert text < transformer
 
 
+def test_hidream_int4_is_its_text_phase():
+    """Its four encoders are one phase: T5-XXL and Llama-3.1-8B in int8 with both CLIPs in fp32 outweigh the
+    int4 transformer and its activations (17,110 M at 4.25 bits, x1.25, + 2,100 MB at 1024² with CFG)."""
+    model = registry.get("hidream-i1")
+    text = ((4_762e6 + 8_030e6) * (1 + 4 / 128) + (123e6 + 695e6) * 4) * 1.05 / MB
+    transformer = 17_110e6 * (0.5 + 4 / 128) * 1.25 / MB + 2100
+    assert text > transformer
+    assert footprint.need_mb(model, "int4") == pytest.approx(text + 200)
+
+
 def test_unet_int4_has_no_figure_and_unexportable_models_none():
     assert footprint.need_mb(registry.get("sd15"), "int4") is None
-    assert footprint.need_mb(registry.get("hidream-i1"), "int4") is None
+    no_estimate = dataclasses.replace(registry.get("hidream-i1"), activations_mb=None)  # as a model without an engine
+    assert footprint.need_mb(no_estimate, "int4") is None
     sdxl = registry.get("sdxl")  # int8: the UNet at ~1 byte a weight; the 1024x1024 decode then dominates
     decode = 84e6 * 4 * 1.05 / MB + sdxl.activations_mb["decode"]
     assert footprint.need_mb(sdxl, "int8") == pytest.approx(

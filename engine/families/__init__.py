@@ -7,6 +7,7 @@ Keyed by the registry's family name.
 from .base import Architecture
 from .deepfloyd_if import DeepFloydIFArchitecture
 from .flux import FluxArchitecture
+from .hidream import HiDreamArchitecture
 from .qwen_image import QwenImageArchitecture
 from .sd3 import SD3Architecture
 from .unet import UNetArchitecture
@@ -17,6 +18,7 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "sd3": SD3Architecture,
     "flux": FluxArchitecture,
     "qwen-image": QwenImageArchitecture,
+    "hidream": HiDreamArchitecture,
     "deepfloyd-if": DeepFloydIFArchitecture,  # a pixel-space cascade: engine/cascade.py runs it
 }
 

@@ -68,6 +68,10 @@ class Architecture:
         """The negative prompt a generation runs with (and records): Qwen-Image's true CFG needs one."""
         return negative
 
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size a request is generated at (HiDream rescales every request to one area)."""
+        return width, height
+
     # --- latents
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
         f = self.vae_scale_factor
