@@ -71,6 +71,28 @@ PIPELINES = {
         "models": ("transformer", "vae", "text_encoder"),
         "tokenizers": {"tokenizer": "qwen"},
     },
+    # DeepFloyd IF's cascade, one folder per stage (the config's "stage_2" names the second): pixel space, no VAE
+    "IFPipeline": {
+        "models": ("unet", "text_encoder"),
+        "tokenizers": {"tokenizer": "t5"},
+        "extra": {
+            "safety_checker": None,
+            "feature_extractor": None,
+            "watermarker": None,
+            "requires_safety_checker": False,
+        },
+    },
+    "IFSuperResolutionPipeline": {  # no T5 of its own: stage I's states condition it (diffusers' IF docs)
+        "models": ("unet",),
+        "tokenizers": {"tokenizer": "t5"},
+        "extra": {
+            "text_encoder": None,
+            "safety_checker": None,
+            "feature_extractor": None,
+            "watermarker": None,
+            "requires_safety_checker": False,
+        },
+    },
 }
 # text encoders: their config's "architectures"
 _DEFAULT_CLASS = {"transformer": None, "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
@@ -309,6 +331,15 @@ def _tokenizer(kind: str):
     return clip_tokenizer(pad_token="!") if kind == "clip-g" else clip_tokenizer()  # CLIP-G pads with "!"
 
 
+def _scheduler_configs(cfg: dict) -> dict[str, dict]:
+    """The pipeline's schedulers by component name: the config's own ``schedulers`` where it lists them (IF's
+    stage II: its scheduler and image-noising scheduler, which the registry's stage I entry does not hold), else
+    ``{"scheduler": _scheduler_config(cfg)}``."""
+    if "schedulers" in cfg:
+        return {name: dict(sched) for name, sched in cfg["schedulers"].items()}
+    return {"scheduler": _scheduler_config(cfg)}
+
+
 def _scheduler_config(cfg: dict) -> dict:
     """The registry model's scheduler config; while the registry has no entry for it, the config's own
     ``scheduler`` (the hub's ``scheduler_config.json``: qwen-image until the registry lists it)."""
@@ -357,18 +388,20 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
         raise SystemExit(f"{family}: needs {total / 2**30:.1f} GiB on {folder.parent}, {free / 2**30:.1f} GiB free")
     progress(f"writing random:{family} ({kind}, seed {seed}, {_size(total)} bf16) → {folder}")
 
-    scheduler_cfg = _scheduler_config(cfg)
-    scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
+    schedulers = {}
+    for name, scheduler_cfg in _scheduler_configs(cfg).items():
+        schedulers[name] = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
     tokenizers = {name: _tokenizer(tok) for name, tok in spec["tokenizers"].items()}
     # the pipeline object (meta models) only for its model_index.json: what save_pretrained writes first
     models = {c: m for c, (m, _) in modules.items()}
-    pipe = getattr(diffusers, kind)(scheduler=scheduler, **tokenizers, **models, **spec.get("extra", {}))
+    pipe = getattr(diffusers, kind)(**schedulers, **tokenizers, **models, **spec.get("extra", {}))
 
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     try:
         pipe.save_config(tmp)
-        scheduler.save_pretrained(tmp / "scheduler")
+        for name, scheduler in schedulers.items():
+            scheduler.save_pretrained(tmp / name)
         for name, tokenizer in tokenizers.items():
             tokenizer.save_pretrained(tmp / name)
         for component, (module, library) in modules.items():
