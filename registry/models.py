@@ -59,7 +59,7 @@ class Model:
     strength_steps: str | None = None
     # the engine's activation estimate for the denoiser at the default size, batch as the policy runs it
     # (registry/footprint.py); None where no engine runs the model yet
-    activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}
+    activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}; a cascade: "denoiser_2", no "decode"
     # a cascade's later stages (DeepFloyd IF's stage II), each with its checkpoint and its own step policy:
     # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"}
     stages: tuple = ()
