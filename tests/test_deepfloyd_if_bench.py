@@ -113,3 +113,18 @@ def test_the_memory_column_is_the_largest_of_the_cascades_phases():
     assert footprint.need_mb(model, "int8") == pytest.approx(max(t5, stage_1, stage_2) + 200)
     assert footprint.need_mb(model, "fp32") == pytest.approx(4762e6 * 4 * 1.05 / MB + 200)  # T5 fp32 the peak
     assert footprint.need_mb(model, "int4") is None  # a UNet's int4 keeps its convolutions fp32
+
+
+def test_a_five_level_unet_is_traced_at_multiples_of_16():
+    """IF-II-L's 5 levels downsample 16x: traced at the 8-multiple cases (24x16) torch.export failed on the skip
+    concatenation (24 not in VR[16, 16]); its cases are scaled to multiples of 16, 4-level UNets' kept."""
+    from types import SimpleNamespace
+
+    from exporters.components import LATENT_CASES, _unet_case
+
+    if_ii = SimpleNamespace(block_out_channels=random_model.config("deepfloyd-if-ii")["unet"]["block_out_channels"])
+    sd = SimpleNamespace(block_out_channels=[320, 640, 1280, 1280])
+    for case, (batch, h, w) in LATENT_CASES.items():
+        assert _unet_case(sd, case) == (batch, h, w)
+        b, h2, w2 = _unet_case(if_ii, case)
+        assert b == batch and h2 % 16 == 0 and w2 % 16 == 0 and (h2, w2) == (2 * h, 2 * w)
