@@ -375,11 +375,10 @@ def _memory_column(memory: dict) -> str:
     "--weights",
     type=click.Choice(["fp32", "int8", "int4"]),
     default=None,
-    help="Denoiser precision (default fp32; Qwen-Image int4): int8 = static int8 convs calibrated on the "
-    "model's own sampling + dynamic int8 MatMuls (~2x faster SD 1.5 steps; loads the whole pipeline to "
-    "calibrate); int4 = 4-bit MatMul weights "
-    "(MatMulNBits). SD 3 and FLUX transformers: int8/int4 = block-wise MatMulNBits weights. Folder and hub "
-    "checkpoints are exported tensor by tensor (never loaded whole), except for the calibrated int8.",
+    help="Denoiser precision (default fp32; Qwen-Image int4): int8 = weight-only, Linear weights block-wise "
+    "8-bit (MatMulNBits) and UNet convolution weights int8 per channel (~1/4 of the fp32 memory); int4 = 4-bit "
+    "Linear weights, UNet convolutions fp32. Folder and hub checkpoints are exported tensor by tensor (never "
+    "loaded whole), except with --vae-weights int8.",
 )
 @click.option(
     "--vae-weights",
@@ -387,7 +386,7 @@ def _memory_column(memory: dict) -> str:
     default="fp32",
     show_default=True,
     help="VAE decoder precision: int8 = static int8 convs calibrated on the model's own samples (~0.5x the "
-    "decode time, ~35 dB against fp32). UNet models only.",
+    "decode time, ~35 dB against fp32). UNet models only; loads the whole pipeline in fp32 to calibrate.",
 )
 @click.option(
     "--text-encoder-weights",

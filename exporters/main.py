@@ -46,13 +46,15 @@ from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
 VERSIONED = ("torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "peft")
-# A quantized denoiser is checked against PyTorch by the signal-to-noise ratio of its output along a sampling
-# trajectory, not by an fp32 tolerance. Below this floor it is broken (wrong scales, saturation), not merely
-# less precise: the tiny random-weight UNets give 16-24 dB in int8 (LCM lowest) and ~40 dB in int4.
+# A graph quantized after export from a module in memory (the VAE decoder's static int8, along its recorded
+# decodes; a UNet's int4, on the validation inputs) is checked against PyTorch by the signal-to-noise ratio of
+# its output, not by an fp32 tolerance. Below this floor it is broken (wrong scales, saturation), not merely
+# less precise: the tiny random-weight UNets give ~40 dB in int4. (Streamed formats: exporters/weights.py.)
 MIN_SNR_DB = {"int8": 12.0, "int4": 12.0}
-# The calibrated --weights int8 of a UNet checkpoint holds the pipeline while it samples, then onnxruntime's
-# quantize_static holds the UNet graph several times over: 17.2 GB measured for SD 1.5's 3.4 GB fp32 UNet.
-CALIBRATED_INT8_PEAK_PER_UNET_BYTE = 5.0
+# --vae-weights int8 holds the whole pipeline in fp32 while it samples (its final latents calibrate the decoder):
+# a pipeline-loading export of SD 1.5 peaked at 8.22 GB, ~1.9x its 4.3 GB of fp32 weights; with the sampling
+# and the decoder's quantize_static on top, this factor leaves room.
+CALIBRATED_VAE_PEAK_PER_PIPELINE_BYTE = 2.5
 
 
 def export(
@@ -139,14 +141,14 @@ def export(
     unet_file = parts.fetch(unet_spec, "UNet") if unet_spec else None
     lora_file = parts.fetch(lora, "LoRA") if lora else None
     streamed = streaming.streamed_source(
-        src.family, src.kind, parts=bool(unet_file or lora_file), weights=weights, vae_weights=vae_weights
+        src.family, src.kind, parts=bool(unet_file or lora_file), vae_weights=vae_weights
     )
     if (unet_file or lora_file) and src.kind != "tiny" and src.family in streaming.STREAMED_FAMILIES:
         raise ExportError(
             f"--{'lora' if lora_file else 'unet'} needs the weights in memory, and {src.family} checkpoints are "
             f"exported without loading them; fuse it into the checkpoint first (diffusers: fuse_lora, save_pretrained)"
         )
-    if not streamed and weights == "int8" and src.kind != "tiny":
+    if not streamed and vae_weights != "fp32" and src.kind != "tiny":
         sources.fetch(src)
         _check_calibration_memory(src)
     say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
@@ -164,7 +166,7 @@ def export(
     scheduler = scheduler_config(pipeline, model)
     config = pipeline_config(pipeline, src.family, scheduler)
     rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights, streamed=streamed)
-    # a UNet pipeline in memory: its int8 modes are calibrated by sampling it
+    # a UNet pipeline in memory: its VAE decoder's int8 is calibrated by sampling it
     unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
     if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _big_text_encoders(pipeline)):
         raise ExportError(
@@ -176,19 +178,17 @@ def export(
             f"--vae-weights {vae_weights} is calibrated on a UNet pipeline's samples; {src.family} is not supported "
             f"yet: export with --vae-weights fp32"
         )
-    quantized = weights != "fp32" or vae_weights != "fp32"
-    if quantized and unet_pipeline and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels:
-        flags = " ".join(f"--{k} fp32" for k, v in (("weights", weights), ("vae-weights", vae_weights)) if v != "fp32")
+    if vae_weights != "fp32" and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels:
         raise ExportError(
-            f"quantization is calibrated by text-to-image sampling, which a {pipeline.unet.config.in_channels}-channel "
-            f"UNet ({src.pipeline_class}: latents, mask and masked-image latents) cannot do; export with {flags}"
+            f"--vae-weights {vae_weights} is calibrated by text-to-image sampling, which a "
+            f"{pipeline.unet.config.in_channels}-channel UNet ({src.pipeline_class}: latents, mask and masked-image "
+            f"latents) cannot do; export with --vae-weights fp32"
         )
-    if unet_pipeline and quantized:
-        # before any component is exported and freed: the whole pipeline samples. Its UNet inputs calibrate
-        # the int8 convolutions and, with the UNet's outputs, measure a quantized UNet; its final latents do
-        # the same for the VAE decoder.
+    if vae_weights != "fp32":
+        # before any component is exported and freed: the whole pipeline samples, and its final latents
+        # calibrate the int8 VAE decoder and measure it
         with backends.quiet():
-            unet_trajectory, finals = calibrate.unet_trajectory(
+            finals = calibrate.final_latents(
                 pipeline,
                 steps=model.default_steps if model else calibrate.MAX_STEPS,
                 # a registry model samples with its own guidance (Turbo's 0: no CFG batch) and scheduler
@@ -196,11 +196,8 @@ def export(
                 scheduler=scheduler,
                 progress=say,
             )
-            if weights != "fp32":
-                rewrite.trajectories["unet"] = unet_trajectory
-            if vae_weights != "fp32":
-                say("calibrating: decoding the sampled latents")
-                rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
+            say("calibrating: decoding the sampled latents")
+            rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
     final.parent.mkdir(parents=True, exist_ok=True)
     reclaimed = reclaim_leftovers(final.parent)
     if reclaimed:
@@ -249,19 +246,22 @@ def export(
 
 
 def _check_calibration_memory(src) -> None:
-    """Refuse, before loading anything, a calibrated int8 export this machine's memory cannot hold (SDXL's needs
-    ~50 GB): it would be killed after minutes of work. The streamed formats need no such memory."""
-    folder = src.folder / "unet" if src.folder else None
-    if folder is None or not any(folder.glob("*.safetensors")):
+    """Refuse, before loading anything, a calibrated --vae-weights int8 export this machine's memory cannot hold
+    (SDXL's pipeline is 14 GB in fp32): it would be killed after minutes of work."""
+    if src.folder is None:
         return
-    params = streaming.SafetensorsWeights(folder).params()
-    need_mb = CALIBRATED_INT8_PEAK_PER_UNET_BYTE * 4 * params / 2**20
+    params = sum(
+        streaming.SafetensorsWeights(folder).params()
+        for folder in src.folder.iterdir()
+        if folder.is_dir() and any(folder.glob("*.safetensors"))
+    )
+    need_mb = CALIBRATED_VAE_PEAK_PER_PIPELINE_BYTE * 4 * params / 2**20
     available = available_memory_mb()
-    if available is not None and need_mb > available:
+    if params and available is not None and need_mb > available:
         raise ExportError(
-            f"--weights int8 calibrates on the whole pipeline in memory: about {need_mb / 1024:.0f} GB for this "
-            f"{params / 1e9:.1f} B-parameter UNet, and {available / 1024:.0f} GB is available; export with --weights "
-            f"int4 or fp32 (streamed, under 6 GB), or on a machine with more memory"
+            f"--vae-weights int8 calibrates on the whole pipeline in memory: about {need_mb / 1024:.0f} GB for "
+            f"this {params / 1e9:.1f} B-parameter pipeline, and {available / 1024:.0f} GB is available; export with "
+            f"--vae-weights fp32 (streamed, under 6 GB), or on a machine with more memory"
         )
 
 
@@ -287,8 +287,10 @@ class _Rewrite:
         return self.vae_weights if name == "vae_decoder" else "fp32"
 
     def streamed(self, module) -> bool:
-        """Exported by exporters.streaming: the denoiser and text encoders of a streamed source."""
-        return self.stream and streaming.streams(module)
+        """Exported by exporters.streaming: the denoiser and text encoders of a streamed source, and an int8 UNet
+        from any source (weight-only int8, written from the checkpoint or from the module in memory)."""
+        unet_int8 = self.weights == "int8" and type(module).__name__ == "UNet2DConditionModel"
+        return (self.stream or unet_int8) and streaming.streams(module)
 
     def streamed_format(self, name: str, module) -> str:
         if name in DENOISERS:
@@ -310,8 +312,8 @@ class _Rewrite:
         say(f"quantizing {name} to {weights}")
         samples = [feeds for feeds, _ in self.trajectories.get(name, ())]
         try:
-            if name in DENOISERS:
-                done["quantization"] = quantize.quantize(path, data_name, weights, samples)
+            if name in DENOISERS:  # int4 of a UNet in memory (its int8 is written by exporters.streaming)
+                done["quantization"] = quantize.quantize(path, data_name, weights)
             else:
                 done["quantization"] = quantize.int8_convs(path, data_name, samples)
         except Exception as exc:
@@ -426,8 +428,9 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
         "opset": max(opset, streaming.MIN_DYNAMO_OPSET),
         "weights": {
             "format": fmt,
-            "detail": weight_formats.describe(fmt),
+            "detail": weight_formats.describe(fmt, written.int8_convs),
             "linear_weights": written.formats,
+            "int8_convs": written.int8_convs,
             "bf16_embeddings": written.bf16_embeddings,
             # the memory estimate leaves these out: a lookup table's mapped pages are read only where looked up
             "bf16_embedding_bytes": written.bf16_embedding_bytes,

@@ -47,17 +47,16 @@ STREAMED_CLASSES = (
 # Families whose checkpoints are always streamed, tiny ones included.
 STREAMED_FAMILIES = ("sd3", "flux", "qwen-image", "deepfloyd-if")
 # The UNet families stream their folder and hub checkpoints unless something needs the whole pipeline in
-# PyTorch: a UNet or LoRA fused in (--unet, --lora), or the static int8 modes calibrated by sampling
-# (--weights int8, --vae-weights int8). Tiny pipelines are built in memory and exported as they are.
+# PyTorch: a UNet or LoRA fused in (--unet, --lora), or the VAE decoder's static int8 calibrated by sampling
+# (--vae-weights int8). Tiny pipelines are built in memory and exported as they are.
 UNET_FAMILIES = ("sd15", "sdxl")
 
 
-def streamed_source(family: str, kind: str, *, parts: bool, weights: str, vae_weights: str) -> bool:
+def streamed_source(family: str, kind: str, *, parts: bool, vae_weights: str) -> bool:
     """Whether a source of ``family`` (``kind``: tiny, folder, hub) is exported by this module."""
     if family in STREAMED_FAMILIES:
         return True
-    calibrated = weights == "int8" or vae_weights != "fp32"
-    return family in UNET_FAMILIES and kind != "tiny" and not parts and not calibrated
+    return family in UNET_FAMILIES and kind != "tiny" and not parts and vae_weights == "fp32"
 
 
 def streams(module) -> bool:
@@ -291,6 +290,7 @@ class Written:
     params: int  # parameters written
     bytes: int  # bytes of the data file
     formats: dict  # "fp32" / "int8" / "int4" → number of Linear weights in that format
+    int8_convs: int = 0  # convolution weights stored int8 per output channel (weights.py)
     fused_attention: int = 0  # Attention ops rewritten as MultiHeadAttention
     bf16_embeddings: int = 0  # token embedding tables stored as bf16 (weights.py)
     bf16_embedding_bytes: int = 0
@@ -338,6 +338,7 @@ def write(model, plan, checkpoint, buffers: dict, names: dict, folder: Path, *, 
         params=int(params),
         bytes=size,
         formats=dict(plan.formats),
+        int8_convs=plan.int8_convs,
         bf16_embeddings=plan.embeddings,
         bf16_embedding_bytes=plan.embedding_bytes,
     )

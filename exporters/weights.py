@@ -11,6 +11,11 @@
   (Qwen2.5-VL's 152064 x 3584 table: 2.2 → 1.1 GB). Everything else (norms, biases, convolutions of the
   patch embedding) stays fp32. The scale of each block is its largest-magnitude value over −2^(bits-1),
   as llama.cpp's ``q4_0``/``q8_0`` do, so the whole code range is used.
+- ``int8`` also stores each convolution's weight (the UNets') in int8, symmetric per output channel, read by a
+  ``DequantizeLinear`` feeding the ``Conv``: ONNX Runtime 1.32 keeps that node at load (it does not fold it
+  back to fp32), so the weights stay 1 byte in memory and are widened one convolution at a time as it runs.
+  Convolutions with at most ``EDGE_CHANNELS`` input or output channels (the latent side: conv_in, conv_out, a
+  patch embedding) stay fp32: their error goes straight into the sample, and they cost next to nothing.
 
 On this machine's 2 cores a 1024×3072 · 3072×12288 MatMul took 507 ms fp32, 209 ms int4 and 200 ms int8 with
 blocks of 128 (295 and 308 ms with blocks of 64, which cost accuracy nothing measurable): hence 128.
@@ -26,6 +31,7 @@ FORMATS = ("fp32", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
 BLOCK = 128
 ACCURACY_LEVEL = 4
+EDGE_CHANNELS = 16  # latent (4 or 16) and RGB (3) channel counts: such convolutions stay fp32
 PREFIX = "module."  # the traced wrapper holds the component as ``module``
 # Validation floors: the output's signal-to-noise ratio against PyTorch fp32 on the validation inputs, below
 # which a quantized graph is broken (wrong scales, a mis-packed block), not merely less precise. Measured
@@ -37,12 +43,13 @@ MIN_SNR_DB = {
 }
 
 
-def describe(fmt: str) -> str:
+def describe(fmt: str, int8_convs: int = 0) -> str:
     if fmt == "fp32":
         return "fp32"
+    convs = "; convolutions int8 per output channel (DequantizeLinear)" if int8_convs else ""
     return (
         f"MatMulNBits {BITS[fmt]}-bit weights, block {BLOCK}, symmetric; accuracy level {ACCURACY_LEVEL} "
-        f"(int8 activations); token embeddings bf16; other weights fp32"
+        f"(int8 activations){convs}; token embeddings bf16; other weights fp32"
     )
 
 
@@ -66,6 +73,16 @@ def quantize(weight: np.ndarray, bits: int, block: int = BLOCK) -> tuple[np.ndar
     if bits == 4:  # two values a byte, the first in the low nibble
         q = q[..., 0::2] | (q[..., 1::2] << 4)
     return q, scale.astype(np.float32).reshape(-1)
+
+
+def quantize_channels(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A convolution's (out, in, *kernel) float weight → int8 values and one float32 scale per output channel
+    (symmetric, zero point 0: ``DequantizeLinear(q, scale, axis=0)`` gives the weight back)."""
+    flat = weight.reshape(weight.shape[0], -1).astype(np.float32, copy=False)
+    scale = np.abs(flat).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(weight.shape), scale.astype(np.float32)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
@@ -92,6 +109,10 @@ class Job:
             yield self.targets[0], bf16_bits(source)
         elif self.transform == "transpose":
             yield self.targets[0], source.T
+        elif self.transform == "conv-int8":
+            q, scales = quantize_channels(source)
+            yield self.targets[0], q
+            yield self.targets[1], scales
         else:
             q, scales = quantize(source, BITS[self.transform])
             yield self.targets[0], q
@@ -113,6 +134,7 @@ def bf16_bits(values: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
 class Plan:
     jobs: list[Job] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)  # format → Linear weights in it
+    int8_convs: int = 0  # convolution weights stored int8 (int8 only)
     embeddings: int = 0  # token embedding tables stored as bf16
     embedding_bytes: int = 0  # their bytes in the data file
 
@@ -166,6 +188,8 @@ def plan(model, fmt: str) -> Plan:
     if fmt != "fp32":
         model.opset_imports.setdefault("com.microsoft", 1)
         claimed |= _bf16_embeddings(graph, result)
+    if fmt == "int8":
+        claimed |= _int8_convs(graph, result)
     for name in list(graph.initializers):
         value = graph.initializers[name]
         if name in claimed:  # rewritten above: its job is listed, or it is gone
@@ -208,6 +232,32 @@ def _bf16_embeddings(graph, result: Plan) -> set[str]:
         result.embeddings += 1
         result.embedding_bytes += 2 * int(np.prod([int(d) for d in table.shape]))
         done.add(name)
+    return done
+
+
+def _int8_convs(graph, result: Plan) -> set[str]:
+    """Each Conv's module weight (more than EDGE_CHANNELS channels in and out) stored int8 per output channel,
+    read through a DequantizeLinear."""
+    import onnx_ir as ir
+
+    done = set()
+    for node in list(graph):
+        weight = node.inputs[1] if node.op_type == "Conv" and len(node.inputs) > 1 else None
+        if weight is None or not weight.is_initializer() or not _is_meta(weight) or weight.name in done:
+            continue
+        dims = [int(d) for d in weight.shape]
+        if len(dims) < 3 or min(dims[0], dims[1]) <= EDGE_CHANNELS or len(weight.uses()) != 1:
+            continue
+        q = ir.Value(name=f"{weight.name}.q8", shape=ir.Shape(dims), type=ir.TensorType(ir.DataType.INT8))
+        scales = ir.Value(name=f"{weight.name}.scales", shape=ir.Shape(dims[:1]), type=ir.TensorType(ir.DataType.FLOAT))
+        dequantize = ir.node("DequantizeLinear", [q, scales], attributes={"axis": 0}, name=f"{node.name}_weight")
+        graph.insert_before(node, dequantize)
+        widened = dequantize.outputs[0]
+        widened.name, widened.shape, widened.type = f"{weight.name}.dq", weight.shape, ir.TensorType(ir.DataType.FLOAT)
+        node.replace_input_with(1, widened)
+        result.jobs.append(Job(weight.name.removeprefix(PREFIX), [q, scales], "conv-int8"))
+        result.int8_convs += 1
+        done.add(weight.name)
     return done
 
 

@@ -4,8 +4,8 @@ Weights are the registry's parameter counts times the bytes a parameter takes in
 apply to the denoiser and to the big text encoder, T5-XXL or Qwen2.5-VL (``--weights``,
 ``--text-encoder-weights``; at most int8, see ``T5_FORMAT``); CLIP and the VAE stay fp32.
 int8 and int4 are block-wise with a float32 scale per 128 weights (exporters/weights.py): 8.25 and 4.25 bits.
-A UNet's int8 keeps ~1 byte a weight (int8 convolutions and MatMuls); its int4 only shrinks the MatMuls, so
-no figure is given.
+A UNet's int8 keeps ~1 byte a weight (int8 convolutions per output channel, 8-bit MatMulNBits Linears); its
+int4 only shrinks the MatMuls, so no figure is given.
 
 The need is the phased policy's peak at the model's default size (engine/memory.py): the largest of the
 text-encoder phase, the denoiser phase (its weights plus ``activations_mb["denoiser"]``) and the decode phase

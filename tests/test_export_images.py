@@ -167,11 +167,12 @@ def test_inpaint_unet_reproduces_the_diffusers_pipelines_first_step(inpaint):
     assert max_diff(got, expected_out) <= ATOL
 
 
-def test_quantizing_an_inpainting_unet_is_refused_with_the_fix(tmp_path):
+def test_calibrating_an_inpainting_vae_is_refused_with_the_fix(tmp_path):
+    # the int8 VAE is calibrated by text-to-image sampling (the int8 and int4 UNets need none)
     with pytest.raises(exporters.ExportError) as info:
-        exporters.export("tiny:sd15-inpaint", out=tmp_path / "q", weights="int8", progress=None)
+        exporters.export("tiny:sd15-inpaint", out=tmp_path / "q", vae_weights="int8", progress=None)
     message = str(info.value)
-    assert "9-channel UNet" in message and message.endswith("export with --weights fp32") and "\n" not in message
+    assert "9-channel UNet" in message and message.endswith("export with --vae-weights fp32") and "\n" not in message
     assert not (tmp_path / "q").exists()
 
 

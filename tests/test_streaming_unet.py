@@ -102,21 +102,24 @@ def test_reduced_depth_unet_validation_catches_a_wrong_up_block(bf16_folder, str
 
 
 @pytest.mark.slow
-def test_int4_unet_streams_and_int8_loads_the_pipeline(bf16_folder, tmp_path, monkeypatch):
+def test_int8_unet_streams_and_the_int8_vae_loads_the_pipeline(bf16_folder, tmp_path, monkeypatch):
+    # weight-only int8 needs no calibration: the folder's UNet is written tensor by tensor (int4 takes the same
+    # writer with 4-bit Linears and fp32 convolutions), validated against PyTorch
     folder = bf16_folder("sd15")
-    out = exporters.export(str(folder), out=tmp_path / "int4", weights="int4", progress=None)
+    out = exporters.export(str(folder), out=tmp_path / "int8", weights="int8", progress=None)
     unet = json.loads((out / "stepwise.json").read_text())["components"]["unet"]
     assert "streamed" in unet["exporter"]
-    assert unet["weights"]["format"] == "int4" and unet["weights"]["linear_weights"]["int4"] > 0
+    assert unet["weights"]["format"] == "int8" and unet["weights"]["linear_weights"]["int8"] > 0
+    assert unet["weights"]["int8_convs"] > 0
     assert unet["validation"]["snr_db"] >= unet["validation"]["min_snr_db"]
-    # static int8 samples the whole pipeline to calibrate its convolutions: that path loads the checkpoint, as
-    # do a fused UNet or LoRA and the tiny pipelines (built in memory)
-    for weights, vae, parts, kind in (("int8", "fp32", False, "folder"), ("fp32", "int8", False, "hub")):
-        assert not streaming.streamed_source("sd15", kind, parts=parts, weights=weights, vae_weights=vae)
-    assert not streaming.streamed_source("sdxl", "folder", parts=True, weights="fp32", vae_weights="fp32")
-    assert not streaming.streamed_source("sdxl", "tiny", parts=False, weights="fp32", vae_weights="fp32")
-    # and where that pipeline cannot fit (SDXL's calibrated int8 needs ~50 GB), it is refused before loading
-    monkeypatch.setenv("STEPWISE_AVAILABLE_MB", "10")  # the tiny UNet's calibration needs ~27 MB by the rule
-    with pytest.raises(exporters.ExportError, match=r"--weights int8 calibrates .* export with --weights int4"):
-        exporters.export(str(folder), out=tmp_path / "int8", weights="int8", progress=None)
-    assert not (tmp_path / "int8").exists()
+    # the VAE decoder's static int8 samples the whole pipeline to calibrate its convolutions: that path loads
+    # the checkpoint, as do a fused UNet or LoRA and the tiny pipelines (built in memory)
+    assert streaming.streamed_source("sd15", "folder", parts=False, vae_weights="fp32")
+    assert not streaming.streamed_source("sd15", "hub", parts=False, vae_weights="int8")
+    assert not streaming.streamed_source("sdxl", "folder", parts=True, vae_weights="fp32")
+    assert not streaming.streamed_source("sdxl", "tiny", parts=False, vae_weights="fp32")
+    # and where that pipeline cannot fit (SDXL's is 14 GB in fp32), it is refused before loading
+    monkeypatch.setenv("STEPWISE_AVAILABLE_MB", "10")  # the tiny pipeline's calibration needs ~35 MB by the rule
+    with pytest.raises(exporters.ExportError, match=r"--vae-weights int8 calibrates .* export with --vae-weights fp32"):
+        exporters.export(str(folder), out=tmp_path / "vae8", vae_weights="int8", progress=None)
+    assert not (tmp_path / "vae8").exists()
