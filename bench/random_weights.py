@@ -363,13 +363,17 @@ def _reclaim(folder: Path, progress) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30, progress=print) -> Path:
+def write_pipeline(
+    family: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30, progress=print, config_only=()
+) -> Path:
     """Write the random pipeline of ``family`` (``flux-schnell``, ``sd3-medium@u1``...) as a diffusers folder
     that ``DiffusionPipeline.from_pretrained(folder)`` loads: ``model_index.json``, the registry model's
     scheduler (``_scheduler_config``), the tokenizers of ``random_model.build`` (qwen: ``_tokenizer``), and
     each model's ``config.json`` + bf16 safetensors (sharded at ``shard_bytes``, named and indexed as
     ``save_pretrained(safe_serialization=True)`` does), plus ``random_model.DONE``. The folder is built in a
-    hidden sibling and renamed into place (replacing an earlier one) only when complete. Returns ``folder``."""
+    hidden sibling and renamed into place (replacing an earlier one) only when complete. Returns ``folder``.
+    ``config_only``: components written without weights (their config alone; the folder then loads only with
+    them left out, as ``bench.deepfloyd_if_parts`` exports IF-I-XL's UNet without its T5)."""
     import diffusers
 
     folder = Path(folder)
@@ -379,7 +383,7 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
         raise SystemExit(f"{family}: {kind} is not written here; random_model.build writes it ({', '.join(PIPELINES)})")
     spec = PIPELINES[kind]
     modules = {c: meta_module(c, cfg[c]) for c in spec["models"]}
-    plans = {c: model_plan(m, lib, shard_bytes) for c, (m, lib) in modules.items()}
+    plans = {c: model_plan(m, lib, shard_bytes) for c, (m, lib) in modules.items() if c not in config_only}
     total = sum(p["bytes"] for p in plans.values())
     folder.parent.mkdir(parents=True, exist_ok=True)
     _reclaim(folder, progress)
@@ -405,10 +409,15 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
         for name, tokenizer in tokenizers.items():
             tokenizer.save_pretrained(tmp / name)
         for component, (module, library) in modules.items():
+            if component in config_only:
+                saver = module.save_config if library == "diffusers" else module.config.save_pretrained
+                saver(tmp / component)
+                continue
             write_model(
                 module, library, tmp / component, component, seed=seed, shard_bytes=shard_bytes, progress=progress
             )
         marker = {"model": f"random:{family}", "seed": seed, "dtype": "bfloat16", "writer": "bench.random_weights"}
+        marker.update({"config_only": list(config_only)} if config_only else {})
         (tmp / random_model.DONE).write_text(json.dumps(marker) + "\n")
         replace_folder(tmp, folder)
     except BaseException:
@@ -429,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the pipeline folder to write (replaced if there)")
     parser.add_argument("--seed", type=int, default=random_model.SEED)
     parser.add_argument("--shard-gib", type=float, default=2.0, help="largest safetensors file, GiB (default 2)")
+    parser.add_argument("--config-only", nargs="+", default=(), help="components written without weights")
     args = parser.parse_args(argv)
-    write_pipeline(args.family, args.out, seed=args.seed, shard_bytes=int(args.shard_gib * 2**30))
+    shard_bytes = int(args.shard_gib * 2**30)
+    write_pipeline(args.family, args.out, seed=args.seed, shard_bytes=shard_bytes, config_only=tuple(args.config_only))
 
 
 if __name__ == "__main__":
