@@ -78,6 +78,13 @@ def test_the_random_cascade_loads_in_diffusers_if_pipelines(tmp_path, monkeypatc
     assert stage_2.scheduler.config.sample_max_value == 1.0 and stage_1.scheduler.config.sample_max_value == 1.5
     assert stage_2.image_noising_scheduler.config.beta_schedule == "squaredcos_cap_v2"
     assert stage_2.unet.config.class_embed_type == "timestep" and stage_2.unet.config.in_channels == 6
+    # --config-only: the UNet alone with weights, T5's config beside it (loaded with T5 left out)
+    folder = random_weights.write_pipeline(
+        "deepfloyd-if", tmp_path / "unet-only", progress=lambda _: None, config_only=("text_encoder",)
+    )
+    assert [f.name for f in (folder / "text_encoder").iterdir()] == ["config.json"]
+    alone = diffusers.IFPipeline.from_pretrained(folder, text_encoder=None)
+    assert torch.equal(alone.unet.conv_in.weight, stage_1.unet.conv_in.weight)
 
 
 def test_big_models_reads_each_stages_step_time_from_the_profile():
