@@ -41,6 +41,8 @@ PROFILE = {
     "decode": re.compile(r"^VAE decode\s+([\d.]+) ms", re.M),
     "memory": re.compile(r"^Memory:\s+(.*)$", re.M),
 }
+# a cascade's per-stage line (DeepFloyd IF): "stage 1 (64x64)  2 steps, median 12.345 s/step, 25.00 s"
+STAGE_LINE = re.compile(r"^stage (\d+) \((\S+)\)\s+(\d+) steps, median ([\d.]+) s/step", re.M)
 
 
 def parse_profile(text: str) -> dict:
@@ -50,7 +52,22 @@ def parse_profile(text: str) -> dict:
         if match:
             value = match.group(1)
             found[key] = value if key == "memory" else float(value) / (1 if key == "step" else 1000)
+    for stage, size, _, seconds in STAGE_LINE.findall(text):
+        found[f"stage {stage} step"] = float(seconds)
+        found[f"stage {stage} size"] = size
     return found
+
+
+def write_source(family: str, root: Path, save, stage: str = "build") -> Path | None:
+    """``root/random-FAMILY-src`` written by ``bench.random_weights`` unless complete (its result saved as
+    ``stage``); None if that failed."""
+    source = root / f"random-{family}-src"
+    if not (source / random_model.DONE).is_file():
+        built = run([sys.executable, "-m", "bench.random_weights", family, "--out", str(source)], root / "build.log")
+        save(stage, {**built, "disk_gb": round(folder_bytes(source) / 2**30, 2) if source.is_dir() else 0})
+        if built["rc"] != 0:
+            return None
+    return source
 
 
 def bench_model(
@@ -75,28 +92,34 @@ def bench_model(
             handle.write(json.dumps(line) + "\n")
         say(json.dumps(line))
 
+    # a cascade (DeepFloyd IF): the config names its stage II's config, written to its own folder
+    stage_2 = random_model.config(model).get("stage_2")
     if not (out / "stepwise.json").is_file():
-        if not (source / random_model.DONE).is_file():
-            say(f"writing random:{model} → {source}")
-            built = run([sys.executable, "-m", "bench.random_weights", model, "--out", str(source)], root / "build.log")
-            save("build", {**built, "disk_gb": round(folder_bytes(source) / 2**30, 2) if source.is_dir() else 0})
-            if built["rc"] != 0:
-                return
+        say(f"writing random:{model} → {source}")
+        sources = [write_source(model, root, save)]
+        if stage_2:
+            say(f"writing random:{stage_2} (stage II)")
+            sources.append(write_source(stage_2, root, save, "build stage 2"))
+        if None in sources:
+            return
         say(f"exporting {source} ({weights}, T5 {text_weights}) → {out}")
         registry_id = model.partition("@")[0]  # a reduced build (flux-dev@u1) carries its model's policy
         cmd = [*stepwise, "export", str(source), "--model", registry_id, "--out", str(out), "--weights", weights]
+        cmd += ["--stage-2", str(sources[1])] if stage_2 else []
         exported = run([*cmd, "--text-encoder-weights", text_weights], root / f"export-{model}.log")
         if exported["rc"] != 0:
             save("export", {**exported, "log": str(root / f"export-{model}.log")})
             return
         save("export", {**exported, "disk_gb": round(folder_bytes(out) / 2**30, 2)})
         if not keep_source:
-            shutil.rmtree(source, ignore_errors=True)
+            for folder in sources:
+                shutil.rmtree(folder, ignore_errors=True)
     for size in sizes:
         log = root / f"generate-{model}-{size}.log"
         cmd = [*stepwise, "generate", "a lighthouse at dusk", "--model", str(out), "--steps", str(steps), "--force"]
         cmd += ["--width", str(size), "--height", str(size), "--seed", "1", "--profile"]
         cmd += ["--out", str(root / f"{model}-{size}.png"), *flags]
+        cmd += ["--steps-2", str(steps)] if stage_2 else []  # stage II's steps as stage I's
         generated = run(cmd, log)
         save(f"generate {size}", {**generated, "flags": " ".join(flags), **parse_profile(log.read_text())})
 

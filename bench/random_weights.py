@@ -75,6 +75,28 @@ PIPELINES = {
         "models": ("transformer", "vae", "text_encoder"),
         "tokenizers": {"tokenizer": "qwen"},
     },
+    # DeepFloyd IF's cascade, one folder per stage (the config's "stage_2" names the second): pixel space, no VAE
+    "IFPipeline": {
+        "models": ("unet", "text_encoder"),
+        "tokenizers": {"tokenizer": "t5"},
+        "extra": {
+            "safety_checker": None,
+            "feature_extractor": None,
+            "watermarker": None,
+            "requires_safety_checker": False,
+        },
+    },
+    "IFSuperResolutionPipeline": {  # no T5 of its own: stage I's states condition it (diffusers' IF docs)
+        "models": ("unet",),
+        "tokenizers": {"tokenizer": "t5"},
+        "extra": {
+            "text_encoder": None,
+            "safety_checker": None,
+            "feature_extractor": None,
+            "watermarker": None,
+            "requires_safety_checker": False,
+        },
+    },
 }
 # text encoders: their config's "architectures"
 _DEFAULT_CLASS = {"transformer": None, "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
@@ -317,6 +339,15 @@ def _tokenizer(kind: str):
     return clip_tokenizer(pad_token="!") if kind == "clip-g" else clip_tokenizer()  # CLIP-G pads with "!"
 
 
+def _scheduler_configs(cfg: dict) -> dict[str, dict]:
+    """The pipeline's schedulers by component name: the config's own ``schedulers`` where it lists them (IF's
+    stage II: its scheduler and image-noising scheduler, which the registry's stage I entry does not hold), else
+    ``{"scheduler": _scheduler_config(cfg)}``."""
+    if "schedulers" in cfg:
+        return {name: dict(sched) for name, sched in cfg["schedulers"].items()}
+    return {"scheduler": _scheduler_config(cfg)}
+
+
 def _scheduler_config(cfg: dict) -> dict:
     """The registry model's scheduler config; while the registry has no entry for it, the config's own
     ``scheduler`` (the hub's ``scheduler_config.json``: qwen-image until the registry lists it)."""
@@ -340,13 +371,17 @@ def _reclaim(folder: Path, progress) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30, progress=print) -> Path:
+def write_pipeline(
+    family: str, folder: Path, *, seed: int = 0, shard_bytes: int = 2 * 2**30, progress=print, config_only=()
+) -> Path:
     """Write the random pipeline of ``family`` (``flux-schnell``, ``sd3-medium@u1``...) as a diffusers folder
     that ``DiffusionPipeline.from_pretrained(folder)`` loads: ``model_index.json``, the registry model's
     scheduler (``_scheduler_config``), the tokenizers of ``random_model.build`` (qwen: ``_tokenizer``), and
     each model's ``config.json`` + bf16 safetensors (sharded at ``shard_bytes``, named and indexed as
     ``save_pretrained(safe_serialization=True)`` does), plus ``random_model.DONE``. The folder is built in a
-    hidden sibling and renamed into place (replacing an earlier one) only when complete. Returns ``folder``."""
+    hidden sibling and renamed into place (replacing an earlier one) only when complete. Returns ``folder``.
+    ``config_only``: components written without weights (their config alone; the folder then loads only with
+    them left out, as ``bench.deepfloyd_if_parts`` exports IF-I-XL's UNet without its T5)."""
     import diffusers
 
     folder = Path(folder)
@@ -356,7 +391,7 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
         raise SystemExit(f"{family}: {kind} is not written here; random_model.build writes it ({', '.join(PIPELINES)})")
     spec = PIPELINES[kind]
     modules = {c: meta_module(c, cfg[c]) for c in spec["models"]}
-    plans = {c: model_plan(m, lib, shard_bytes) for c, (m, lib) in modules.items()}
+    plans = {c: model_plan(m, lib, shard_bytes) for c, (m, lib) in modules.items() if c not in config_only}
     total = sum(p["bytes"] for p in plans.values())
     folder.parent.mkdir(parents=True, exist_ok=True)
     _reclaim(folder, progress)
@@ -365,25 +400,32 @@ def write_pipeline(family: str, folder: Path, *, seed: int = 0, shard_bytes: int
         raise SystemExit(f"{family}: needs {total / 2**30:.1f} GiB on {folder.parent}, {free / 2**30:.1f} GiB free")
     progress(f"writing random:{family} ({kind}, seed {seed}, {_size(total)} bf16) → {folder}")
 
-    scheduler_cfg = _scheduler_config(cfg)
-    scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
+    schedulers = {}
+    for name, scheduler_cfg in _scheduler_configs(cfg).items():
+        schedulers[name] = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
     tokenizers = {name: _tokenizer(tok) for name, tok in spec["tokenizers"].items()}
     # the pipeline object (meta models) only for its model_index.json: what save_pretrained writes first
     models = {c: m for c, (m, _) in modules.items()}
-    pipe = getattr(diffusers, kind)(scheduler=scheduler, **tokenizers, **models, **spec.get("extra", {}))
+    pipe = getattr(diffusers, kind)(**schedulers, **tokenizers, **models, **spec.get("extra", {}))
 
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     try:
         pipe.save_config(tmp)
-        scheduler.save_pretrained(tmp / "scheduler")
+        for name, scheduler in schedulers.items():
+            scheduler.save_pretrained(tmp / name)
         for name, tokenizer in tokenizers.items():
             tokenizer.save_pretrained(tmp / name)
         for component, (module, library) in modules.items():
+            if component in config_only:
+                saver = module.save_config if library == "diffusers" else module.config.save_pretrained
+                saver(tmp / component)
+                continue
             write_model(
                 module, library, tmp / component, component, seed=seed, shard_bytes=shard_bytes, progress=progress
             )
         marker = {"model": f"random:{family}", "seed": seed, "dtype": "bfloat16", "writer": "bench.random_weights"}
+        marker.update({"config_only": list(config_only)} if config_only else {})
         (tmp / random_model.DONE).write_text(json.dumps(marker) + "\n")
         replace_folder(tmp, folder)
     except BaseException:
@@ -404,8 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the pipeline folder to write (replaced if there)")
     parser.add_argument("--seed", type=int, default=random_model.SEED)
     parser.add_argument("--shard-gib", type=float, default=2.0, help="largest safetensors file, GiB (default 2)")
+    parser.add_argument("--config-only", nargs="+", default=(), help="components written without weights")
     args = parser.parse_args(argv)
-    write_pipeline(args.family, args.out, seed=args.seed, shard_bytes=int(args.shard_gib * 2**30))
+    shard_bytes = int(args.shard_gib * 2**30)
+    write_pipeline(args.family, args.out, seed=args.seed, shard_bytes=shard_bytes, config_only=tuple(args.config_only))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import numpy as np
 from registry.pipelines import MASKED_TEXT_PIPELINES
 
 # latent (height, width) per case: "export" is what the torch.onnx path traces with (batch 2,
-# height != width); validation runs "a" and "b". All multiples of 8, so they fit any VAE/UNet depth.
+# height != width); validation runs "a" and "b". All multiples of 8, so they fit any VAE and any UNet of up to
+# 4 levels; a deeper UNet's cases are scaled up to its own multiple (``_unet_case``: IF-II-L's 5 levels, 16).
 LATENT_CASES = {"export": (2, 24, 16), "a": (1, 32, 24), "b": (2, 16, 40)}
 # (batch, sequence length) per case for text encoders; None = the tokenizer's max length.
 TEXT_CASES = {"export": (2, None), "a": (1, None), "b": (2, 13)}
@@ -173,6 +174,15 @@ def text_encoder(name: str, module, max_length: int, *, attention_mask: bool = F
 # --- denoisers -------------------------------------------------------------------------------------
 
 
+def _unet_case(cfg, case: str) -> tuple[int, int, int]:
+    """``LATENT_CASES[case]`` scaled to a multiple of the UNet's downsampling (2 ** (levels - 1)): the skip
+    connections are concatenated with the upsampled states, which only match in size at such multiples (IF-II-L's
+    5 levels need 16: traced at 24x16 its export failed)."""
+    batch, h, w = LATENT_CASES[case]
+    scale = max(1, 2 ** (len(cfg.block_out_channels) - 1) // 8)
+    return batch, h * scale, w * scale
+
+
 def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -> Component:
     cfg = module.config
     sdxl = cfg.addition_embed_type == "text_time"
@@ -212,7 +222,7 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
         return (out[0],)
 
     def make_inputs(case: str) -> dict[str, np.ndarray]:
-        batch, h, w = LATENT_CASES[case]
+        batch, h, w = _unet_case(cfg, case)
         rng = np.random.default_rng(_stable_seed("unet", case))
         feeds = {
             "sample": _randn(rng, batch, cfg.in_channels, h, w),

@@ -59,7 +59,10 @@ class Model:
     strength_steps: str | None = None
     # the engine's activation estimate for the denoiser at the default size, batch as the policy runs it
     # (registry/footprint.py); None where no engine runs the model yet
-    activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}
+    activations_mb: dict | None = None  # {"denoiser": MB, "decode": MB}; a cascade: "denoiser_2", no "decode"
+    # a format's peak measured at full size where the estimate above misses it by more than 25% (DeepFloyd IF's
+    # int8: its stage I's int8 convolutions; docs/benchmarks.md "DeepFloyd IF at full size"): {format: MB}
+    measured_mb: dict | None = None
     # a cascade's later stages (DeepFloyd IF's stage II), each with its checkpoint and its own step policy:
     # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"}
     stages: tuple = ()
