@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 import registry
+from registry import cache as step_cache
 from registry import policy, requests, timings
 from registry.files import OutputError, atomic_write_text, check_output
 from registry.manifest import ManifestError
@@ -134,12 +135,19 @@ def _policy_model(fam, config: dict):
 # ---------------------------------------------------------------- the plan
 
 
-def _estimate(target: Target, steps: int, width: int, height: int, threads: int | None) -> str:
+def _estimate(target: Target, steps: int, width: int, height: int, threads: int | None, full=None) -> str:
+    """``full``: (fewest, most) steps run in full under a step cache; the rest are counted as free (a cached
+    step runs the first block and the output layers only), so the estimate is a range."""
     entry = timings.measured(target.label, width, height, threads)
     if entry is None:
         return "no per-step time measured yet for this model and size on this machine (run with --profile)"
     per_step = entry["median_step_ms"] / 1000
-    text = f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s"
+    if full is not None and full[0] < steps:
+        low, high = full
+        text = f"≈ {low}-{high} full steps × {per_step:.2f} s/step = {low * per_step:.1f}-{high * per_step:.1f} s"
+        steps = high
+    else:
+        text = f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s"
     around = {name: entry[name] / 1000 for name in timings.PARTS if name in entry}
     if around:  # load, prompt and decode as measured last time: the whole run, not the steps alone
         total = steps * per_step + sum(around.values())
@@ -150,7 +158,7 @@ def _estimate(target: Target, steps: int, width: int, height: int, threads: int 
     return text + " (measured on this machine)"
 
 
-def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads, start=None) -> None:
+def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads, start=None, cache=None) -> None:
     m = target.model
     where = f"{target.folder} ({target.weights})" if target.folder else "not exported"
     if target.random_weights:
@@ -176,7 +184,14 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     click.echo(f"Guidance: {gtext}")
     click.echo(f"Size:     {width}x{height}")
     click.echo(f"Seed:     {seed}")
-    click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads)}")
+    full = step_cache.full_evaluations(cache, decision.steps_run)
+    if cache is not None:
+        low, high = full
+        click.echo(
+            f"Cache:    {cache.label()} — decided each step: {low} to {high} of the {decision.steps_run} steps run "
+            f"the whole transformer, the rest reuse the last computed residual"
+        )
+    click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads, full)}")
 
 
 def not_exported_message(target: Target) -> str:
@@ -375,8 +390,25 @@ def _memory_column(memory: dict) -> str:
     "(Qwen-Image): int8/int4 = block-wise MatMulNBits weights (T5-XXL 9.5 GB fp32 → 5 / 2.7 GB).",
 )
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
+@click.option(
+    "--cache-graphs",
+    is_flag=True,
+    help="Also write the transformer as the graphs step caching runs (generate --cache fbcache; FLUX): "
+    "its weights a second time on disk.",
+)
 def export_cmd(
-    source, model_id, out, unet, lora, lora_scale, no_optimum, weights, vae_weights, text_encoder_weights, no_fuse
+    source,
+    model_id,
+    out,
+    unet,
+    lora,
+    lora_scale,
+    no_optimum,
+    weights,
+    vae_weights,
+    text_encoder_weights,
+    no_fuse,
+    cache_graphs,
 ):
     """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once.
 
@@ -409,6 +441,7 @@ def export_cmd(
             vae_weights=vae_weights,
             text_encoder_weights=text_encoder_weights,
             fuse=not no_fuse,
+            cache_graphs=cache_graphs,
             progress=lambda line: click.echo(line, err=True),
         )
     except exporters.ExportError as exc:
@@ -448,6 +481,7 @@ def _run_generation(
     profile,
     profile_json,
     vae_tiling=False,
+    cache=None,
 ):
     import engine
 
@@ -466,6 +500,7 @@ def _run_generation(
             guidance=guidance,
             image=start is not None,
             vae_tiling=tiling,
+            cache=cache,
         )
         if sys.stderr.isatty():
             click.echo("\r\033[K", err=True, nl=False)
@@ -485,6 +520,7 @@ def _run_generation(
             strength=start.strength if start else None,
             show_progress=sys.stderr.isatty(),
             vae_tiling=tiling,
+            cache=cache,
         )
     except (engine.EngineError, InputError, ManifestError) as exc:
         _fail(str(exc), 2)
@@ -498,7 +534,8 @@ def _run_generation(
     click.echo(f"saved {path}")
     prof = result.profile
     try:
-        timings.record(target.label, width, height, threads, prof["median_step_ms"], prof)
+        # a full evaluation's time: with a step cache, the median of the steps computed in full
+        timings.record(target.label, width, height, threads, prof["median_full_step_ms"], prof)
     except OSError as exc:  # the image is saved: a timings file that cannot be written is not a failure
         click.echo(
             f"warning: the step time was not recorded in {timings.timings_path()} ({exc.strerror or exc})", err=True
@@ -572,6 +609,13 @@ def _read_latents(latents_file):
     help="Decode (and encode) the image in overlapping tiles, as diffusers' vae.enable_tiling() [default: when it "
     "would not fit otherwise].",
 )
+@click.option(
+    "--cache",
+    "cache",
+    metavar="MODE[:KEY=VALUE,...]",
+    help="Step caching: skip most of the denoiser on steps whose first block changed little, as diffusers' "
+    "hook does (fbcache[:threshold=0.05], FLUX, exported with --cache-graphs). Not for few-step models.",
+)
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
 def generate(
@@ -594,6 +638,7 @@ def generate(
     strength,
     low_memory,
     vae_tiling,
+    cache,
     profile,
     profile_json,
 ):
@@ -628,6 +673,7 @@ def generate(
             inpaint=start is not None and start.mask is not None,
             strength=start.strength if start else None,
             threads=threads,
+            cache=cache,
         )
     except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
         _fail(str(exc), 2)
@@ -641,7 +687,7 @@ def generate(
         threads = cores
     if plan.warning and not interactive:
         click.echo(f"warning: {plan.warning}", err=True)
-    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
+    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start, plan.cache)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
@@ -670,6 +716,7 @@ def generate(
         profile=profile,
         profile_json=profile_json,
         vae_tiling=vae_tiling,
+        cache=plan.cache,
     )
 
 

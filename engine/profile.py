@@ -19,6 +19,15 @@ class Profiler:
         self.sections: dict[str, float] = {}
         self.steps: list[dict] = []
         self.started = time.perf_counter()
+        self.cache_steps: list[str] | None = None  # a step cache's verdict per step (engine/cache.py)
+
+    def watch_cache(self, verdicts: list[str]) -> None:
+        """Mark each step with the step cache's verdict, ``computed`` or ``cached``, as the list fills."""
+        self.cache_steps = verdicts
+
+    def steps_computed(self) -> str:
+        computed = sum(1 for s in self.steps if s.get("cache") == "computed")
+        return f"{computed} of {len(self.steps)}"
 
     @contextmanager
     def section(self, name: str):
@@ -40,9 +49,16 @@ class Profiler:
                 "scheduler_ms": round(step.scheduler_ms, 3),
             }
         )
+        if self.cache_steps is not None and step.index < len(self.cache_steps):
+            self.steps[-1]["cache"] = self.cache_steps[step.index]
 
     def result(self) -> dict:
         step_ms = [s["denoiser_ms"] + s["scheduler_ms"] for s in self.steps]
+        # a full evaluation's time (what estimates multiply): the computed steps' when a cache skipped some
+        full = [ms for ms, s in zip(step_ms, self.steps, strict=True) if s.get("cache", "computed") == "computed"]
+        cached = {}
+        if self.cache_steps is not None:
+            cached["cache_steps"] = {"computed": len(full), "cached": len(self.steps) - len(full)}
         return {
             "steps": self.steps,
             # sessions created before the run (resident) and inside it (phased): load_ms counts both,
@@ -54,18 +70,26 @@ class Profiler:
             "total_ms": round((time.perf_counter() - self.started) * 1000 - self.sections.get("phase_load", 0.0), 3),
             "mean_step_ms": round(statistics.fmean(step_ms), 3) if step_ms else 0.0,
             "median_step_ms": round(statistics.median(step_ms), 3) if step_ms else 0.0,
+            "median_full_step_ms": round(statistics.median(full), 3) if full else 0.0,
+            **cached,
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 
 
 def format_profile(p: dict) -> str:
+    marked = any("cache" in s for s in p["steps"])
     lines = [f"{'step':>4}  {'timestep':>10}  {'sigma':>8}  {'denoiser ms':>11}  {'scheduler ms':>12}"]
+    if marked:
+        lines[0] += f"  {'denoiser':>8}"
     for s in p["steps"]:
         sigma = "-" if s["sigma"] is None else f"{s['sigma']:.4f}"
         lines.append(
             f"{s['index']:>4}  {s['timestep']:>10.3f}  {sigma:>8}  {s['denoiser_ms']:>11.1f}  "
-            f"{s['scheduler_ms']:>12.2f}"
+            f"{s['scheduler_ms']:>12.2f}" + (f"  {s.get('cache', ''):>8}" if marked else "")
         )
+    if "cache_steps" in p:
+        done = p["cache_steps"]
+        lines.append(f"step cache         {done['computed']} steps computed in full, {done['cached']} cached")
     lines += [
         f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
         f"VAE decode         {p['vae_decode_ms']:>10.1f} ms",

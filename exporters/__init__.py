@@ -29,6 +29,7 @@ def export(
     vae_weights: str = "fp32",
     text_encoder_weights: str | None = None,
     fuse: bool = True,
+    cache_graphs: bool = False,
     progress=print,
 ):
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to a validated ONNX folder.
@@ -46,6 +47,7 @@ def export(
     ``vae_weights``: the VAE decoder's, ``fp32`` or ``int8`` (static int8 convolutions calibrated on the
     pipeline's own sampled latents; UNet pipelines);
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
+    ``cache_graphs``: also write the transformer as the graphs step caching runs (FLUX; exporters/split.py);
     ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
     Raises ExportError, one line naming the problem and the fix.
     """
@@ -64,6 +66,7 @@ def export(
         vae_weights=vae_weights,
         text_encoder_weights=text_encoder_weights,
         fuse=fuse,
+        cache_graphs=cache_graphs,
         progress=progress,
     )
 

@@ -19,6 +19,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 import registry
 from registry import manifest as manifest_io
 from registry.files import process_alive, replace_folder
@@ -35,12 +37,15 @@ from . import (
     qwen_image,
     reduced,
     sources,
+    split,
     streaming,
     validate,
 )
 from . import weights as weight_formats
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
+
+DENOISER_GRAPHS = (*DENOISERS, *split.GRAPHS)  # the whole denoiser and its step-cache parts share its precision
 
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
@@ -68,12 +73,14 @@ def export(
     vae_weights: str = "fp32",
     text_encoder_weights: str | None = None,
     fuse: bool = True,
+    cache_graphs: bool = False,
     progress=print,
 ) -> Path:
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to ONNX.
 
     Returns the final folder. Raises ExportError (one line: the problem and the fix) for anything the
     caller can fix: a bad source, a registry mismatch, a missing package, a graph that fails validation.
+    ``cache_graphs``: write the transformer a second time as the graphs step caching runs (exporters/split.py).
     """
     say = progress or (lambda _message: None)
     started = time.monotonic()
@@ -131,6 +138,8 @@ def export(
     with backends.quiet():
         pipeline = sources.load(src, streamed=streamed)
     _check_policy(model, src, pipeline)
+    if cache_graphs:
+        _check_cache_graphs(pipeline, src)
     if unet_file:
         say(f"applying UNet weights {unet_spec}")
         parts.apply_unet(pipeline, unet_file)
@@ -198,7 +207,10 @@ def export(
                 f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
                 f"try the plain torch.onnx exporter (stepwise export --no-optimum)"
             ) from exc
-        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite, src)
+        # the whole transformer's test inputs, taken before the export frees its module
+        whole_inputs = components.make(pipeline, "transformer").make_inputs if cache_graphs else None
+        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite, src, cache_graphs)
+        composed = _check_composed(tmp, entries, whole_inputs, say) if cache_graphs else None
         data = {
             "model_id": model.id if model else None,
             "family": src.family,
@@ -212,6 +224,7 @@ def export(
             "text_encoder_precision": text_encoder_weights,
             "exporter": backend.name,
             "components": entries,
+            **({"cache_graphs": composed} if composed else {}),
             "config": config,
             "versions": _versions(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -260,7 +273,7 @@ class _Rewrite:
         self.trajectories: dict[str, list] = {}
 
     def precision(self, name: str) -> str:
-        if name in DENOISERS:
+        if name in DENOISER_GRAPHS:
             return self.weights
         return self.vae_weights if name == "vae_decoder" else "fp32"
 
@@ -269,7 +282,7 @@ class _Rewrite:
         return self.stream and streaming.streams(module)
 
     def streamed_format(self, name: str, module) -> str:
-        if name in DENOISERS:
+        if name in DENOISER_GRAPHS:
             return self.weights
         return self.text_encoder_weights if type(module).__name__ in BIG_TEXT_ENCODERS else "fp32"
 
@@ -288,7 +301,7 @@ class _Rewrite:
         say(f"quantizing {name} to {weights}")
         samples = [feeds for feeds, _ in self.trajectories.get(name, ())]
         try:
-            if name in DENOISERS:
+            if name in DENOISER_GRAPHS:
                 done["quantization"] = quantize.quantize(path, data_name, weights, samples)
             else:
                 done["quantization"] = quantize.int8_convs(path, data_name, samples)
@@ -305,7 +318,7 @@ class _Rewrite:
         return {"min_snr_db": MIN_SNR_DB[weights], "trajectory": self.trajectories.get(name)}
 
     def fix(self, name: str) -> str:
-        return "export with --weights fp32" if name in DENOISERS else "export with --vae-weights fp32"
+        return "export with --weights fp32" if name in DENOISER_GRAPHS else "export with --vae-weights fp32"
 
 
 # text encoders big enough for --text-encoder-weights (T5-XXL 4.8 B, Qwen2.5-VL 8.3 B parameters)
@@ -317,8 +330,56 @@ def _big_text_encoders(pipeline) -> list:
     return [m for m in modules if type(m).__name__ in BIG_TEXT_ENCODERS]
 
 
-def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:
+def _check_cache_graphs(pipeline, src) -> None:
+    denoiser = getattr(pipeline, "transformer", None)
+    if type(denoiser).__name__ not in split.SPLIT_CLASSES:
+        raise ExportError(
+            f"--cache-graphs splits FLUX's transformer for step caching; {src.family} has no cache mode that "
+            f"needs its denoiser split yet: export without --cache-graphs"
+        )
+
+
+def _check_composed(folder: Path, entries: dict, make_inputs, say) -> dict:
+    """The split graphs composed against the whole graph, in onnxruntime, on the whole graph's test inputs:
+    together they are the transformer. Skipped (and said) when the transformer is too big to hold twice."""
+    result = {"graphs": list(split.GRAPHS), "whole": "transformer"}
+    bytes_ = sum(entries[n].get("data_bytes", entries[n]["bytes"]) for n in ("transformer", *split.GRAPHS))
+    if bytes_ > 2 * streaming.FULL_VALIDATION_BYTES:
+        result["composed"] = "not run: the whole and the split graphs are too big to hold together"
+        say("note: the split graphs were validated one by one, not composed against the whole (too big)")
+        return result
+    sessions = {n: validate.session(folder / n / "model.onnx") for n in ("transformer", *split.GRAPHS)}
+
+    def run(name, feeds):
+        sess = sessions[name]
+        outs = [o.name for o in sess.get_outputs()]
+        return dict(zip(outs, sess.run(outs, validate.feeds_for(sess, feeds)), strict=True))
+
+    worst = largest = 0.0
+    for case in ("a", "b"):
+        feeds = make_inputs(case)
+        whole = run("transformer", feeds)["out_hidden_states"]
+        got = split.compose(run, feeds)
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - whole))))
+        largest = max(largest, float(np.max(np.abs(whole))))
+    tolerance = components.ATOL + components.RTOL * largest
+    if not worst <= tolerance:
+        raise ExportError(
+            f"validating the step-cache graphs failed: composed they differ from the whole transformer by "
+            f"{worst:.1e} (tolerance {tolerance:.1e}); report it, or export without --cache-graphs"
+        )
+    measured = _measured({"max_abs_diff": worst, "tolerance": tolerance})
+    say(f"validating the step-cache graphs composed against the whole: {measured}")
+    return {**result, "composed": {"max_abs_diff": worst, "tolerance": tolerance}}
+
+
+def _export_components(
+    pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src, cache_graphs: bool = False
+) -> dict:
     todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
+    if cache_graphs:  # right after the whole transformer, while its module is still held
+        at = next(i for i, c in enumerate(todo) if c.name == "transformer") + 1
+        todo[at:at] = split.graphs(pipeline.transformer)
     entries = {}
     while todo:
         component = todo.pop(0)
@@ -372,7 +433,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
     fmt = rewrite.streamed_format(name, component.module)
     params = component.params
     try:
-        checkpoint = streaming.weights_source(component.module, src.folder / name if src.folder else None)
+        folder_name = "transformer" if name in split.GRAPHS else name  # the parts read the whole's weights
+        checkpoint = streaming.weights_source(component.module, src.folder / folder_name if src.folder else None)
     except FileNotFoundError as exc:
         raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None
     if component.kind == qwen_image.TEXT_KIND:  # the checkpoint names the language model's tensors its own way
@@ -387,7 +449,7 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
             component, checkpoint, path, opset=opset, fmt=fmt, tolerances=tolerances, fuse=rewrite.fuse
         )
     except validate.ValidationFailed as exc:
-        flag = "--weights" if name in DENOISERS else "--text-encoder-weights"
+        flag = "--weights" if name in DENOISER_GRAPHS else "--text-encoder-weights"
         fix = f"export with {flag} fp32" if fmt != "fp32" else "report it: the streamed graph differs from PyTorch"
         raise ExportError(f"validating {name} failed: {exc}; {fix}") from None
     except ExportError:
@@ -443,7 +505,7 @@ def _entry(name: str, path: Path, params: int, result: dict) -> dict:
 
 
 def kind_of(component) -> str:
-    return "denoiser" if component.name in DENOISERS else "text_encoder"
+    return "denoiser" if component.name in DENOISER_GRAPHS else "text_encoder"
 
 
 def _count(params: int) -> str:

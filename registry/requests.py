@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import cache as step_cache
 from . import policy
 from .models import Family, Model
 from .policy import InputError, StepDecision
@@ -36,6 +37,12 @@ class Plan:
     seed: int  # drawn at random when the request gave none
     strength: float | None  # image-to-image only: the family's default when not given
     seed_given: bool = True
+    cache: step_cache.CacheSpec | None = None  # the step cache the run uses (--cache), checked
+
+    @property
+    def full_evaluations(self) -> tuple[int, int]:
+        """(fewest, most) steps that run the whole denoiser: all of them without a cache."""
+        return step_cache.full_evaluations(self.cache, self.decision.steps_run)
 
     @property
     def steps(self) -> int:
@@ -87,6 +94,7 @@ def plan_request(
     inpaint: bool = False,
     strength: float | None = None,
     threads: int | None = None,
+    cache: str | None = None,
 ) -> Plan:
     """Check a request against ``model``'s step policy and ``family``'s limits and fill in its defaults.
 
@@ -94,7 +102,7 @@ def plan_request(
     the start image's size (image-to-image; the default output size, rounded to the family's multiple);
     ``inpaint``: a mask was given (the family's inpainting strength is the default). Raises ``InputError``
     (one line: the problem and the fix) for bad input, and ``Refused`` for a step count the policy refuses
-    unless ``force``."""
+    unless ``force``. ``cache``: ``MODE[:key=value,...]`` (registry/cache.py), refused where it cannot help."""
     if image_size is None:
         if inpaint:
             raise InputError("--mask needs --image: the mask says which part of an image to repaint")
@@ -113,6 +121,8 @@ def plan_request(
         raise InputError(f"--threads must be at least 1 (got {threads})")
     if decision.refused and not force:
         raise Refused(decision)
+    spec = step_cache.parse(cache)
+    step_cache.check(spec, model, family.name, decision.steps_run)
     given = seed is not None
     return Plan(
         prompt=prompt,
@@ -124,4 +134,5 @@ def plan_request(
         seed=seed if given else random_seed(),
         strength=strength,
         seed_given=given,
+        cache=spec,
     )
