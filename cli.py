@@ -144,7 +144,10 @@ def _estimate(target: Target, steps: int, width: int, height: int, threads: int 
     per_step = entry["median_step_ms"] / 1000
     if full is not None and full[0] < steps:
         low, high = full
-        text = f"≈ {low}-{high} full steps × {per_step:.2f} s/step = {low * per_step:.1f}-{high * per_step:.1f} s"
+        if low == high:
+            text = f"≈ {low} full steps of {steps} × {per_step:.2f} s/step = {low * per_step:.1f} s"
+        else:
+            text = f"≈ {low}-{high} full steps × {per_step:.2f} s/step = {low * per_step:.1f}-{high * per_step:.1f} s"
         steps = high
     else:
         text = f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s"
@@ -187,10 +190,14 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     full = step_cache.full_evaluations(cache, decision.steps_run)
     if cache is not None:
         low, high = full
-        click.echo(
-            f"Cache:    {cache.label()} — decided each step: {low} to {high} of the {decision.steps_run} steps run "
-            f"the whole transformer, the rest reuse the last computed residual"
-        )
+        run = decision.steps_run
+        if low == high:
+            plan = cache.resolved(run).schedule(run)
+            which = ",".join(str(i + 1) for i, computed in enumerate(plan) if computed)
+            text = f"{low} of the {run} steps run the whole transformer (steps {which})"
+        else:
+            text = f"decided each step: {low} to {high} of the {run} steps run the whole transformer"
+        click.echo(f"Cache:    {cache.label()} — {text}")
     click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads, full)}")
 
 

@@ -1,9 +1,12 @@
-"""Step caching in numpy, composed around the denoiser's split graphs (``stepwise export --cache-graphs``).
+"""Step caching in numpy, composed around the denoiser's graphs: the whole one, or its split
+(``stepwise export --cache-graphs``).
 
 A cached denoiser stands in for the whole transformer graph: called like it (``graph(outputs, **feeds)``),
-it runs the split graphs and decides, each call, whether the expensive part runs. The loop
-(engine/sampling.py) does not know: what it sees is a graph. One object per generation: it holds that
-generation's state (the residuals), so the pipeline itself stays free of per-request state.
+it runs the graphs and decides, each call, what runs. The loop (engine/sampling.py) does not know: what it
+sees is a graph. One object per generation: it holds that generation's state (residuals, Taylor factors), so
+the pipeline itself stays free of per-request state. Steps are counted in denoiser calls, as the reference
+hooks count them. Which steps compute is registry/cache.py's (the plan counts them with the same code),
+except fbcache's, decided here from the data.
 
 ``FirstBlockCache`` is diffusers 0.39's First Block Cache (hooks/first_block_cache.py) step for step:
 - the first block always runs; its residual is its output hidden states minus its input;
@@ -20,12 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from registry.cache import SPLIT_GRAPHS, CacheSpec
+from registry.cache import MODES, SPLIT_GRAPHS, CacheSpec, taylor_coefficient
 
 from .errors import EngineError
 
 FIRST, BLOCKS, OUT = SPLIT_GRAPHS
-COMPUTED, CACHED = "computed", "cached"
+COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
 
 
 class FirstBlockCache:
@@ -68,19 +71,114 @@ class FirstBlockCache:
         return self.out(outputs=["out_hidden_states"], hidden_states=blocks, temb=first["temb"])
 
 
+class _Scheduled:
+    """A mode whose computed steps are fixed in advance (registry/cache.py's schedule of the resolved spec)."""
+
+    def __init__(self, spec: CacheSpec, steps: int):
+        # room for a second-order sampler's two calls a step; past the end every call computes
+        self.decisions = spec.schedule(4 * steps + 4)
+        self.steps: list[str] = []
+
+    def _compute(self) -> bool:
+        index = len(self.steps)
+        return self.decisions[index] if index < len(self.decisions) else True
+
+
+class MagCache(_Scheduled):
+    """diffusers 0.39's MagCache (hooks/mag_cache.py): a skipped call runs no block; the hidden states entering
+    the first block plus the residual the blocks added at the last computed call (the tail block's output
+    minus the head block's input) go to the output layers. The first graph still runs the first block on a
+    skipped call (its input is that graph's output): one block of waste, no change in the numbers."""
+
+    def __init__(self, graphs: dict, spec: CacheSpec, steps: int):
+        super().__init__(spec, steps)
+        self.first, self.blocks, self.out = graphs[FIRST], graphs[BLOCKS], graphs[OUT]
+        self.residual: np.ndarray | None = None
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        compute = self._compute()
+        first = self.first(**feeds)
+        entering = first["first_block_input"]
+        if compute:
+            hidden = self.blocks(
+                outputs=["out_hidden_states"],
+                hidden_states=first["first_block_hidden_states"],
+                encoder_hidden_states=first["first_block_encoder_hidden_states"],
+                temb=first["temb"],
+                rotary_cos=first["rotary_cos"],
+                rotary_sin=first["rotary_sin"],
+            )["out_hidden_states"]
+            self.residual = hidden - entering
+            self.steps.append(COMPUTED)
+        else:
+            hidden = entering + self.residual
+            self.steps.append(CACHED)
+        return self.out(outputs=["out_hidden_states"], hidden_states=hidden, temb=first["temb"])
+
+
+class TaylorSeerLite(_Scheduled):
+    """diffusers 0.39's TaylorSeer in lite mode (hooks/taylorseer_cache.py, use_lite_mode=True): on a predicted
+    call every block is skipped and ``proj_out`` — whose output is the FLUX transformer's output — returns its
+    Taylor prediction from the factors of the computed calls (divided differences up to ``max_order``), so the
+    whole graph runs on computed calls only. Factors stay float32 (the reference's default is bf16; the parity
+    test runs it with float32 factors)."""
+
+    def __init__(self, graph, spec: CacheSpec, steps: int):
+        super().__init__(spec, steps)
+        self.graph = graph
+        self.max_order = int(spec.options["max_order"])
+        self.factors: dict[int, np.ndarray] = {}
+        self.last_update: int | None = None
+
+    def _update(self, output: np.ndarray, step: int) -> None:
+        factors = {0: output}
+        if self.last_update is not None:
+            delta = np.float32(step - self.last_update)
+            for order in range(self.max_order):
+                previous = self.factors.get(order)
+                if previous is None:
+                    break
+                factors[order + 1] = (factors[order] - previous) / delta
+        self.factors, self.last_update = factors, step
+
+    def _predict(self, step: int) -> np.ndarray:
+        offset = step - self.last_update
+        output = np.zeros_like(self.factors[0])
+        for order in range(len(self.factors)):
+            output = output + self.factors[order] * np.float32(taylor_coefficient(offset, order))
+        return output
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        step = len(self.steps)
+        if self._compute():
+            output = self.graph(outputs=["out_hidden_states"], **feeds)["out_hidden_states"]
+            self._update(output, step)
+            self.steps.append(COMPUTED)
+        else:
+            output = self._predict(step)
+            self.steps.append(PREDICTED)
+        return {"out_hidden_states": output}
+
+
 def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
-    """The graphs a generation with ``spec`` runs in place of the whole denoiser (none without a cache)."""
-    return SPLIT_GRAPHS if spec is not None else ()
+    """The graphs a generation with ``spec`` runs in place of the whole denoiser (none: the whole one)."""
+    return SPLIT_GRAPHS if spec is not None and MODES[spec.mode].graphs == "split" else ()
 
 
-def cached_denoiser(spec: CacheSpec, graphs: dict, model: str):
-    """The stand-in for the denoiser graph that ``spec`` runs, fresh for one generation."""
+def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, steps: int, whole: str = "transformer"):
+    """The stand-in for the denoiser graph that ``spec`` runs for a ``steps``-step run, fresh for one
+    generation."""
     missing = [name for name in graphs_needed(spec) if name not in graphs]
     if missing:
         raise EngineError(
             f"--cache {spec.mode} runs the transformer split in parts, which {model} was exported without; "
             f"export it again with --cache-graphs"
         )
+    spec = spec.resolved(steps)
     if spec.mode == "fbcache":
         return FirstBlockCache(graphs, spec.options["threshold"])
+    if spec.mode == "magcache":
+        return MagCache(graphs, spec, steps)
+    if spec.mode == "taylorseer":
+        return TaylorSeerLite(graphs[whole], spec, steps)
     raise EngineError(f"--cache {spec.mode} has no engine")

@@ -284,8 +284,11 @@ class Pipeline:
             bar.begin_steps(len(sched.timesteps) - start)
             if cache is None:
                 graph = graphs[arch.denoiser_component]
-            else:  # the split graphs composed as the whole, deciding each step what runs (engine/cache.py)
-                graph = caching.cached_denoiser(cache, graphs, self.model_label)
+            else:  # the graphs composed as the whole, deciding each step what runs (engine/cache.py)
+                cache = cache.resolved(len(sched.timesteps) - start)
+                graph = caching.cached_denoiser(
+                    cache, graphs, self.model_label, len(sched.timesteps) - start, arch.denoiser_component
+                )
                 prof.watch_cache(graph.steps)
             denoise = arch.denoiser(graph, cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)

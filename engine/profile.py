@@ -58,7 +58,11 @@ class Profiler:
         full = [ms for ms, s in zip(step_ms, self.steps, strict=True) if s.get("cache", "computed") == "computed"]
         cached = {}
         if self.cache_steps is not None:
-            cached["cache_steps"] = {"computed": len(full), "cached": len(self.steps) - len(full)}
+            counts = {"computed": len(full)}
+            for s in self.steps:
+                if s.get("cache", "computed") != "computed":
+                    counts[s["cache"]] = counts.get(s["cache"], 0) + 1
+            cached["cache_steps"] = counts
         return {
             "steps": self.steps,
             # sessions created before the run (resident) and inside it (phased): load_ms counts both,
@@ -88,8 +92,9 @@ def format_profile(p: dict) -> str:
             f"{s['scheduler_ms']:>12.2f}" + (f"  {s.get('cache', ''):>8}" if marked else "")
         )
     if "cache_steps" in p:
-        done = p["cache_steps"]
-        lines.append(f"step cache         {done['computed']} steps computed in full, {done['cached']} cached")
+        done = dict(p["cache_steps"])
+        rest = ", ".join(f"{n} {label}" for label, n in done.items() if label != "computed")
+        lines.append(f"step cache         {done['computed']} steps computed in full, {rest or 'none skipped'}")
     lines += [
         f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
         f"VAE decode         {p['vae_decode_ms']:>10.1f} ms",

@@ -123,6 +123,7 @@ def plan_request(
         raise Refused(decision)
     spec = step_cache.parse(cache)
     step_cache.check(spec, model, family.name, decision.steps_run)
+    spec = spec.resolved(decision.steps_run) if spec is not None else None
     given = seed is not None
     return Plan(
         prompt=prompt,

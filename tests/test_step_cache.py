@@ -48,6 +48,25 @@ def test_the_keys_are_the_reference_configs_with_its_defaults():
     assert step_cache.parse(None) is None and step_cache.parse("off") is None
 
 
+def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
+    from dataclasses import fields
+
+    from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    mag = {f.name: f.default for f in fields(MagCacheConfig)}
+    ours = step_cache.MODES["magcache"].fields
+    # num_inference_steps: the reference's 28 is a placeholder its caller must set to the run's steps; ours is
+    # the run's by default (None); mag_ratios are FLUX's, calibrate is not offered
+    assert {k: v for k, v in ours.items() if k != "num_inference_steps"} == {
+        k: mag[k] for k in ours if k != "num_inference_steps"
+    }
+    assert list(step_cache.FLUX_MAG_RATIOS) == list(FLUX_MAG_RATIOS)
+    assert step_cache.parse("magcache").resolved(30).options["num_inference_steps"] == 30
+    taylor = {f.name: f.default for f in fields(TaylorSeerCacheConfig)}
+    assert step_cache.MODES["taylorseer"].fields == {k: taylor[k] for k in step_cache.MODES["taylorseer"].fields}
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
@@ -56,7 +75,8 @@ def test_the_keys_are_the_reference_configs_with_its_defaults():
         ("fbcache:threshold=abc", "threshold=abc is not a number"),
         ("fbcache:threshold=-1", "is not a finite number of at least 0"),
         ("fbcache:threshold", "is not key=value"),
-        ("taylorseer:cache_interval=3", "is not built in Stepwise yet"),
+        ("taylorseer:cache_interval=3", "predicts every attention module's output"),
+        ("magcache:max_skip_steps=x", "max_skip_steps=x is not a whole number"),
         ("deepcache", "is not built in Stepwise yet"),
     ],
 )
@@ -79,7 +99,7 @@ def test_the_plan_counts_full_evaluations():
         ("flux-schnell", None, "refused for FLUX.1-schnell: a few-step distilled model"),
         ("sdxl-turbo", None, "few-step distilled"),
         ("lcm", None, "few-step distilled"),
-        ("sd3-medium", None, "not available for sd3: diffusers 0.39's First Block Cache cannot run SD3"),
+        ("sd3-medium", None, "not available for sd3: diffusers 0.39 runs no step cache on SD3's transformer"),
         ("sd15", None, "not available for sd15"),
     ],
 )
@@ -113,7 +133,7 @@ def test_a_cached_run_needs_the_split_graphs():
     from engine.errors import EngineError
 
     with pytest.raises(EngineError, match="export it again with --cache-graphs"):
-        cached_denoiser(step_cache.parse("fbcache"), {"transformer": object()}, "flux-dev")
+        cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", 30)
 
 
 # --- against diffusers (exports real graphs) --------------------------------------------------------------
@@ -124,19 +144,19 @@ def split_export(exported_tiny):
     return exported_tiny("flux-dev", cache_graphs=True)
 
 
-def _diffusers_run(noise, width, height, steps, threshold=None):
-    """diffusers' image, and (with a threshold) which steps ran the blocks after the first: a forward
-    pre-hook on a submodule of the last block fires only when the hook lets that block compute."""
+def _diffusers_run(noise, width, height, steps, config=None):
+    """diffusers' image, and (with a cache config) which calls ran the last block: a forward pre-hook on a
+    submodule of the last block fires only when the hook lets that block compute (FBCache and MagCache skip
+    it, TaylorSeer-Lite's inactive blocks return zeros without running)."""
     import diffusers
     import torch
-    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     from exporters import tiny
 
     pipe = tiny.build("flux-dev")
     events: list[str] = []
-    if threshold is not None:
-        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
+    if config is not None:
+        pipe.transformer.enable_cache(config)
         pipe.transformer.register_forward_pre_hook(lambda *_: events.append("step"))
         pipe.transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(lambda *_: events.append("rest"))
     b, c, h, w = noise.shape
@@ -155,10 +175,48 @@ def _diffusers_run(noise, width, height, steps, threshold=None):
     verdicts = []
     for event in events:
         if event == "step":
-            verdicts.append("cached")
+            verdicts.append("skipped")
         else:
             verdicts[-1] = "computed"
     return (image * 255).round().astype(np.uint8), verdicts
+
+
+def _reference_config(spec):
+    """The diffusers config of the same mode and values (TaylorSeer's factors in float32, as ours)."""
+    import torch
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    options = spec.options
+    if spec.mode == "fbcache":
+        return FirstBlockCacheConfig(**options)
+    if spec.mode == "magcache":
+        return MagCacheConfig(**options, mag_ratios=FLUX_MAG_RATIOS)
+    return TaylorSeerCacheConfig(**options, taylor_factors_dtype=torch.float32)
+
+
+def _check_against_diffusers(folder, text, width, height, steps=8):
+    import engine
+
+    pipe = engine.load_pipeline(folder, threads=1)
+    noise = np.random.default_rng(6).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
+    spec = step_cache.parse(text).resolved(steps)
+    result = pipe.generate(
+        prompt=PROMPT, steps=steps, guidance=3.5, width=width, height=height, seed=0, latents=noise, cache=spec
+    )
+    expected, verdicts = _diffusers_run(noise, width, height, steps, _reference_config(spec))
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert [v if v == "computed" else "skipped" for v in ours] == verdicts  # the same steps computed
+    assert ours.count("computed") >= 3 and len(set(ours)) == 2
+    schedule = spec.schedule(steps)
+    if schedule is not None:  # what the plan announced is what ran
+        assert ours == ["computed" if c else step_cache.MODES[spec.mode].label_skipped for c in schedule]
+    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
+    assert expected.std() > 5
+    assert result.parameters["cache"] == spec.label()
+    assert result.parameters["cache_computed_steps"] == f"{ours.count('computed')} of {steps}"
+    return ours
 
 
 @pytest.mark.slow
@@ -172,24 +230,27 @@ def test_the_split_graphs_are_validated_composed_as_the_whole(split_export):
 @pytest.mark.slow
 @pytest.mark.parametrize("width, height", [(64, 64), (64, 48)])
 def test_fbcache_matches_diffusers_hook(split_export, width, height):
-    import engine
+    ours = _check_against_diffusers(split_export, "fbcache:threshold=0.3", width, height)
+    assert "cached" in ours
 
-    pipe = engine.load_pipeline(split_export, threads=1)
-    noise = np.random.default_rng(6).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
-    spec = step_cache.parse("fbcache:threshold=0.3")
-    result = pipe.generate(
-        prompt=PROMPT, steps=8, guidance=3.5, width=width, height=height, seed=0, latents=noise, cache=spec
-    )
-    expected, verdicts = _diffusers_run(noise, width, height, 8, threshold=0.3)
-    ours = [s["cache"] for s in result.profile["steps"]]
-    assert ours == verdicts  # the same steps computed, the same cached
-    assert "cached" in ours and ours.count("computed") >= 3
-    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
-    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
-    assert expected.std() > 5
-    assert result.parameters["cache"] == "fbcache:threshold=0.3"
-    assert result.parameters["cache_computed_steps"] == f"{ours.count('computed')} of 8"
-    assert result.profile["cache_steps"] == {"computed": ours.count("computed"), "cached": ours.count("cached")}
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["magcache", "magcache:threshold=0.1,max_skip_steps=2"])
+def test_magcache_matches_diffusers_hook(split_export, text):
+    _check_against_diffusers(split_export, text, 64, 48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        "taylorseer:use_lite_mode=true,cache_interval=2,disable_cache_before_step=2",
+        "taylorseer:use_lite_mode=true,cache_interval=3,max_order=2",  # second-order factors
+    ],
+)
+def test_taylorseer_lite_matches_diffusers_hook(split_export, text):
+    ours = _check_against_diffusers(split_export, text, 64, 64)
+    assert "predicted" in ours
 
 
 @pytest.mark.slow
@@ -202,7 +263,7 @@ def test_cache_off_runs_the_whole_graph_as_before(split_export):
     assert not set(step_cache.SPLIT_GRAPHS) & set(pipe.sessions.loaded())  # never created
     assert "cache" not in result.parameters and "cache_steps" not in result.profile
     assert all("cache" not in s for s in result.profile["steps"])
-    expected, _ = _diffusers_run(noise, 64, 64, 4)
+    expected, _ = _diffusers_run(noise, 64, 64, 4)  # no hook
     assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= MAX_PIXEL_DIFF
 
 
