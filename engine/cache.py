@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from registry.cache import MODES, SPLIT_GRAPHS, CacheSpec, taylor_coefficient
+from registry.cache import DEEPCACHE_GRAPHS, MODES, SPLIT_GRAPHS, CacheSpec, taylor_coefficient
 
 from .errors import EngineError
 
@@ -160,20 +160,52 @@ class TaylorSeerLite(_Scheduled):
         return {"out_hidden_states": output}
 
 
+class DeepCache:
+    """The deepcache package's DeepCacheSDHelper (skip_mode uniform, cache_branch_id 0): a call whose timestep's
+    index in the schedule is ``cache_interval`` apart from the first call's runs the deep part and stores what
+    enters the last up block's last layer; every call runs the shallow branch on the stored features. The
+    index is the first position of the timestep in the schedule (``list(timesteps).index(t)``), as the helper
+    looks it up: a repeated timestep (PNDM's second) repeats its index."""
+
+    def __init__(self, graphs: dict, spec: CacheSpec, timesteps):
+        self.deep, self.shallow = (graphs[name] for name in DEEPCACHE_GRAPHS)
+        self.interval = int(spec.options["cache_interval"])
+        self.timesteps = [float(np.float32(t)) for t in timesteps]
+        self.first: int | None = None
+        self.features: np.ndarray | None = None
+        self.steps: list[str] = []
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        index = self.timesteps.index(float(np.asarray(feeds["timestep"], dtype=np.float32).reshape(-1)[0]))
+        self.first = index if self.first is None else self.first
+        if (index - self.first) % self.interval == 0:
+            self.features = self.deep(outputs=["deep_features"], **feeds)["deep_features"]
+            self.steps.append(COMPUTED)
+        else:
+            self.steps.append(CACHED)
+        return self.shallow(outputs=["out_sample"], **feeds, deep_features=self.features)
+
+
+GRAPHS = {"split": SPLIT_GRAPHS, "deepcache": DEEPCACHE_GRAPHS, "whole": ()}
+
+
 def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
     """The graphs a generation with ``spec`` runs in place of the whole denoiser (none: the whole one)."""
-    return SPLIT_GRAPHS if spec is not None and MODES[spec.mode].graphs == "split" else ()
+    return GRAPHS[MODES[spec.mode].graphs] if spec is not None else ()
 
 
-def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, steps: int, whole: str = "transformer"):
-    """The stand-in for the denoiser graph that ``spec`` runs for a ``steps``-step run, fresh for one
-    generation."""
+def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer"):
+    """The stand-in for the denoiser graph that ``spec`` runs over ``timesteps`` (the ones this run steps
+    through, from the scheduler's full list for deepcache's lookup), fresh for one generation."""
     missing = [name for name in graphs_needed(spec) if name not in graphs]
     if missing:
         raise EngineError(
-            f"--cache {spec.mode} runs the transformer split in parts, which {model} was exported without; "
+            f"--cache {spec.mode} runs the denoiser split in parts, which {model} was exported without; "
             f"export it again with --cache-graphs"
         )
+    if spec.mode == "deepcache":
+        return DeepCache(graphs, spec, timesteps)
+    steps = len(timesteps)
     spec = spec.resolved(steps)
     if spec.mode == "fbcache":
         return FirstBlockCache(graphs, spec.options["threshold"])

@@ -134,7 +134,7 @@ def _vae_mb(manifest, encoder: bool, width: int, height: int, tiling: Tiling | N
 
 
 def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int) -> float:
-    kind = "unet" if name == "unet" else "transformer"
+    kind = "unet" if name.startswith("unet") else "transformer"  # unet_deep, unet_shallow: a UNet's parts
     layout = {**FALLBACK_ATTENTION[kind], **(_config(manifest).get("denoiser_attention") or {})}
     f = _scale_factor(manifest)
     h, w = height // f, width // f

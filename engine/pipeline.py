@@ -86,7 +86,8 @@ class Pipeline:
         }
         self.memory = self._plan(width, height, guidance, image, vae_tiling, policy, available_mb)
         paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
-        lazy = [n for n in (arch.denoiser_component, *step_cache.SPLIT_GRAPHS) if n in present and n not in paths]
+        others = (arch.denoiser_component, *step_cache.SPLIT_GRAPHS, *step_cache.DEEPCACHE_GRAPHS)
+        lazy = [n for n in others if n in present and n not in paths]
         paths.update({name: self.manifest.component_path(name) for name in lazy})
         self.sessions = Sessions(
             paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory, lazy=lazy
@@ -286,9 +287,8 @@ class Pipeline:
                 graph = graphs[arch.denoiser_component]
             else:  # the graphs composed as the whole, deciding each step what runs (engine/cache.py)
                 cache = cache.resolved(len(sched.timesteps) - start)
-                graph = caching.cached_denoiser(
-                    cache, graphs, self.model_label, len(sched.timesteps) - start, arch.denoiser_component
-                )
+                timesteps = sched.timesteps if cache.mode == "deepcache" else sched.timesteps[start:]
+                graph = caching.cached_denoiser(cache, graphs, self.model_label, timesteps, arch.denoiser_component)
                 prof.watch_cache(graph.steps)
             denoise = arch.denoiser(graph, cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)

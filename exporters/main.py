@@ -139,7 +139,7 @@ def export(
         pipeline = sources.load(src, streamed=streamed)
     _check_policy(model, src, pipeline)
     if cache_graphs:
-        _check_cache_graphs(pipeline, src)
+        _check_cache_graphs(pipeline, src, weights)
     if unet_file:
         say(f"applying UNet weights {unet_spec}")
         parts.apply_unet(pipeline, unet_file)
@@ -207,10 +207,13 @@ def export(
                 f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
                 f"try the plain torch.onnx exporter (stepwise export --no-optimum)"
             ) from exc
-        # the whole transformer's test inputs, taken before the export frees its module
-        whole_inputs = components.make(pipeline, "transformer").make_inputs if cache_graphs else None
+        composed = None
+        if cache_graphs:  # the whole denoiser's test inputs, taken before the export frees its module
+            cls = type(_denoiser(pipeline)).__name__
+            whole_inputs = components.make(pipeline, split.SPLITS[cls][0]).make_inputs
         entries = _export_components(pipeline, backend, tmp, opset, say, rewrite, src, cache_graphs)
-        composed = _check_composed(tmp, entries, whole_inputs, say) if cache_graphs else None
+        if cache_graphs:
+            composed = _check_composed(tmp, entries, cls, whole_inputs, say)
         data = {
             "model_id": model.id if model else None,
             "family": src.family,
@@ -289,7 +292,7 @@ class _Rewrite:
     def apply(self, name: str, kind: str, path: Path, say) -> dict:
         data_name = path.name + backends.DATA_SUFFIX
         done = {}
-        if self.fuse and kind == "unet":
+        if self.fuse and kind in ("unet", "unet-deep", "unet-shallow"):
             say("fusing unet attention for the CPU (onnxruntime.transformers + MultiHeadAttention)")
             try:
                 done["fusion"] = optimize.fuse_unet_for_cpu(path, data_name)
@@ -330,25 +333,35 @@ def _big_text_encoders(pipeline) -> list:
     return [m for m in modules if type(m).__name__ in BIG_TEXT_ENCODERS]
 
 
-def _check_cache_graphs(pipeline, src) -> None:
-    denoiser = getattr(pipeline, "transformer", None)
+def _denoiser(pipeline):
+    return getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+
+
+def _check_cache_graphs(pipeline, src, weights: str) -> None:
+    denoiser = _denoiser(pipeline)
     if type(denoiser).__name__ not in split.SPLIT_CLASSES:
         raise ExportError(
-            f"--cache-graphs splits FLUX's transformer for step caching; {src.family} has no cache mode that "
-            f"needs its denoiser split yet: export without --cache-graphs"
+            f"--cache-graphs splits FLUX's transformer and the SD 1.5/SDXL UNet for step caching; {src.family} has "
+            f"no cache mode that needs its denoiser split: export without --cache-graphs"
+        )
+    if weights == "int8" and getattr(pipeline, "unet", None) is not None:
+        raise ExportError(
+            "--cache-graphs with --weights int8: the UNet's int8 is calibrated on the whole graph's own inputs, "
+            "which the split graphs do not have; export with --weights fp32 or int4, or without --cache-graphs"
         )
 
 
-def _check_composed(folder: Path, entries: dict, make_inputs, say) -> dict:
+def _check_composed(folder: Path, entries: dict, cls: str, make_inputs, say) -> dict:
     """The split graphs composed against the whole graph, in onnxruntime, on the whole graph's test inputs:
-    together they are the transformer. Skipped (and said) when the transformer is too big to hold twice."""
-    result = {"graphs": list(split.GRAPHS), "whole": "transformer"}
-    bytes_ = sum(entries[n].get("data_bytes", entries[n]["bytes"]) for n in ("transformer", *split.GRAPHS))
+    together they are the denoiser. Skipped (and said) when the denoiser is too big to hold twice."""
+    whole_name, output, names = split.SPLITS[cls]
+    result = {"graphs": list(names), "whole": whole_name}
+    bytes_ = sum(entries[n].get("data_bytes", entries[n]["bytes"]) for n in (whole_name, *names))
     if bytes_ > 2 * streaming.FULL_VALIDATION_BYTES:
         result["composed"] = "not run: the whole and the split graphs are too big to hold together"
         say("note: the split graphs were validated one by one, not composed against the whole (too big)")
         return result
-    sessions = {n: validate.session(folder / n / "model.onnx") for n in ("transformer", *split.GRAPHS)}
+    sessions = {n: validate.session(folder / n / "model.onnx") for n in (whole_name, *names)}
 
     def run(name, feeds):
         sess = sessions[name]
@@ -358,14 +371,14 @@ def _check_composed(folder: Path, entries: dict, make_inputs, say) -> dict:
     worst = largest = 0.0
     for case in ("a", "b"):
         feeds = make_inputs(case)
-        whole = run("transformer", feeds)["out_hidden_states"]
-        got = split.compose(run, feeds)
+        whole = run(whole_name, feeds)[output]
+        got = split.compose(cls, run, feeds)
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - whole))))
         largest = max(largest, float(np.max(np.abs(whole))))
     tolerance = components.ATOL + components.RTOL * largest
     if not worst <= tolerance:
         raise ExportError(
-            f"validating the step-cache graphs failed: composed they differ from the whole transformer by "
+            f"validating the step-cache graphs failed: composed they differ from the whole {whole_name} by "
             f"{worst:.1e} (tolerance {tolerance:.1e}); report it, or export without --cache-graphs"
         )
     measured = _measured({"max_abs_diff": worst, "tolerance": tolerance})
@@ -377,9 +390,11 @@ def _export_components(
     pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src, cache_graphs: bool = False
 ) -> dict:
     todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
-    if cache_graphs:  # right after the whole transformer, while its module is still held
-        at = next(i for i, c in enumerate(todo) if c.name == "transformer") + 1
-        todo[at:at] = split.graphs(pipeline.transformer)
+    if cache_graphs:  # right after the whole denoiser, while its module is still held
+        denoiser = _denoiser(pipeline)
+        at = next(i for i, c in enumerate(todo) if c.name in DENOISERS) + 1
+        options = components.unet_options(pipeline) if getattr(pipeline, "unet", None) is not None else {}
+        todo[at:at] = split.graphs(denoiser, **options)
     entries = {}
     while todo:
         component = todo.pop(0)
@@ -401,7 +416,8 @@ def _export_components(
                 f"the checkpoint does not load as a standard {type(pipeline).__name__}"
             ) from exc
         try:
-            backend.export(component, path, opset)
+            # optimum knows the pipeline's own components only: the split graphs are traced by torch.onnx
+            (backends.TorchOnnx() if name in split.GRAPHS else backend).export(component, path, opset)
         except ExportError:
             raise
         except Exception as exc:
@@ -433,7 +449,8 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
     fmt = rewrite.streamed_format(name, component.module)
     params = component.params
     try:
-        folder_name = "transformer" if name in split.GRAPHS else name  # the parts read the whole's weights
+        # the split graphs read the whole denoiser's weights
+        folder_name = split.SPLITS[type(component.module).__name__][0] if name in split.GRAPHS else name
         checkpoint = streaming.weights_source(component.module, src.folder / folder_name if src.folder else None)
     except FileNotFoundError as exc:
         raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None

@@ -1,5 +1,7 @@
 """The denoiser as the graphs a step cache needs (``stepwise export --cache-graphs``), beside the whole graph.
 
+FLUX's transformer (fbcache, magcache) is split in three; a UNet (deepcache) in two, below.
+
 First Block Cache (diffusers.hooks.first_block_cache) runs the transformer's first block every step, and
 the remaining blocks only when the first block's residual changed enough; otherwise it adds the residual the
 remaining blocks produced last time. So the transformer is written as three graphs, with the tensors that
@@ -22,12 +24,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from registry.cache import SPLIT_GRAPHS
+from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS
 
-from .components import LATENT_CASES, Component, _randn, _stable_seed, _wrapper, flux_transformer
+from .components import LATENT_CASES, Component, _randn, _stable_seed, _wrapper, flux_transformer, unet, unet_forward
 
-GRAPHS = SPLIT_GRAPHS  # in the order they run
-SPLIT_CLASSES = ("FluxTransformer2DModel",)
+GRAPHS = (*SPLIT_GRAPHS, *DEEPCACHE_GRAPHS)
+# the denoiser class → (the whole graph's name, its output, the split graphs in the order they run)
+SPLITS = {
+    "FluxTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
+    "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
+}
+SPLIT_CLASSES = tuple(SPLITS)
 
 
 def _blocks(model) -> list:
@@ -91,10 +98,13 @@ def _inner_inputs(module, case: str, *, encoder: bool) -> dict[str, np.ndarray]:
     return feeds
 
 
-def graphs(module) -> list[Component]:
-    """The three Components of a FLUX transformer's split, in the order they run."""
-    if type(module).__name__ not in SPLIT_CLASSES:
-        raise TypeError(f"no step-cache graphs for {type(module).__name__}")
+def graphs(module, **unet_options) -> list[Component]:
+    """The Components of ``module``'s split, in the order they run (``unet_options``: components.unet's)."""
+    cls = type(module).__name__
+    if cls == "UNet2DConditionModel":
+        return unet_graphs(module, **unet_options)
+    if cls not in SPLIT_CLASSES:
+        raise TypeError(f"no step-cache graphs for {cls}")
     whole = flux_transformer(module)
     guidance = bool(module.config.guidance_embeds)
     blocks = _blocks(module)
@@ -161,9 +171,157 @@ def blocks_feeds(first: dict, hidden: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def compose(run, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The whole transformer's output from the three graphs (``run(name, feeds) → dict``), every block run:
-    what the export checks against the whole graph."""
+def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The whole denoiser's output from its split graphs (``run(name, feeds) → dict``), every part run: what
+    the export checks against the whole graph."""
+    if cls == "UNet2DConditionModel":
+        deep = run("unet_deep", feeds)["deep_features"]
+        return run("unet_shallow", {**feeds, "deep_features": deep})["out_sample"]
     first = run("transformer_first_block", feeds)
     hidden = run("transformer_blocks", blocks_feeds(first, first["first_block_hidden_states"]))["out_hidden_states"]
     return run("transformer_out", {"hidden_states": hidden, "temb": first["temb"]})["out_hidden_states"]
+
+
+# --- DeepCache: the UNet as its deep part and its shallow branch ---------------------------------------------
+#
+# DeepCacheSDHelper (the deepcache package) with cache_branch_id 0 recomputes, on a cached step, only the
+# shallow branch: the time embedding, conv_in, the last layer of the last up block (its resnet and
+# attention, fed the concatenation of the feature cached at the last full step and conv_in's fresh output as
+# the skip connection) and the output layers. Every other module returns what it returned at the last full
+# step. So the UNet is written as:
+#
+# - ``unet_deep``: the UNet up to the last up block's last layer → ``deep_features``, the hidden states that
+#   layer concatenates with its skip connection (the output of the layer before it);
+# - ``unet_shallow``: the UNet's inputs and ``deep_features`` → ``out_sample``: the shallow branch.
+#
+# A full step runs both (together they are the whole UNet, checked at export); a cached step runs the
+# shallow one with the stored ``deep_features``. Other branch ids split the UNet elsewhere: not written.
+
+
+def _up_layers(block) -> list[tuple]:
+    attentions = list(getattr(block, "attentions", None) or [None] * len(block.resnets))
+    return list(zip(block.resnets, attentions, strict=True))
+
+
+def _run_up_layers(layers, hidden, res_tuple, temb, encoder_hidden_states):
+    """CrossAttnUpBlock2D / UpBlock2D.forward's loop over ``layers`` (no FreeU, no upsampler)."""
+    import torch
+
+    for resnet, attention in layers:
+        res, res_tuple = res_tuple[-1], res_tuple[:-1]
+        hidden = resnet(torch.cat([hidden, res], dim=1), temb)
+        if attention is not None:
+            hidden = attention(
+                hidden,
+                encoder_hidden_states=encoder_hidden_states,
+                cross_attention_kwargs=None,
+                attention_mask=None,
+                encoder_attention_mask=None,
+                return_dict=False,
+            )[0]
+    return hidden
+
+
+def _deep_forward(names: list[str], sdxl: bool, lcm: bool):
+    whole = unet_forward(names, sdxl, lcm)
+
+    def forward(model, *args):
+        # the UNet's own forward, its last up block stopped before its last layer: what enters that layer is
+        # the output; what the forward computes after it is unused and dropped from the graph
+        block = model.up_blocks[-1]
+        captured = []
+
+        def stop(hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None, **_):
+            layers = _up_layers(block)[:-1]
+            captured.append(_run_up_layers(layers, hidden_states, res_hidden_states_tuple, temb, encoder_hidden_states))
+            return captured[-1]
+
+        block.forward = stop
+        try:
+            whole(model, *args)
+        finally:
+            del block.forward
+        # "+ 0": the graph output gets a node of its own, which the CPU attention fusion (exporters/optimize.py)
+        # cannot fold into the block it rewrites and rename away; ONNX Runtime drops it when it loads the graph
+        return (captured[0] + 0.0,)
+
+    return forward
+
+
+def _shallow_forward(names: list[str], sdxl: bool, lcm: bool):
+    def forward(model, *args):
+        feeds = dict(zip(names, args, strict=True))
+        sample, timestep = feeds["sample"], feeds["timestep"]
+        added = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]} if sdxl else None
+        # UNet2DConditionModel.forward's embeddings, line for line (no class labels, no image hints)
+        emb = model.time_embedding(model.get_time_embed(sample=sample, timestep=timestep), feeds.get("timestep_cond"))
+        context = feeds.get("encoder_hidden_states")  # not an input when the last layer has no attention
+        aug = model.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if model.time_embed_act is not None:
+            emb = model.time_embed_act(emb)
+        context = model.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=added)
+        skip = model.conv_in(sample)
+        layer = _up_layers(model.up_blocks[-1])[-1:]
+        hidden = _run_up_layers(layer, feeds["deep_features"], (skip,), emb, context)
+        if model.conv_norm_out:
+            hidden = model.conv_act(model.conv_norm_out(hidden))
+        return (model.conv_out(hidden),)
+
+    return forward
+
+
+def unet_graphs(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -> list[Component]:
+    whole = unet(module, time_ids_dim=time_ids_dim, text_embeds_dim=text_embeds_dim)
+    cfg = module.config
+    sdxl, lcm = cfg.addition_embed_type == "text_time", cfg.time_cond_proj_dim is not None
+    names = list(whole.inputs)
+    block = module.up_blocks[-1]
+    if len(block.resnets) < 2:
+        raise TypeError("DeepCache needs the last up block to have two layers or more")
+    channels = block.resnets[-2].out_channels
+    latent = {0: "batch_size", 2: "height", 3: "width"}
+
+    last = _up_layers(block)[-1]
+    # the shallow branch reads the prompt only in the last layer's cross-attention (SDXL's last up block has none)
+    shallow_names = [n for n in names if n != "encoder_hidden_states" or last[1] is not None] + ["deep_features"]
+
+    def shallow_inputs(case: str) -> dict[str, np.ndarray]:
+        feeds = whole.make_inputs(case)
+        batch, _, h, w = feeds["sample"].shape
+        rng = np.random.default_rng(_stable_seed("unet-shallow", case))
+        feeds["deep_features"] = _randn(rng, batch, channels, h, w)
+        return {name: feeds[name] for name in shallow_names}
+
+    def rebuild(index):
+        return lambda other: unet_graphs(other, time_ids_dim=time_ids_dim, text_embeds_dim=text_embeds_dim)[index]
+
+    deep = Component(
+        name="unet_deep",
+        kind="unet-deep",
+        module=module,
+        inputs=whole.inputs,
+        outputs={"deep_features": latent},
+        make_inputs=whole.make_inputs,
+        wrapper=_wrapper(_deep_forward(names, sdxl, lcm))(module).eval(),
+        rebuild=rebuild(0),
+    )
+    shallow = Component(
+        name="unet_shallow",
+        kind="unet-shallow",
+        module=module,
+        inputs={name: {**whole.inputs, "deep_features": latent}[name] for name in shallow_names},
+        outputs={"out_sample": latent},
+        make_inputs=shallow_inputs,
+        wrapper=_wrapper(_shallow_forward(shallow_names, sdxl, lcm))(module).eval(),
+        parts=(
+            module.time_embedding,
+            getattr(module, "add_embedding", None),  # SDXL
+            module.conv_in,
+            *last,
+            module.conv_norm_out,
+            module.conv_out,
+        ),
+        rebuild=rebuild(1),
+    )
+    return [deep, shallow]

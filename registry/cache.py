@@ -9,6 +9,9 @@ reasons and the plan can say how many steps run the whole denoiser.
 - ``fbcache``: diffusers 0.39's First Block Cache; decides each step from the first block's residual, so
   the plan gives a range.
 - ``magcache``: diffusers 0.39's MagCache with its FLUX magnitude ratios; a fixed schedule.
+- ``deepcache``: the deepcache package's DeepCacheSDHelper, branch 0, for the UNets; a fixed schedule (every
+  ``cache_interval``-th timestep index from the first, as the helper counts them: a scheduler that repeats a
+  timestep, PNDM's second, repeats its index too, so the engine's count can differ by one from the plan's).
 - ``taylorseer`` with ``use_lite_mode=true``: diffusers 0.39's TaylorSeer-Lite; a fixed schedule. Its
   default (non-lite) mode predicts every attention module's output inside every block, which no graph split
   of Stepwise's exposes: it is refused with that reason rather than approximated.
@@ -25,6 +28,8 @@ from .policy import InputError
 
 # the transformer's graphs fbcache and magcache run (exporters/split.py writes them), in the order they run
 SPLIT_GRAPHS = ("transformer_first_block", "transformer_blocks", "transformer_out")
+# the UNet's graphs deepcache runs (exporters/split.py): the deep part and the shallow branch
+DEEPCACHE_GRAPHS = ("unet_deep", "unet_shallow")
 
 # diffusers.hooks.mag_cache.FLUX_MAG_RATIOS (0.39): MagCache's published calibration for FLUX.1-dev, 28 steps
 FLUX_MAG_RATIOS = (
@@ -91,8 +96,15 @@ MODES = {
         ),
     )
 }
+MODES["deepcache"] = Mode(
+    name="deepcache",
+    reference="the deepcache package's DeepCacheSDHelper.set_params (skip_mode uniform)",
+    fields={"cache_interval": 1, "cache_branch_id": 0},
+    families=("sd15", "sdxl"),
+    graphs="deepcache",
+)
 # modes the issue names that the engine does not run yet: refused by name rather than as unknown
-NOT_BUILT = {"deepcache": "the deepcache package's DeepCacheSDHelper"}
+NOT_BUILT: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,8 @@ class CacheSpec:
             return taylorseer_schedule(self.options, steps)
         if self.mode == "magcache":
             return magcache_schedule(self.options, steps)
+        if self.mode == "deepcache":  # uniform: every cache_interval-th timestep from the first
+            return [step % self.options["cache_interval"] == 0 for step in range(steps)]
         return None
 
 
@@ -181,6 +195,12 @@ def parse(text: str | None) -> CacheSpec | None:
         if key not in mode.fields:
             raise InputError(f"--cache {name} has no key {key!r}; its keys: {', '.join(mode.fields)}")
         values[key] = _value(mode, key, raw.strip(), mode.fields[key])
+    if name == "deepcache" and values["cache_branch_id"] != 0:
+        raise InputError(
+            f"--cache deepcache:cache_branch_id={values['cache_branch_id']} caches at another depth of the UNet than "
+            f"the split `stepwise export --cache-graphs` writes (branch 0: the last up block's last layer); use "
+            f"cache_branch_id=0"
+        )
     if name == "taylorseer" and not values["use_lite_mode"]:
         raise InputError(
             "--cache taylorseer without use_lite_mode predicts every attention module's output inside every "

@@ -77,7 +77,7 @@ def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
         ("fbcache:threshold", "is not key=value"),
         ("taylorseer:cache_interval=3", "predicts every attention module's output"),
         ("magcache:max_skip_steps=x", "max_skip_steps=x is not a whole number"),
-        ("deepcache", "is not built in Stepwise yet"),
+        ("deepcache:cache_branch_id=1", "caches at another depth of the UNet"),
     ],
 )
 def test_bad_cache_options_are_one_line_errors(text, needle):
@@ -100,7 +100,7 @@ def test_the_plan_counts_full_evaluations():
         ("sdxl-turbo", None, "few-step distilled"),
         ("lcm", None, "few-step distilled"),
         ("sd3-medium", None, "not available for sd3: diffusers 0.39 runs no step cache on SD3's transformer"),
-        ("sd15", None, "not available for sd15"),
+        ("sd15", None, "not available for sd15: the engine runs fbcache on flux only"),
     ],
 )
 def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
@@ -133,7 +133,7 @@ def test_a_cached_run_needs_the_split_graphs():
     from engine.errors import EngineError
 
     with pytest.raises(EngineError, match="export it again with --cache-graphs"):
-        cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", 30)
+        cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", list(range(30)))
 
 
 # --- against diffusers (exports real graphs) --------------------------------------------------------------
@@ -274,3 +274,70 @@ def test_cache_graphs_are_refused_for_sd3(tmp_path):
     with pytest.raises(exporters.ExportError, match="export without --cache-graphs"):
         exporters.export("tiny:sd3", out=tmp_path / "sd3", cache_graphs=True, progress=None)
     assert not (tmp_path / "sd3").exists()
+
+
+# --- DeepCache against the deepcache package's DeepCacheSDHelper (UNets) ---------------------------------
+
+
+def _deepcache_reference(name, model_id, noise, width, height, steps, guidance, interval):
+    """The helper on the tiny pipeline with the model's scheduler; which calls ran the deep part: a pre-hook on a
+    module inside the mid block (the helper wraps the mid block, not its resnets) fires only on full calls."""
+    import diffusers
+    import torch
+    from DeepCache import DeepCacheSDHelper
+
+    from exporters import tiny
+
+    pipe = tiny.build(name)
+    config = dict(registry.get(model_id).scheduler)
+    pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
+    events: list[str] = []
+    if interval is not None:
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
+        helper.enable()
+        pipe.unet.register_forward_pre_hook(lambda *_: events.append("step"))
+        pipe.unet.mid_block.resnets[0].conv1.register_forward_pre_hook(lambda *_: events.append("deep"))
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            latents=torch.from_numpy(noise),
+            output_type="np",
+        ).images[0]
+    verdicts = []
+    for event in events:
+        if event == "step":
+            verdicts.append("cached")
+        else:
+            verdicts[-1] = "computed"
+    return (image * 255).round().astype(np.uint8), verdicts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, model_id, guidance, interval",
+    [
+        ("sd15", "sd15", 7.5, 3),  # PNDM: its repeated timestep repeats the helper's index
+        ("sdxl", "sdxl", 5.0, 2),
+    ],
+)
+def test_deepcache_matches_the_deepcache_helper(exported_tiny, name, model_id, guidance, interval):
+    import engine
+
+    pipe = engine.load_pipeline(exported_tiny(name, model_id=model_id, cache_graphs=True), threads=1)
+    noise = np.random.default_rng(3).standard_normal(pipe.family.latent_shape(64, 64), dtype=np.float32)
+    spec = step_cache.parse(f"deepcache:cache_interval={interval}")
+    common = dict(prompt=PROMPT, steps=8, guidance=guidance, width=64, height=64, seed=0, latents=noise)
+    result = pipe.generate(**common, cache=spec)
+    expected, verdicts = _deepcache_reference(name, model_id, noise, 64, 64, 8, guidance, interval)
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert ours == verdicts and "cached" in ours and ours.count("computed") >= 3
+    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
+    uncached = pipe.generate(**common).image  # the cache changed the image: the comparison above can fail
+    assert np.abs(uncached.astype(int) - result.image.astype(int)).max() > 4 * MAX_PIXEL_DIFF
+    assert result.parameters["cache"] == f"deepcache:cache_interval={interval},cache_branch_id=0"
