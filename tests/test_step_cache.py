@@ -128,6 +128,22 @@ def test_the_cli_refuses_a_bad_cache_in_one_line_before_loading(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "few-step distilled" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_the_png_records_the_cache(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from engine.png import save_png
+
+    params = {"prompt": "p", "steps": 30, "sampler": "Euler", "guidance": 3.5, "seed": 1, "width": 8, "height": 8}
+    params |= {"model": "flux-dev", "cache": "magcache:threshold=0.06,max_skip_steps=3"}
+    params["cache_computed_steps"] = "15 of 30"
+    result = SimpleNamespace(image=np.zeros((8, 8, 3), np.uint8), parameters=params)
+    text = Image.open(save_png(result, tmp_path / "a.png")).text
+    assert text["cache"] == params["cache"] and text["cache_computed_steps"] == "15 of 30"
+    assert 'Cache: "magcache:threshold=0.06,max_skip_steps=3, 15 of 30 steps computed"' in text["parameters"]
+
+
 def test_a_cached_run_needs_the_split_graphs():
     from engine.cache import cached_denoiser
     from engine.errors import EngineError
