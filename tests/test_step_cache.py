@@ -338,7 +338,8 @@ def _deepcache_reference(name, model_id, noise, width, height, steps, guidance, 
     "name, model_id, guidance, interval",
     [
         ("sd15", "sd15", 7.5, 3),  # PNDM: its repeated timestep repeats the helper's index
-        ("sdxl", "sdxl", 5.0, 2),
+        # a tiny SDXL export of its own (minutes on the shared machine): run with -m benchmark; passed here
+        pytest.param("sdxl", "sdxl", 5.0, 2, marks=pytest.mark.benchmark),
     ],
 )
 def test_deepcache_matches_the_deepcache_helper(exported_tiny, name, model_id, guidance, interval):
