@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 import registry
+from registry import cache as step_cache
 from registry import policy, requests, timings
 from registry.files import OutputError, atomic_write_text, check_output
 from registry.manifest import ManifestError
@@ -134,12 +135,22 @@ def _policy_model(fam, config: dict):
 # ---------------------------------------------------------------- the plan
 
 
-def _estimate(target: Target, steps: int, width: int, height: int, threads: int | None) -> str:
+def _estimate(target: Target, steps: int, width: int, height: int, threads: int | None, full=None) -> str:
+    """``full``: (fewest, most) steps run in full under a step cache; the rest are counted as free (a cached
+    step runs the first block and the output layers only), so the estimate is a range."""
     entry = timings.measured(target.label, width, height, threads)
     if entry is None:
         return "no per-step time measured yet for this model and size on this machine (run with --profile)"
     per_step = entry["median_step_ms"] / 1000
-    text = f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s"
+    if full is not None and full[0] < steps:
+        low, high = full
+        if low == high:
+            text = f"≈ {low} full steps of {steps} × {per_step:.2f} s/step = {low * per_step:.1f} s"
+        else:
+            text = f"≈ {low}-{high} full steps × {per_step:.2f} s/step = {low * per_step:.1f}-{high * per_step:.1f} s"
+        steps = high
+    else:
+        text = f"≈ {policy.plural(steps)} × {per_step:.2f} s/step = {steps * per_step:.1f} s"
     around = {name: entry[name] / 1000 for name in timings.PARTS if name in entry}
     if around:  # load, prompt and decode as measured last time: the whole run, not the steps alone
         total = steps * per_step + sum(around.values())
@@ -150,7 +161,7 @@ def _estimate(target: Target, steps: int, width: int, height: int, threads: int 
     return text + " (measured on this machine)"
 
 
-def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads, start=None) -> None:
+def print_plan(target: Target, steps, decision, guidance, width, height, seed, threads, start=None, cache=None) -> None:
     m = target.model
     where = f"{target.folder} ({target.weights})" if target.folder else "not exported"
     if target.random_weights:
@@ -176,7 +187,18 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     click.echo(f"Guidance: {gtext}")
     click.echo(f"Size:     {width}x{height}")
     click.echo(f"Seed:     {seed}")
-    click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads)}")
+    full = step_cache.full_evaluations(cache, decision.steps_run)
+    if cache is not None:
+        low, high = full
+        run = decision.steps_run
+        if low == high:
+            plan = cache.resolved(run).schedule(run)
+            which = ",".join(str(i + 1) for i, computed in enumerate(plan) if computed)
+            text = f"{low} of the {run} steps run the whole transformer (steps {which})"
+        else:
+            text = f"decided each step: {low} to {high} of the {run} steps run the whole transformer"
+        click.echo(f"Cache:    {cache.label()} — {text}")
+    click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads, full)}")
 
 
 def _stage_label(target: Target, stage: int) -> str:
@@ -398,6 +420,12 @@ def _memory_column(memory: dict) -> str:
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
 @click.option("--stage-2", "stage_2", help="A cascade's stage II, folder or hub repo (DeepFloyd IF: IF-II).")
 @click.option("--stage-3", "stage_3", help="A cascade's stage III (DeepFloyd IF's x4 upscaler): not supported yet.")
+@click.option(
+    "--cache-graphs",
+    is_flag=True,
+    help="Also write the transformer as the graphs step caching runs (generate --cache fbcache; FLUX): "
+    "its weights a second time on disk.",
+)
 def export_cmd(
     source,
     model_id,
@@ -412,6 +440,7 @@ def export_cmd(
     no_fuse,
     stage_2,
     stage_3,
+    cache_graphs,
 ):
     """Convert a diffusers checkpoint (hub id, folder or tiny:<family>) to ONNX, once.
 
@@ -446,6 +475,7 @@ def export_cmd(
             fuse=not no_fuse,
             stage_2=stage_2,
             stage_3=stage_3,
+            cache_graphs=cache_graphs,
             progress=lambda line: click.echo(line, err=True),
         )
     except exporters.ExportError as exc:
@@ -486,6 +516,7 @@ def _run_generation(
     profile_json,
     vae_tiling=False,
     steps_2=None,
+    cache=None,
 ):
     import engine
 
@@ -504,6 +535,7 @@ def _run_generation(
             guidance=guidance,
             image=start is not None,
             vae_tiling=tiling,
+            cache=cache,
         )
         if sys.stderr.isatty():
             click.echo("\r\033[K", err=True, nl=False)
@@ -525,6 +557,7 @@ def _run_generation(
             strength=start.strength if start else None,
             show_progress=sys.stderr.isatty(),
             vae_tiling=tiling,
+            cache=cache,
         )
     except (engine.EngineError, InputError, ManifestError) as exc:
         _fail(str(exc), 2)
@@ -540,7 +573,8 @@ def _run_generation(
     try:
         stages = prof.get("stages") or []
         # a cascade: each stage's own time per step (the plan estimates each), stage I's under the model's label
-        main_ms = stages[0]["median_step_ms"] if stages else prof["median_step_ms"]
+        # a full evaluation's time: with a step cache, the median of the steps computed in full
+        main_ms = stages[0]["median_step_ms"] if stages else prof["median_full_step_ms"]
         timings.record(target.label, width, height, threads, main_ms, prof)
         for stage in stages[1:]:
             timings.record(_stage_label(target, stage["stage"]), width, height, threads, stage["median_step_ms"])
@@ -618,6 +652,13 @@ def _read_latents(latents_file):
     help="Decode (and encode) the image in overlapping tiles, as diffusers' vae.enable_tiling() [default: when it "
     "would not fit otherwise].",
 )
+@click.option(
+    "--cache",
+    "cache",
+    metavar="MODE[:KEY=VALUE,...]",
+    help="Step caching: skip most of the denoiser on steps whose first block changed little, as diffusers' "
+    "hook does (fbcache[:threshold=0.05], FLUX, exported with --cache-graphs). Not for few-step models.",
+)
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
 def generate(
@@ -641,6 +682,7 @@ def generate(
     strength,
     low_memory,
     vae_tiling,
+    cache,
     profile,
     profile_json,
 ):
@@ -676,6 +718,7 @@ def generate(
             strength=start.strength if start else None,
             threads=threads,
             steps_2=steps_2,
+            cache=cache,
         )
     except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
         _fail(str(exc), 2)
@@ -692,6 +735,7 @@ def generate(
     print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
     if plan.decision_2 is not None:
         print_stage_plan(m.stage(2), plan.decision_2, target, width, height, threads)
+    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start, plan.cache)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
@@ -721,6 +765,7 @@ def generate(
         profile_json=profile_json,
         vae_tiling=vae_tiling,
         steps_2=plan.decision_2.steps if plan.decision_2 is not None else None,
+        cache=plan.cache,
     )
 
 

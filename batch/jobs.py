@@ -1,7 +1,7 @@
 """A batch's job list and its results manifest.
 
 ``PROMPTS.jsonl`` holds one JSON object per line (``prompt``, ``negative``, ``seed``, ``steps``, ``guidance``,
-``size`` or ``width``/``height``, ``scheduler``). Every line is checked — the same step policy and input
+``size`` or ``width``/``height``, ``scheduler``, ``cache``). Every line is checked — the same step policy and input
 checks as ``stepwise generate`` — before anything is loaded or written. Each line becomes a :class:`Job` with
 a stable id, ``LINE-HASH`` (the line number and a hash of the line's content), which names its image.
 
@@ -24,11 +24,11 @@ from registry import requests
 from registry.files import atomic_write_text
 from registry.policy import InputError
 
-KEYS = ("prompt", "negative", "seed", "steps", "guidance", "size", "width", "height", "scheduler")
+KEYS = ("prompt", "negative", "seed", "steps", "guidance", "size", "width", "height", "scheduler", "cache")
 RESULTS = "results.jsonl"
 EXAMPLE = '{"prompt": "a red apple", "seed": 1}'
 # The request fields an entry of results.jsonl must match for its job to count as finished.
-REQUEST = ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler", "model")
+REQUEST = ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler", "cache", "model")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Job:
     height: int
     scheduler: str | None
     model: str  # the label of the model the batch runs (results made with another are not "finished")
+    cache: str | None = None  # the step cache, as registry.cache labels it (fbcache:threshold=0.05)
     warning: str = ""  # the step policy's advice when the steps are outside the recommended range
 
     @property
@@ -59,7 +60,7 @@ class Job:
 
 def _as_keys(message: str) -> str:
     """The policy speaks in the CLI's options (``--steps 4``); a JSONL line's fix is its key (``"steps": 4``)."""
-    return re.sub(r"--(steps|guidance|width|height|seed|negative|scheduler)\b ?", r'"\1": ', message)
+    return re.sub(r"--(steps|guidance|width|height|seed|negative|scheduler|cache)\b ?", r'"\1": ', message)
 
 
 def _size(raw: dict) -> tuple[int | None, int | None]:
@@ -84,6 +85,7 @@ def _typed(raw: dict) -> None:
         "prompt": (str,),
         "negative": (str,),
         "scheduler": (str,),
+        "cache": (str,),
         "seed": (int,),
         "steps": (int,),
         "width": (int,),
@@ -123,6 +125,7 @@ def plan_item(target, raw: dict, *, force: bool = False) -> dict:
         seed=raw.get("seed"),
         force=force,
         native=target.native_size,
+        cache=raw.get("cache"),
     )
     scheduler = raw.get("scheduler")
     if scheduler is not None and scheduler not in schedulers.SCHEDULERS:
@@ -136,6 +139,7 @@ def plan_item(target, raw: dict, *, force: bool = False) -> dict:
         "width": plan.width,
         "height": plan.height,
         "scheduler": scheduler,
+        "cache": plan.cache.label() if plan.cache else None,
         "warning": plan.warning or "",
     }
 

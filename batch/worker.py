@@ -31,6 +31,7 @@ class Worker:
 
     def run(self, job: dict) -> dict:
         from engine import EngineError
+        from registry import cache as step_cache
         from registry.manifest import ManifestError
         from registry.policy import InputError
 
@@ -49,6 +50,7 @@ class Worker:
                 height=job["height"],
                 seed=job["seed"],
                 scheduler=job["scheduler"],
+                cache=step_cache.parse(job.get("cache")),
             )
         except (EngineError, InputError, ManifestError) as exc:
             out["error"] = str(exc)

@@ -28,7 +28,10 @@ class Sessions:
         threads: int | None = None,
         policy: str = RESIDENT,
         graph_factory: GraphFactory = Graph,
+        lazy: list[str] = (),
     ):
+        """``lazy``: graphs no phase runs by default (the denoiser's other form: whole or split for a step
+        cache), created when a generation first asks for them even when resident, and kept then."""
         self.paths, self.threads, self.policy, self.factory = dict(paths), threads, policy, graph_factory
         self._lock = threading.Lock()
         self._graphs: dict[str, object] = {}
@@ -36,7 +39,7 @@ class Sessions:
         self.load_ms = 0.0  # what creating the resident sessions took
         if policy == RESIDENT:
             start = time.perf_counter()
-            for name in self.paths:
+            for name in (n for n in self.paths if n not in lazy):
                 self._graphs[name] = self.factory(self.paths[name], threads)
             self.load_ms = (time.perf_counter() - start) * 1000
 

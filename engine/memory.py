@@ -134,10 +134,10 @@ def _vae_mb(manifest, encoder: bool, width: int, height: int, tiling: Tiling | N
 
 
 def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int) -> float:
-    kind = "unet" if name.startswith("unet") else "transformer"
+    kind = "unet" if name.startswith("unet") else "transformer"  # unet_deep, unet_shallow: a UNet's parts
     # a cascade's later UNets (unet_2: DeepFloyd IF's stage II) have their own layout (denoiser_attention_2)
-    key = "denoiser_attention" + (name[len("unet") :] if kind == "unet" else "")
-    layout = {**FALLBACK_ATTENTION[kind], **(_config(manifest).get(key) or {})}
+    stage = name[len("unet") :] if kind == "unet" and name[len("unet_") :].isdigit() else ""
+    layout = {**FALLBACK_ATTENTION[kind], **(_config(manifest).get("denoiser_attention" + stage) or {})}
     f = _scale_factor(manifest)
     h, w = height // f, width // f
     stride = layout["stride"]

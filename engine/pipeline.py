@@ -15,10 +15,12 @@ import numpy as np
 
 import registry
 import schedulers
+from registry import cache as step_cache
 from registry import manifest as manifest_format
 from registry import policy
 from registry.verify import verify
 
+from . import cache as caching
 from . import img2img, sampling
 from .errors import EngineError
 from .families import ARCHITECTURES, CASCADES
@@ -54,9 +56,12 @@ class Pipeline:
         guidance: float | None = None,
         image: bool = False,
         vae_tiling: bool | None = None,
+        cache: step_cache.CacheSpec | None = None,
     ):
-        """``width``/``height``/``guidance``/``image``/``vae_tiling``: the generation the memory plan is made
-        for (default: the model's size, with guidance); ``generate`` checks its own against the same budget."""
+        """``width``/``height``/``guidance``/``image``/``vae_tiling``/``cache``: the generation the memory plan is
+        made for (default: the model's size, with guidance, no step cache); ``generate`` checks its own against
+        the same budget. With ``cache`` the denoise phase is the split graphs that mode runs, not the whole; a
+        generation with another cache choice creates the graphs it needs when it runs (kept after, if resident)."""
         self.folder = Path(folder)
         self.manifest = manifest_format.read(self.folder)
         verify(self.manifest)  # a corrupted graph of the right size is refused, not run
@@ -81,12 +86,17 @@ class Pipeline:
         self.phases = {
             "encode": text,
             "image": ["vae_encoder"] if "vae_encoder" in present else [],
-            "denoise": [arch.denoiser_component],
+            "denoise": self._denoiser_graphs(cache),
             "decode": ["vae_decoder"],
         }
         self.memory = self._plan(width, height, guidance, image, vae_tiling, policy, available_mb)
         paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
-        self.sessions = Sessions(paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory)
+        others = (arch.denoiser_component, *step_cache.SPLIT_GRAPHS, *step_cache.DEEPCACHE_GRAPHS)
+        lazy = [n for n in others if n in present and n not in paths]
+        paths.update({name: self.manifest.component_path(name) for name in lazy})
+        self.sessions = Sessions(
+            paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory, lazy=lazy
+        )
         lengths = arch.tokenizer_lengths()
         self.tokenizers = {}
         for name in text:
@@ -94,6 +104,10 @@ class Pipeline:
             self.tokenizers[tok] = PromptTokenizer(self.folder / tok, lengths.get(tok), pad=arch.pad_prompts)
         self.vae = Vae(self.manifest.config, Tiling.of(self.manifest))
         self.scheduler_config = _scheduler_config(self.folder)
+
+    def _denoiser_graphs(self, cache) -> list[str]:
+        """The denoise phase's graphs for a generation with ``cache``: the whole denoiser, or its split."""
+        return list(caching.graphs_needed(cache)) or [self.architecture.denoiser_component]
 
     @property
     def family(self):
@@ -213,12 +227,14 @@ class Pipeline:
         callback=None,
         show_progress: bool = False,
         vae_tiling: bool | None = None,
+        cache: step_cache.CacheSpec | None = None,
     ) -> Result:
         """One image. With ``image`` (a PIL image): image-to-image from ``strength`` of the schedule; with
         ``mask`` too (white is repainted): inpainting. ``callback(sampling.Step)`` sees every step and may
         stop the run by returning False. Every random tensor is drawn from ``default_rng(seed)`` in the
         order diffusers calls ``randn_tensor``. ``vae_tiling``: True decodes (and encodes) in tiles as
-        diffusers' ``vae.enable_tiling()``, None when the memory plan needs it, False never."""
+        diffusers' ``vae.enable_tiling()``, None when the memory plan needs it, False never. ``cache``: a step
+        cache (registry.cache.parse; engine/cache.py runs it), None for every step in full."""
         arch = self.architecture
         prof = Profiler()
         prof.add("load", self.sessions.load_ms)
@@ -276,11 +292,19 @@ class Pipeline:
 
         bar.phase("loading the denoiser")
         watch = sampling.callbacks(self._finite_check(), prof.on_step, bar.on_step, callback)
-        with self._phase("denoise", prof) as graphs:
+        names = self._denoiser_graphs(cache)
+        with self.sessions.phase(names, on_load=lambda ms: prof.add("phase_load", ms)) as graphs:
             bar.begin_steps(len(sched.timesteps) - start)
-            denoise = arch.denoiser(graphs[arch.denoiser_component], cond, extra, guidance)
+            if cache is None:
+                graph = graphs[arch.denoiser_component]
+            else:  # the graphs composed as the whole, deciding each step what runs (engine/cache.py)
+                cache = cache.resolved(len(sched.timesteps) - start)
+                timesteps = sched.timesteps if cache.mode == "deepcache" else sched.timesteps[start:]
+                graph = caching.cached_denoiser(cache, graphs, self.model_label, timesteps, arch.denoiser_component)
+                prof.watch_cache(graph.steps)
+            denoise = arch.denoiser(graph, cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)
-            del denoise  # holds the session: released with the phase
+            del denoise, graph  # hold the sessions: released with the phase
         final = arch.unpack(sampled.latents, width, height)
         bar.phase("decoding")
         with self._phase("decode", prof) as graphs, prof.section("vae_decode"):
@@ -303,6 +327,9 @@ class Pipeline:
             parameters["steps_run"] = sampled.steps_run
         if plan.vae_tiling and max(width, height) > plan.tile:  # the image was decoded in tiles
             parameters["vae_tiling"] = plan.tile
+        if cache is not None:
+            parameters["cache"] = cache.label()
+            parameters["cache_computed_steps"] = prof.steps_computed()
         return Result(picture, final, parameters, prof.result(), warnings)
 
 

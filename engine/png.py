@@ -29,6 +29,8 @@ def parameters_text(p: dict) -> str:
     ]
     if p.get("strength") is not None:  # image-to-image, as AUTOMATIC1111 writes it
         fields.append(("Denoising strength", p["strength"]))
+    if p.get("cache"):  # quoted: the label's commas would split it (AUTOMATIC1111 reads quoted values)
+        fields.append(("Cache", f'"{p["cache"]}, {p.get("cache_computed_steps", "?")} steps computed"'))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
 

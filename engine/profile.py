@@ -19,6 +19,15 @@ class Profiler:
         self.sections: dict[str, float] = {}
         self.steps: list[dict] = []
         self.started = time.perf_counter()
+        self.cache_steps: list[str] | None = None  # a step cache's verdict per step (engine/cache.py)
+
+    def watch_cache(self, verdicts: list[str]) -> None:
+        """Mark each step with the step cache's verdict, ``computed`` or ``cached``, as the list fills."""
+        self.cache_steps = verdicts
+
+    def steps_computed(self) -> str:
+        computed = sum(1 for s in self.steps if s.get("cache") == "computed")
+        return f"{computed} of {len(self.steps)}"
 
     @contextmanager
     def section(self, name: str):
@@ -40,9 +49,20 @@ class Profiler:
                 "scheduler_ms": round(step.scheduler_ms, 3),
             }
         )
+        if self.cache_steps is not None and step.index < len(self.cache_steps):
+            self.steps[-1]["cache"] = self.cache_steps[step.index]
 
     def result(self) -> dict:
         step_ms = [s["denoiser_ms"] + s["scheduler_ms"] for s in self.steps]
+        # a full evaluation's time (what estimates multiply): the computed steps' when a cache skipped some
+        full = [ms for ms, s in zip(step_ms, self.steps, strict=True) if s.get("cache", "computed") == "computed"]
+        cached = {}
+        if self.cache_steps is not None:
+            counts = {"computed": len(full)}
+            for s in self.steps:
+                if s.get("cache", "computed") != "computed":
+                    counts[s["cache"]] = counts.get(s["cache"], 0) + 1
+            cached["cache_steps"] = counts
         return {
             "steps": self.steps,
             # sessions created before the run (resident) and inside it (phased): load_ms counts both,
@@ -54,26 +74,35 @@ class Profiler:
             "total_ms": round((time.perf_counter() - self.started) * 1000 - self.sections.get("phase_load", 0.0), 3),
             "mean_step_ms": round(statistics.fmean(step_ms), 3) if step_ms else 0.0,
             "median_step_ms": round(statistics.median(step_ms), 3) if step_ms else 0.0,
+            "median_full_step_ms": round(statistics.median(full), 3) if full else 0.0,
+            **cached,
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 
 
 def format_profile(p: dict) -> str:
     staged = any("stage" in s for s in p["steps"])  # a cascade (DeepFloyd IF): each row says its stage
+    marked = any("cache" in s for s in p["steps"])  # a step cache: each row says computed/cached/predicted
     head = f"{'stage':>5}  " if staged else ""
     lines = [f"{head}{'step':>4}  {'timestep':>10}  {'sigma':>8}  {'denoiser ms':>11}  {'scheduler ms':>12}"]
+    if marked:
+        lines[0] += f"  {'denoiser':>8}"
     for s in p["steps"]:
         sigma = "-" if s["sigma"] is None else f"{s['sigma']:.4f}"
         stage = f"{s.get('stage', ''):>5}  " if staged else ""
         lines.append(
             f"{stage}{s['index']:>4}  {s['timestep']:>10.3f}  {sigma:>8}  {s['denoiser_ms']:>11.1f}  "
-            f"{s['scheduler_ms']:>12.2f}"
+            f"{s['scheduler_ms']:>12.2f}" + (f"  {s.get('cache', ''):>8}" if marked else "")
         )
     for stage in p.get("stages") or ():
         lines.append(
             f"stage {stage['stage']} ({stage['size']})  {stage['steps']} steps, "
             f"median {stage['median_step_ms'] / 1000:.3f} s/step, {stage['total_ms'] / 1000:.2f} s"
         )
+    if "cache_steps" in p:
+        done = dict(p["cache_steps"])
+        rest = ", ".join(f"{n} {label}" for label, n in done.items() if label != "computed")
+        lines.append(f"step cache         {done['computed']} steps computed in full, {rest or 'none skipped'}")
     lines += [
         f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
         *([f"VAE decode         {p['vae_decode_ms']:>10.1f} ms"] if not p.get("stages") else []),

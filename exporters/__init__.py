@@ -31,6 +31,7 @@ def export(
     fuse: bool = True,
     stage_2: str | None = None,
     stage_3: str | None = None,
+    cache_graphs: bool = False,
     progress=print,
 ):
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to a validated ONNX folder.
@@ -50,6 +51,7 @@ def export(
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
     ``stage_2``/``stage_3``: a cascade's later stages, folders or hub repos (DeepFloyd IF: SOURCE is stage I,
     ``stage_2`` its IFSuperResolutionPipeline; stage III is not supported yet);
+    ``cache_graphs``: also write the transformer as the graphs step caching runs (FLUX; exporters/split.py);
     ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
     Raises ExportError, one line naming the problem and the fix.
     """
@@ -70,6 +72,7 @@ def export(
         fuse=fuse,
         stage_2=stage_2,
         stage_3=stage_3,
+        cache_graphs=cache_graphs,
         progress=progress,
     )
 

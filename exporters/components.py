@@ -183,25 +183,8 @@ def _unet_case(cfg, case: str) -> tuple[int, int, int]:
     return batch, h * scale, w * scale
 
 
-def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -> Component:
-    cfg = module.config
-    sdxl = cfg.addition_embed_type == "text_time"
-    lcm = cfg.time_cond_proj_dim is not None
-    # DeepFloyd IF's stage II embeds its noise level as a timestep: class_labels, one per sample
-    noise_level = cfg.class_embed_type == "timestep"
-    inputs = {
-        "sample": {0: "batch_size", 2: "height", 3: "width"},
-        "timestep": {},
-        "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-    }
-    if sdxl:
-        inputs["text_embeds"] = {0: "batch_size"}
-        inputs["time_ids"] = {0: "batch_size"}
-    if lcm:
-        inputs["timestep_cond"] = {0: "batch_size"}
-    if noise_level:
-        inputs["class_labels"] = {0: "batch_size"}
-    names = list(inputs)
+def unet_forward(names: list[str], sdxl: bool, lcm: bool, noise_level: bool = False):
+    """``forward(model, *inputs) -> (out_sample,)``: the UNet called as the pipelines call it."""
 
     def forward(model, *args):
         feeds = dict(zip(names, args, strict=True))
@@ -220,6 +203,29 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
             **kwargs,
         )
         return (out[0],)
+
+    return forward
+
+
+def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -> Component:
+    cfg = module.config
+    sdxl = cfg.addition_embed_type == "text_time"
+    lcm = cfg.time_cond_proj_dim is not None
+    # DeepFloyd IF's stage II embeds its noise level as a timestep: class_labels, one per sample
+    noise_level = cfg.class_embed_type == "timestep"
+    inputs = {
+        "sample": {0: "batch_size", 2: "height", 3: "width"},
+        "timestep": {},
+        "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+    }
+    if sdxl:
+        inputs["text_embeds"] = {0: "batch_size"}
+        inputs["time_ids"] = {0: "batch_size"}
+    if lcm:
+        inputs["timestep_cond"] = {0: "batch_size"}
+    if noise_level:
+        inputs["class_labels"] = {0: "batch_size"}
+    forward = unet_forward(list(inputs), sdxl, lcm, noise_level)
 
     def make_inputs(case: str) -> dict[str, np.ndarray]:
         batch, h, w = _unet_case(cfg, case)
@@ -449,6 +455,15 @@ def component_names(pipeline) -> list[str]:
     return [*names, "vae_encoder", "vae_decoder"]
 
 
+def unet_options(pipeline) -> dict:
+    """What a pipeline's UNet graph takes besides the UNet: SDXL's time ids (5 with an aesthetic score) and
+    pooled text embeddings."""
+    aesthetics = bool(getattr(pipeline.config, "requires_aesthetics_score", False))
+    te2 = getattr(pipeline, "text_encoder_2", None)
+    proj = te2.config.projection_dim if te2 is not None else None
+    return {"time_ids_dim": 5 if aesthetics else 6, "text_embeds_dim": proj}
+
+
 def make(pipeline, name: str) -> Component:
     """The Component ``name`` of a loaded diffusers pipeline."""
     if name.startswith("text_encoder") and type(pipeline).__name__ == "HiDreamImagePipeline":
@@ -465,10 +480,7 @@ def make(pipeline, name: str) -> Component:
         masked = type(pipeline).__name__ in MASKED_TEXT_PIPELINES
         return text_encoder(name, module, tokenizer_max_length(pipeline, name), attention_mask=masked)
     if name == "unet":
-        aesthetics = bool(getattr(pipeline.config, "requires_aesthetics_score", False))
-        te2 = getattr(pipeline, "text_encoder_2", None)
-        proj = te2.config.projection_dim if te2 is not None else None
-        return unet(pipeline.unet, time_ids_dim=5 if aesthetics else 6, text_embeds_dim=proj)
+        return unet(pipeline.unet, **unet_options(pipeline))
     if name == "transformer":
         cls = type(pipeline.transformer).__name__
         if cls == "SD3Transformer2DModel":

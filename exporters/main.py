@@ -19,6 +19,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 import registry
 from registry import manifest as manifest_io
 from registry.files import process_alive, replace_folder
@@ -36,6 +38,7 @@ from . import (
     qwen_image,
     reduced,
     sources,
+    split,
     streaming,
     validate,
 )
@@ -43,6 +46,8 @@ from . import weights as weight_formats
 from .errors import ExportError
 from .families import DENOISERS, TEXT_ENCODERS, TOKENIZERS
 from .hidream import text as hidream_text
+
+DENOISER_GRAPHS = (*DENOISERS, *split.GRAPHS)  # the whole denoiser and its step-cache parts share its precision
 
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
@@ -74,6 +79,7 @@ def export(
     fuse: bool = True,
     stage_2: str | None = None,
     stage_3: str | None = None,
+    cache_graphs: bool = False,
     progress=print,
 ) -> Path:
     """Export SOURCE (hub repo id, diffusers pipeline folder or ``tiny:<family>``) to ONNX.
@@ -82,6 +88,7 @@ def export(
 
     Returns the final folder. Raises ExportError (one line: the problem and the fix) for anything the
     caller can fix: a bad source, a registry mismatch, a missing package, a graph that fails validation.
+    ``cache_graphs``: write the transformer a second time as the graphs step caching runs (exporters/split.py).
     """
     say = progress or (lambda _message: None)
     started = time.monotonic()
@@ -167,6 +174,8 @@ def export(
             f"put meta-llama/Llama-3.1-8B-Instruct in the folder as text_encoder_4/ and tokenizer_4/, list them in "
             f"model_index.json, and export the folder"
         )
+    if cache_graphs:
+        _check_cache_graphs(pipeline, src, weights)
     if unet_file:
         say(f"applying UNet weights {unet_spec}")
         parts.apply_unet(pipeline, unet_file)
@@ -230,7 +239,13 @@ def export(
                 f"optimum cannot prepare this {type(pipeline).__name__} ({type(exc).__name__}: {_first_line(exc)}); "
                 f"try the plain torch.onnx exporter (stepwise export --no-optimum)"
             ) from exc
-        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite, src)
+        composed = None
+        if cache_graphs:  # the whole denoiser's test inputs, taken before the export frees its module
+            cls = type(_denoiser(pipeline)).__name__
+            whole_inputs = components.make(pipeline, split.SPLITS[cls][0]).make_inputs
+        entries = _export_components(pipeline, backend, tmp, opset, say, rewrite, src, cache_graphs)
+        if cache_graphs:
+            composed = _check_composed(tmp, entries, cls, whole_inputs, say)
         data = {
             "model_id": model.id if model else None,
             "family": src.family,
@@ -244,6 +259,7 @@ def export(
             "text_encoder_precision": text_encoder_weights,
             "exporter": backend.name,
             "components": entries,
+            **({"cache_graphs": composed} if composed else {}),
             "config": config,
             "versions": _versions(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -295,7 +311,7 @@ class _Rewrite:
         self.trajectories: dict[str, list] = {}
 
     def precision(self, name: str) -> str:
-        if name in DENOISERS:
+        if name in DENOISER_GRAPHS:
             return self.weights
         return self.vae_weights if name == "vae_decoder" else "fp32"
 
@@ -306,14 +322,14 @@ class _Rewrite:
         return (self.stream or unet_int8) and streaming.streams(module)
 
     def streamed_format(self, name: str, module) -> str:
-        if name in DENOISERS:
+        if name in DENOISER_GRAPHS:
             return self.weights
         return self.text_encoder_weights if type(module).__name__ in BIG_TEXT_ENCODERS else "fp32"
 
     def apply(self, name: str, kind: str, path: Path, say) -> dict:
         data_name = path.name + backends.DATA_SUFFIX
         done = {}
-        if self.fuse and kind == "unet":
+        if self.fuse and kind in ("unet", "unet-deep", "unet-shallow"):
             say("fusing unet attention for the CPU (onnxruntime.transformers + MultiHeadAttention)")
             try:
                 done["fusion"] = optimize.fuse_unet_for_cpu(path, data_name)
@@ -327,6 +343,8 @@ class _Rewrite:
         try:
             if name in DENOISERS:  # int4 of a UNet in memory (its int8 is written by exporters.streaming)
                 done["quantization"] = quantize.quantize(path, data_name, weights)
+            if name in DENOISER_GRAPHS:
+                done["quantization"] = quantize.quantize(path, data_name, weights, samples)
             else:
                 done["quantization"] = quantize.int8_convs(path, data_name, samples)
         except Exception as exc:
@@ -342,7 +360,7 @@ class _Rewrite:
         return {"min_snr_db": MIN_SNR_DB[weights], "trajectory": self.trajectories.get(name)}
 
     def fix(self, name: str) -> str:
-        return "export with --weights fp32" if name in DENOISERS else "export with --vae-weights fp32"
+        return "export with --weights fp32" if name in DENOISER_GRAPHS else "export with --vae-weights fp32"
 
 
 # text encoders big enough for --text-encoder-weights (T5-XXL 4.8 B, Qwen2.5-VL 8.3 B parameters)
@@ -360,8 +378,68 @@ def _big_text_encoders(pipeline) -> list:
     return [m for m in modules if type(m).__name__ in BIG_TEXT_ENCODERS]
 
 
-def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:
+def _denoiser(pipeline):
+    return getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+
+
+def _check_cache_graphs(pipeline, src, weights: str) -> None:
+    denoiser = _denoiser(pipeline)
+    if type(denoiser).__name__ not in split.SPLIT_CLASSES:
+        raise ExportError(
+            f"--cache-graphs splits FLUX's transformer and the SD 1.5/SDXL UNet for step caching; {src.family} has "
+            f"no cache mode that needs its denoiser split: export without --cache-graphs"
+        )
+    if weights == "int8" and getattr(pipeline, "unet", None) is not None:
+        raise ExportError(
+            "--cache-graphs with --weights int8: a UNet's int8 is written by the streaming exporter for the whole "
+            "graph only, not its split parts; export with --weights fp32 or int4, or without --cache-graphs"
+        )
+
+
+def _check_composed(folder: Path, entries: dict, cls: str, make_inputs, say) -> dict:
+    """The split graphs composed against the whole graph, in onnxruntime, on the whole graph's test inputs:
+    together they are the denoiser. Skipped (and said) when the denoiser is too big to hold twice."""
+    whole_name, output, names = split.SPLITS[cls]
+    result = {"graphs": list(names), "whole": whole_name}
+    bytes_ = sum(entries[n].get("data_bytes", entries[n]["bytes"]) for n in (whole_name, *names))
+    if bytes_ > 2 * streaming.FULL_VALIDATION_BYTES:
+        result["composed"] = "not run: the whole and the split graphs are too big to hold together"
+        say("note: the split graphs were validated one by one, not composed against the whole (too big)")
+        return result
+    sessions = {n: validate.session(folder / n / "model.onnx") for n in (whole_name, *names)}
+
+    def run(name, feeds):
+        sess = sessions[name]
+        outs = [o.name for o in sess.get_outputs()]
+        return dict(zip(outs, sess.run(outs, validate.feeds_for(sess, feeds)), strict=True))
+
+    worst = largest = 0.0
+    for case in ("a", "b"):
+        feeds = make_inputs(case)
+        whole = run(whole_name, feeds)[output]
+        got = split.compose(cls, run, feeds)
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - whole))))
+        largest = max(largest, float(np.max(np.abs(whole))))
+    tolerance = components.ATOL + components.RTOL * largest
+    if not worst <= tolerance:
+        raise ExportError(
+            f"validating the step-cache graphs failed: composed they differ from the whole {whole_name} by "
+            f"{worst:.1e} (tolerance {tolerance:.1e}); report it, or export without --cache-graphs"
+        )
+    measured = _measured({"max_abs_diff": worst, "tolerance": tolerance})
+    say(f"validating the step-cache graphs composed against the whole: {measured}")
+    return {**result, "composed": {"max_abs_diff": worst, "tolerance": tolerance}}
+
+
+def _export_components(
+    pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src, cache_graphs: bool = False
+) -> dict:
     todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
+    if cache_graphs:  # right after the whole denoiser, while its module is still held
+        denoiser = _denoiser(pipeline)
+        at = next(i for i, c in enumerate(todo) if c.name in DENOISERS) + 1
+        options = components.unet_options(pipeline) if getattr(pipeline, "unet", None) is not None else {}
+        todo[at:at] = split.graphs(denoiser, **options)
     entries = {}
     while todo:
         component = todo.pop(0)
@@ -383,7 +461,8 @@ def _export_components(pipeline, backend, folder: Path, opset: int, say, rewrite
                 f"the checkpoint does not load as a standard {type(pipeline).__name__}"
             ) from exc
         try:
-            backend.export(component, path, opset)
+            # optimum knows the pipeline's own components only: the split graphs are traced by torch.onnx
+            (backends.TorchOnnx() if name in split.GRAPHS else backend).export(component, path, opset)
         except ExportError:
             raise
         except Exception as exc:
@@ -415,7 +494,9 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
     fmt = rewrite.streamed_format(name, component.module)
     params = component.params
     try:
-        checkpoint = streaming.weights_source(component.module, src.folder / name if src.folder else None)
+        # the split graphs read the whole denoiser's weights
+        folder_name = split.SPLITS[type(component.module).__name__][0] if name in split.GRAPHS else name
+        checkpoint = streaming.weights_source(component.module, src.folder / folder_name if src.folder else None)
     except FileNotFoundError as exc:
         raise ExportError(f"{name}: {exc}; export from a diffusers folder saved with safetensors") from None
     if component.kind == qwen_image.TEXT_KIND:  # the checkpoint names the language model's tensors its own way
@@ -432,7 +513,7 @@ def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite
             component, checkpoint, path, opset=opset, fmt=fmt, tolerances=tolerances, fuse=rewrite.fuse
         )
     except validate.ValidationFailed as exc:
-        flag = "--weights" if name in DENOISERS else "--text-encoder-weights"
+        flag = "--weights" if name in DENOISER_GRAPHS else "--text-encoder-weights"
         fix = f"export with {flag} fp32" if fmt != "fp32" else "report it: the streamed graph differs from PyTorch"
         raise ExportError(f"validating {name} failed: {exc}; {fix}") from None
     except ExportError:
@@ -489,7 +570,7 @@ def _entry(name: str, path: Path, params: int, result: dict) -> dict:
 
 
 def kind_of(component) -> str:
-    return "denoiser" if component.name in DENOISERS else "text_encoder"
+    return "denoiser" if component.name in DENOISER_GRAPHS else "text_encoder"
 
 
 def _count(params: int) -> str:

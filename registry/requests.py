@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import cache as step_cache
 from . import policy
 from .models import Family, Model
 from .policy import InputError, StepDecision
@@ -37,6 +38,12 @@ class Plan:
     strength: float | None  # image-to-image only: the family's default when not given
     seed_given: bool = True
     decision_2: StepDecision | None = None  # a cascade's stage II (DeepFloyd IF): its own step policy
+    cache: step_cache.CacheSpec | None = None  # the step cache the run uses (--cache), checked
+
+    @property
+    def full_evaluations(self) -> tuple[int, int]:
+        """(fewest, most) steps that run the whole denoiser: all of them without a cache."""
+        return step_cache.full_evaluations(self.cache, self.decision.steps_run)
 
     @property
     def steps(self) -> int:
@@ -90,6 +97,7 @@ def plan_request(
     strength: float | None = None,
     threads: int | None = None,
     steps_2: int | None = None,
+    cache: str | None = None,
 ) -> Plan:
     """Check a request against ``model``'s step policy and ``family``'s limits and fill in its defaults.
 
@@ -97,7 +105,7 @@ def plan_request(
     the start image's size (image-to-image; the default output size, rounded to the family's multiple);
     ``inpaint``: a mask was given (the family's inpainting strength is the default). Raises ``InputError``
     (one line: the problem and the fix) for bad input, and ``Refused`` for a step count the policy refuses
-    unless ``force``."""
+    unless ``force``. ``cache``: ``MODE[:key=value,...]`` (registry/cache.py), refused where it cannot help."""
     if image_size is None:
         if inpaint:
             raise InputError("--mask needs --image: the mask says which part of an image to repaint")
@@ -123,6 +131,9 @@ def plan_request(
             raise Refused(decision_2)
     elif steps_2 is not None:
         raise InputError(f"--steps-2 is for a cascade's second stage (DeepFloyd IF); {model.name} has one stage")
+    spec = step_cache.parse(cache)
+    step_cache.check(spec, model, family.name, decision.steps_run)
+    spec = spec.resolved(decision.steps_run) if spec is not None else None
     given = seed is not None
     return Plan(
         prompt=prompt,
@@ -135,4 +146,5 @@ def plan_request(
         strength=strength,
         seed_given=given,
         decision_2=decision_2,
+        cache=spec,
     )

@@ -139,6 +139,7 @@ class A1111Request(BaseModel):
     send_images: bool = True
     save_images: bool = False
     force: bool = False  # Stepwise's: run a step count the policy refuses (the CLI's --force)
+    cache: str | None = None  # Stepwise's: a step cache, MODE[:key=value,...] (the CLI's --cache)
 
 
 class OpenAIRequest(BaseModel):
@@ -157,6 +158,7 @@ class OpenAIRequest(BaseModel):
     sampler: str | None = None
     strength: float | None = None  # edits
     force: bool = False
+    cache: str | None = None  # a step cache, MODE[:key=value,...] (the CLI's --cache)
 
 
 def _validated(cls, data: dict):
@@ -461,6 +463,7 @@ def create_app(
             seed=None if req.seed is None or req.seed == -1 else req.seed,
             strength=strength,
             force=req.force,
+            cache=req.cache,
         )
         scheduler = _scheduler(worker, req.sampler_name or req.sampler_index, req.scheduler)
         job = Job(plan, req.batch_size * req.n_iter, scheduler, image, mask, kind=kind)
@@ -607,6 +610,7 @@ def create_app(
             seed=req.seed,
             strength=req.strength,
             force=req.force,
+            cache=req.cache,
         )
         scheduler = _scheduler(worker, req.sampler, None)
         kind = "txt2img" if image is None else "img2img"

@@ -265,6 +265,7 @@ class ModelWorker:
                 mask=job.mask,
                 strength=plan.strength,
                 callback=job.stop,
+                cache=plan.cache,
             )
             if job.cancel.is_set():
                 raise Cancelled(job.why_cancelled)

@@ -130,6 +130,7 @@ def entries_file(folder, line):
         ({"prompt": "a cat", "steps": 30}, ["line 2: refused:", 'Use "steps": 1, or --force']),
         ({"prompt": "a cat", "size": "65x64"}, ["line 2:", "not a multiple of 64", 'use "width": 64']),
         ({"prompt": ""}, ["line 2: the prompt is empty"]),
+        ({"prompt": "a cat", "cache": "fbcache"}, ['line 2: "cache": is refused for SDXL Turbo', "few-step"]),
     ],
 )
 def test_bad_line_is_one_line_exit_2_nothing_written(tiny, work, line, expect):

@@ -224,6 +224,7 @@ def test_a_refusal_is_422_with_the_policys_message_and_the_server_keeps_serving(
         ({"json": {"prompt": "a cat", "cfg_scale": 7}}, 422, "takes no guidance"),
         ({"json": {"prompt": "a cat", "steps": "many"}}, 422, "steps"),
         ({"json": {"prompt": "a cat", "sampler_name": "Nope"}}, 422, "unknown sampler"),
+        ({"json": {"prompt": "a cat", "cache": "fbcache"}}, 422, "few-step distilled"),  # the CLI's --cache refusal
     ]
     for kwargs, status, needle in bad:
         answer = requests.post(url, timeout=60, **kwargs)

@@ -1,0 +1,216 @@
+"""Step caching in numpy, composed around the denoiser's graphs: the whole one, or its split
+(``stepwise export --cache-graphs``).
+
+A cached denoiser stands in for the whole transformer graph: called like it (``graph(outputs, **feeds)``),
+it runs the graphs and decides, each call, what runs. The loop (engine/sampling.py) does not know: what it
+sees is a graph. One object per generation: it holds that generation's state (residuals, Taylor factors), so
+the pipeline itself stays free of per-request state. Steps are counted in denoiser calls, as the reference
+hooks count them. Which steps compute is registry/cache.py's (the plan counts them with the same code),
+except fbcache's, decided here from the data.
+
+``FirstBlockCache`` is diffusers 0.39's First Block Cache (hooks/first_block_cache.py) step for step:
+- the first block always runs; its residual is its output hidden states minus its input;
+- the rest runs when there is no earlier residual, or when ``mean|r - r_prev| / mean|r_prev|`` exceeds
+  ``threshold``, where ``r_prev`` is the residual of the last step that ran the rest (the hook keeps the
+  residual of computed steps only);
+- a step that runs the rest stores the residual it added (the last block's hidden states minus the first
+  block's, ``FBCBlockHook`` on the tail block); a step that does not adds the stored residual to the first
+  block's output instead;
+- the output layers run every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from registry.cache import DEEPCACHE_GRAPHS, MODES, SPLIT_GRAPHS, CacheSpec, taylor_coefficient
+
+from .errors import EngineError
+
+FIRST, BLOCKS, OUT = SPLIT_GRAPHS
+COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
+
+
+class FirstBlockCache:
+    def __init__(self, graphs: dict, threshold: float):
+        self.first, self.blocks, self.out = graphs[FIRST], graphs[BLOCKS], graphs[OUT]
+        self.threshold = float(threshold)
+        self.first_residual: np.ndarray | None = None  # of the last computed step
+        self.blocks_residual: np.ndarray | None = None  # what the remaining blocks added then
+        self.steps: list[str] = []  # COMPUTED or CACHED, one per call
+        self.changes: list[float | None] = []  # the relative change each decision compared (None: the first)
+
+    def _compute(self, residual: np.ndarray) -> bool:
+        previous = self.first_residual
+        if previous is None:
+            self.changes.append(None)
+            return True
+        change = np.abs(residual - previous).mean(dtype=np.float32) / np.abs(previous).mean(dtype=np.float32)
+        self.changes.append(float(change))
+        return float(change) > self.threshold
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        first = self.first(**feeds)
+        hidden = first["first_block_hidden_states"]
+        residual = hidden - first["first_block_input"]
+        if self._compute(residual):
+            blocks = self.blocks(
+                outputs=["out_hidden_states"],
+                hidden_states=hidden,
+                encoder_hidden_states=first["first_block_encoder_hidden_states"],
+                temb=first["temb"],
+                rotary_cos=first["rotary_cos"],
+                rotary_sin=first["rotary_sin"],
+            )["out_hidden_states"]
+            self.blocks_residual = blocks - hidden
+            self.first_residual = residual
+            self.steps.append(COMPUTED)
+        else:
+            blocks = self.blocks_residual + hidden
+            self.steps.append(CACHED)
+        return self.out(outputs=["out_hidden_states"], hidden_states=blocks, temb=first["temb"])
+
+
+class _Scheduled:
+    """A mode whose computed steps are fixed in advance (registry/cache.py's schedule of the resolved spec)."""
+
+    def __init__(self, spec: CacheSpec, steps: int):
+        # room for a second-order sampler's two calls a step; past the end every call computes
+        self.decisions = spec.schedule(4 * steps + 4)
+        self.steps: list[str] = []
+
+    def _compute(self) -> bool:
+        index = len(self.steps)
+        return self.decisions[index] if index < len(self.decisions) else True
+
+
+class MagCache(_Scheduled):
+    """diffusers 0.39's MagCache (hooks/mag_cache.py): a skipped call runs no block; the hidden states entering
+    the first block plus the residual the blocks added at the last computed call (the tail block's output
+    minus the head block's input) go to the output layers. The first graph still runs the first block on a
+    skipped call (its input is that graph's output): one block of waste, no change in the numbers."""
+
+    def __init__(self, graphs: dict, spec: CacheSpec, steps: int):
+        super().__init__(spec, steps)
+        self.first, self.blocks, self.out = graphs[FIRST], graphs[BLOCKS], graphs[OUT]
+        self.residual: np.ndarray | None = None
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        compute = self._compute()
+        first = self.first(**feeds)
+        entering = first["first_block_input"]
+        if compute:
+            hidden = self.blocks(
+                outputs=["out_hidden_states"],
+                hidden_states=first["first_block_hidden_states"],
+                encoder_hidden_states=first["first_block_encoder_hidden_states"],
+                temb=first["temb"],
+                rotary_cos=first["rotary_cos"],
+                rotary_sin=first["rotary_sin"],
+            )["out_hidden_states"]
+            self.residual = hidden - entering
+            self.steps.append(COMPUTED)
+        else:
+            hidden = entering + self.residual
+            self.steps.append(CACHED)
+        return self.out(outputs=["out_hidden_states"], hidden_states=hidden, temb=first["temb"])
+
+
+class TaylorSeerLite(_Scheduled):
+    """diffusers 0.39's TaylorSeer in lite mode (hooks/taylorseer_cache.py, use_lite_mode=True): on a predicted
+    call every block is skipped and ``proj_out`` — whose output is the FLUX transformer's output — returns its
+    Taylor prediction from the factors of the computed calls (divided differences up to ``max_order``), so the
+    whole graph runs on computed calls only. Factors stay float32 (the reference's default is bf16; the parity
+    test runs it with float32 factors)."""
+
+    def __init__(self, graph, spec: CacheSpec, steps: int):
+        super().__init__(spec, steps)
+        self.graph = graph
+        self.max_order = int(spec.options["max_order"])
+        self.factors: dict[int, np.ndarray] = {}
+        self.last_update: int | None = None
+
+    def _update(self, output: np.ndarray, step: int) -> None:
+        factors = {0: output}
+        if self.last_update is not None:
+            delta = np.float32(step - self.last_update)
+            for order in range(self.max_order):
+                previous = self.factors.get(order)
+                if previous is None:
+                    break
+                factors[order + 1] = (factors[order] - previous) / delta
+        self.factors, self.last_update = factors, step
+
+    def _predict(self, step: int) -> np.ndarray:
+        offset = step - self.last_update
+        output = np.zeros_like(self.factors[0])
+        for order in range(len(self.factors)):
+            output = output + self.factors[order] * np.float32(taylor_coefficient(offset, order))
+        return output
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        step = len(self.steps)
+        if self._compute():
+            output = self.graph(outputs=["out_hidden_states"], **feeds)["out_hidden_states"]
+            self._update(output, step)
+            self.steps.append(COMPUTED)
+        else:
+            output = self._predict(step)
+            self.steps.append(PREDICTED)
+        return {"out_hidden_states": output}
+
+
+class DeepCache:
+    """The deepcache package's DeepCacheSDHelper (skip_mode uniform, cache_branch_id 0): a call whose timestep's
+    index in the schedule is ``cache_interval`` apart from the first call's runs the deep part and stores what
+    enters the last up block's last layer; every call runs the shallow branch on the stored features. The
+    index is the first position of the timestep in the schedule (``list(timesteps).index(t)``), as the helper
+    looks it up: a repeated timestep (PNDM's second) repeats its index."""
+
+    def __init__(self, graphs: dict, spec: CacheSpec, timesteps):
+        self.deep, self.shallow = (graphs[name] for name in DEEPCACHE_GRAPHS)
+        self.interval = int(spec.options["cache_interval"])
+        self.timesteps = [float(np.float32(t)) for t in timesteps]
+        self.first: int | None = None
+        self.features: np.ndarray | None = None
+        self.steps: list[str] = []
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        index = self.timesteps.index(float(np.asarray(feeds["timestep"], dtype=np.float32).reshape(-1)[0]))
+        self.first = index if self.first is None else self.first
+        if (index - self.first) % self.interval == 0:
+            self.features = self.deep(outputs=["deep_features"], **feeds)["deep_features"]
+            self.steps.append(COMPUTED)
+        else:
+            self.steps.append(CACHED)
+        return self.shallow(outputs=["out_sample"], **feeds, deep_features=self.features)
+
+
+GRAPHS = {"split": SPLIT_GRAPHS, "deepcache": DEEPCACHE_GRAPHS, "whole": ()}
+
+
+def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
+    """The graphs a generation with ``spec`` runs in place of the whole denoiser (none: the whole one)."""
+    return GRAPHS[MODES[spec.mode].graphs] if spec is not None else ()
+
+
+def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer"):
+    """The stand-in for the denoiser graph that ``spec`` runs over ``timesteps`` (the ones this run steps
+    through, from the scheduler's full list for deepcache's lookup), fresh for one generation."""
+    missing = [name for name in graphs_needed(spec) if name not in graphs]
+    if missing:
+        raise EngineError(
+            f"--cache {spec.mode} runs the denoiser split in parts, which {model} was exported without; "
+            f"export it again with --cache-graphs"
+        )
+    if spec.mode == "deepcache":
+        return DeepCache(graphs, spec, timesteps)
+    steps = len(timesteps)
+    spec = spec.resolved(steps)
+    if spec.mode == "fbcache":
+        return FirstBlockCache(graphs, spec.options["threshold"])
+    if spec.mode == "magcache":
+        return MagCache(graphs, spec, steps)
+    if spec.mode == "taylorseer":
+        return TaylorSeerLite(graphs[whole], spec, steps)
+    raise EngineError(f"--cache {spec.mode} has no engine")

@@ -1,0 +1,327 @@
+"""The denoiser as the graphs a step cache needs (``stepwise export --cache-graphs``), beside the whole graph.
+
+FLUX's transformer (fbcache, magcache) is split in three; a UNet (deepcache) in two, below.
+
+First Block Cache (diffusers.hooks.first_block_cache) runs the transformer's first block every step, and
+the remaining blocks only when the first block's residual changed enough; otherwise it adds the residual the
+remaining blocks produced last time. So the transformer is written as three graphs, with the tensors that
+flow between its parts passed from one to the next:
+
+- ``transformer_first_block``: the prologue (patch, time/text and context embeddings, rotary embedding)
+  and the first block → ``first_block_input`` and ``first_block_hidden_states`` (its input and output
+  hidden states), ``first_block_encoder_hidden_states``, ``temb`` and ``rotary_cos``/``rotary_sin``;
+- ``transformer_blocks``: every other block (the hook's "remaining" blocks and its tail block) → hidden
+  states (the encoder states after the last block are not used by the output layers, so not returned);
+- ``transformer_out``: ``norm_out`` + ``proj_out``.
+
+Their composition is the whole transformer (checked at export: exporters/main.py). The split is FLUX's:
+diffusers 0.39's hook does not run on SD3's transformer (registry/cache.py says why), so there is nothing to
+reproduce there. Every part traces with the same streaming exporter as the whole (meta device, weights
+written one tensor at a time), each graph holding only its part's weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS
+
+from .components import LATENT_CASES, Component, _randn, _stable_seed, _wrapper, flux_transformer, unet, unet_forward
+
+GRAPHS = (*SPLIT_GRAPHS, *DEEPCACHE_GRAPHS)
+# the denoiser class → (the whole graph's name, its output, the split graphs in the order they run)
+SPLITS = {
+    "FluxTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
+    "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
+}
+SPLIT_CLASSES = tuple(SPLITS)
+
+
+def _blocks(model) -> list:
+    return [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+def _run_blocks(blocks, hidden, encoder, temb, cos, sin):
+    for block in blocks:
+        encoder, hidden = block(
+            hidden_states=hidden, encoder_hidden_states=encoder, temb=temb, image_rotary_emb=(cos, sin)
+        )
+    return hidden, encoder
+
+
+def _first_block_forward(guidance: bool):
+    def forward(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, *rest):
+        import torch
+
+        # FluxTransformer2DModel.forward up to its first block, line for line
+        hidden = model.x_embedder(hidden_states)
+        timestep = timestep.to(hidden.dtype) * 1000
+        if guidance:
+            temb = model.time_text_embed(timestep, rest[0].to(hidden.dtype) * 1000, pooled_projections)
+        else:
+            temb = model.time_text_embed(timestep, pooled_projections)
+        encoder = model.context_embedder(encoder_hidden_states)
+        cos, sin = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        out_hidden, out_encoder = _run_blocks(_blocks(model)[:1], hidden, encoder, temb, cos, sin)
+        return hidden, out_hidden, out_encoder, temb, cos, sin
+
+    return forward
+
+
+def _blocks_forward(model, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin):
+    hidden, _ = _run_blocks(_blocks(model)[1:], hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin)
+    return (hidden,)
+
+
+def _out_forward(model, hidden_states, temb):
+    return (model.proj_out(model.norm_out(hidden_states, temb)),)
+
+
+def _dims(module) -> tuple[int, int]:
+    cfg = module.config
+    return cfg.num_attention_heads * cfg.attention_head_dim, cfg.attention_head_dim
+
+
+def _inner_inputs(module, case: str, *, encoder: bool) -> dict[str, np.ndarray]:
+    """Test inputs of the inner graphs: the first block's outputs at the plain graph's case shapes."""
+    batch, h, w = LATENT_CASES[case]
+    width, head = _dims(module)
+    rng = np.random.default_rng(_stable_seed("flux-split", case))
+    image, text = (h // 2) * (w // 2), 256 if case == "a" else 24
+    feeds = {"hidden_states": _randn(rng, batch, image, width)}
+    if encoder:
+        feeds["encoder_hidden_states"] = _randn(rng, batch, text, width)
+    feeds["temb"] = _randn(rng, batch, width)
+    if encoder:
+        angles = rng.uniform(-np.pi, np.pi, size=(text + image, head)).astype(np.float32)
+        feeds["rotary_cos"], feeds["rotary_sin"] = np.cos(angles), np.sin(angles)
+    return feeds
+
+
+def graphs(module, **unet_options) -> list[Component]:
+    """The Components of ``module``'s split, in the order they run (``unet_options``: components.unet's)."""
+    cls = type(module).__name__
+    if cls == "UNet2DConditionModel":
+        return unet_graphs(module, **unet_options)
+    if cls not in SPLIT_CLASSES:
+        raise TypeError(f"no step-cache graphs for {cls}")
+    whole = flux_transformer(module)
+    guidance = bool(module.config.guidance_embeds)
+    blocks = _blocks(module)
+    image = {0: "batch_size", 1: "packed_height_width"}
+    text = {0: "batch_size", 1: "sequence_length"}
+    rotary = {0: "rotary_length"}
+    first = Component(
+        name="transformer_first_block",
+        kind="flux-transformer-first-block",
+        module=module,
+        inputs=whole.inputs,
+        outputs={
+            "first_block_input": image,
+            "first_block_hidden_states": image,
+            "first_block_encoder_hidden_states": text,
+            "temb": {0: "batch_size"},
+            "rotary_cos": rotary,
+            "rotary_sin": rotary,
+        },
+        make_inputs=whole.make_inputs,
+        wrapper=_wrapper(_first_block_forward(guidance))(module).eval(),
+        parts=(module.x_embedder, module.time_text_embed, module.context_embedder, module.pos_embed, blocks[0]),
+        rebuild=lambda other: graphs(other)[0],
+    )
+    rest = Component(
+        name="transformer_blocks",
+        kind="flux-transformer-blocks",
+        module=module,
+        inputs={
+            "hidden_states": image,
+            "encoder_hidden_states": text,
+            "temb": {0: "batch_size"},
+            "rotary_cos": rotary,
+            "rotary_sin": rotary,
+        },
+        outputs={"out_hidden_states": image},
+        make_inputs=lambda case: _inner_inputs(module, case, encoder=True),
+        wrapper=_wrapper(_blocks_forward)(module).eval(),
+        parts=tuple(blocks[1:]),
+        rebuild=lambda other: graphs(other)[1],
+    )
+    out = Component(
+        name="transformer_out",
+        kind="flux-transformer-out",
+        module=module,
+        inputs={"hidden_states": image, "temb": {0: "batch_size"}},
+        outputs={"out_hidden_states": image},
+        make_inputs=lambda case: _inner_inputs(module, case, encoder=False),
+        wrapper=_wrapper(_out_forward)(module).eval(),
+        parts=(module.norm_out, module.proj_out),
+        rebuild=lambda other: graphs(other)[2],
+    )
+    return [first, rest, out]
+
+
+def blocks_feeds(first: dict, hidden: np.ndarray) -> dict[str, np.ndarray]:
+    """The remaining blocks' inputs from the first graph's outputs."""
+    return {
+        "hidden_states": hidden,
+        "encoder_hidden_states": first["first_block_encoder_hidden_states"],
+        "temb": first["temb"],
+        "rotary_cos": first["rotary_cos"],
+        "rotary_sin": first["rotary_sin"],
+    }
+
+
+def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The whole denoiser's output from its split graphs (``run(name, feeds) → dict``), every part run: what
+    the export checks against the whole graph."""
+    if cls == "UNet2DConditionModel":
+        deep = run("unet_deep", feeds)["deep_features"]
+        return run("unet_shallow", {**feeds, "deep_features": deep})["out_sample"]
+    first = run("transformer_first_block", feeds)
+    hidden = run("transformer_blocks", blocks_feeds(first, first["first_block_hidden_states"]))["out_hidden_states"]
+    return run("transformer_out", {"hidden_states": hidden, "temb": first["temb"]})["out_hidden_states"]
+
+
+# --- DeepCache: the UNet as its deep part and its shallow branch ---------------------------------------------
+#
+# DeepCacheSDHelper (the deepcache package) with cache_branch_id 0 recomputes, on a cached step, only the
+# shallow branch: the time embedding, conv_in, the last layer of the last up block (its resnet and
+# attention, fed the concatenation of the feature cached at the last full step and conv_in's fresh output as
+# the skip connection) and the output layers. Every other module returns what it returned at the last full
+# step. So the UNet is written as:
+#
+# - ``unet_deep``: the UNet up to the last up block's last layer → ``deep_features``, the hidden states that
+#   layer concatenates with its skip connection (the output of the layer before it);
+# - ``unet_shallow``: the UNet's inputs and ``deep_features`` → ``out_sample``: the shallow branch.
+#
+# A full step runs both (together they are the whole UNet, checked at export); a cached step runs the
+# shallow one with the stored ``deep_features``. Other branch ids split the UNet elsewhere: not written.
+
+
+def _up_layers(block) -> list[tuple]:
+    attentions = list(getattr(block, "attentions", None) or [None] * len(block.resnets))
+    return list(zip(block.resnets, attentions, strict=True))
+
+
+def _run_up_layers(layers, hidden, res_tuple, temb, encoder_hidden_states):
+    """CrossAttnUpBlock2D / UpBlock2D.forward's loop over ``layers`` (no FreeU, no upsampler)."""
+    import torch
+
+    for resnet, attention in layers:
+        res, res_tuple = res_tuple[-1], res_tuple[:-1]
+        hidden = resnet(torch.cat([hidden, res], dim=1), temb)
+        if attention is not None:
+            hidden = attention(
+                hidden,
+                encoder_hidden_states=encoder_hidden_states,
+                cross_attention_kwargs=None,
+                attention_mask=None,
+                encoder_attention_mask=None,
+                return_dict=False,
+            )[0]
+    return hidden
+
+
+def _deep_forward(names: list[str], sdxl: bool, lcm: bool):
+    whole = unet_forward(names, sdxl, lcm)
+
+    def forward(model, *args):
+        # the UNet's own forward, its last up block stopped before its last layer: what enters that layer is
+        # the output; what the forward computes after it is unused and dropped from the graph
+        block = model.up_blocks[-1]
+        captured = []
+
+        def stop(hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None, **_):
+            layers = _up_layers(block)[:-1]
+            captured.append(_run_up_layers(layers, hidden_states, res_hidden_states_tuple, temb, encoder_hidden_states))
+            return captured[-1]
+
+        block.forward = stop
+        try:
+            whole(model, *args)
+        finally:
+            del block.forward
+        # "+ 0": the graph output gets a node of its own, which the CPU attention fusion (exporters/optimize.py)
+        # cannot fold into the block it rewrites and rename away; ONNX Runtime drops it when it loads the graph
+        return (captured[0] + 0.0,)
+
+    return forward
+
+
+def _shallow_forward(names: list[str], sdxl: bool, lcm: bool):
+    def forward(model, *args):
+        feeds = dict(zip(names, args, strict=True))
+        sample, timestep = feeds["sample"], feeds["timestep"]
+        added = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]} if sdxl else None
+        # UNet2DConditionModel.forward's embeddings, line for line (no class labels, no image hints)
+        emb = model.time_embedding(model.get_time_embed(sample=sample, timestep=timestep), feeds.get("timestep_cond"))
+        context = feeds.get("encoder_hidden_states")  # not an input when the last layer has no attention
+        aug = model.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if model.time_embed_act is not None:
+            emb = model.time_embed_act(emb)
+        context = model.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=added)
+        skip = model.conv_in(sample)
+        layer = _up_layers(model.up_blocks[-1])[-1:]
+        hidden = _run_up_layers(layer, feeds["deep_features"], (skip,), emb, context)
+        if model.conv_norm_out:
+            hidden = model.conv_act(model.conv_norm_out(hidden))
+        return (model.conv_out(hidden),)
+
+    return forward
+
+
+def unet_graphs(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -> list[Component]:
+    whole = unet(module, time_ids_dim=time_ids_dim, text_embeds_dim=text_embeds_dim)
+    cfg = module.config
+    sdxl, lcm = cfg.addition_embed_type == "text_time", cfg.time_cond_proj_dim is not None
+    names = list(whole.inputs)
+    block = module.up_blocks[-1]
+    if len(block.resnets) < 2:
+        raise TypeError("DeepCache needs the last up block to have two layers or more")
+    channels = block.resnets[-2].out_channels
+    latent = {0: "batch_size", 2: "height", 3: "width"}
+
+    last = _up_layers(block)[-1]
+    # the shallow branch reads the prompt only in the last layer's cross-attention (SDXL's last up block has none)
+    shallow_names = [n for n in names if n != "encoder_hidden_states" or last[1] is not None] + ["deep_features"]
+
+    def shallow_inputs(case: str) -> dict[str, np.ndarray]:
+        feeds = whole.make_inputs(case)
+        batch, _, h, w = feeds["sample"].shape
+        rng = np.random.default_rng(_stable_seed("unet-shallow", case))
+        feeds["deep_features"] = _randn(rng, batch, channels, h, w)
+        return {name: feeds[name] for name in shallow_names}
+
+    def rebuild(index):
+        return lambda other: unet_graphs(other, time_ids_dim=time_ids_dim, text_embeds_dim=text_embeds_dim)[index]
+
+    deep = Component(
+        name="unet_deep",
+        kind="unet-deep",
+        module=module,
+        inputs=whole.inputs,
+        outputs={"deep_features": latent},
+        make_inputs=whole.make_inputs,
+        wrapper=_wrapper(_deep_forward(names, sdxl, lcm))(module).eval(),
+        rebuild=rebuild(0),
+    )
+    shallow = Component(
+        name="unet_shallow",
+        kind="unet-shallow",
+        module=module,
+        inputs={name: {**whole.inputs, "deep_features": latent}[name] for name in shallow_names},
+        outputs={"out_sample": latent},
+        make_inputs=shallow_inputs,
+        wrapper=_wrapper(_shallow_forward(shallow_names, sdxl, lcm))(module).eval(),
+        parts=(
+            module.time_embedding,
+            getattr(module, "add_embedding", None),  # SDXL
+            module.conv_in,
+            *last,
+            module.conv_norm_out,
+            module.conv_out,
+        ),
+        rebuild=rebuild(1),
+    )
+    return [deep, shallow]

@@ -1,0 +1,308 @@
+"""Step caching: ``--cache MODE[:key=value,...]`` parsed, checked and judged before anything is loaded.
+
+A mode reuses work from earlier steps instead of running the whole denoiser every step, exactly as its
+reference implementation does (the keys are the reference config's own field names, with its defaults).
+The numbers are the engine's (engine/cache.py); this module knows the modes' names, fields, families and
+which steps they compute, so the CLI, the server and batch refuse the same requests with the same one-line
+reasons and the plan can say how many steps run the whole denoiser.
+
+- ``fbcache``: diffusers 0.39's First Block Cache; decides each step from the first block's residual, so
+  the plan gives a range.
+- ``magcache``: diffusers 0.39's MagCache with its FLUX magnitude ratios; a fixed schedule.
+- ``deepcache``: the deepcache package's DeepCacheSDHelper, branch 0, for the UNets; a fixed schedule (every
+  ``cache_interval``-th timestep index from the first, as the helper counts them: a scheduler that repeats a
+  timestep, PNDM's second, repeats its index too, so the engine's count can differ by one from the plan's).
+- ``taylorseer`` with ``use_lite_mode=true``: diffusers 0.39's TaylorSeer-Lite; a fixed schedule. Its
+  default (non-lite) mode predicts every attention module's output inside every block, which no graph split
+  of Stepwise's exposes: it is refused with that reason rather than approximated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .policy import InputError
+
+# the transformer's graphs fbcache and magcache run (exporters/split.py writes them), in the order they run
+SPLIT_GRAPHS = ("transformer_first_block", "transformer_blocks", "transformer_out")
+# the UNet's graphs deepcache runs (exporters/split.py): the deep part and the shallow branch
+DEEPCACHE_GRAPHS = ("unet_deep", "unet_shallow")
+
+# diffusers.hooks.mag_cache.FLUX_MAG_RATIOS (0.39): MagCache's published calibration for FLUX.1-dev, 28 steps
+FLUX_MAG_RATIOS = (
+    1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047,
+    1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484,
+    0.95703, 0.93359, 0.89062,
+)  # fmt: skip
+
+NO_REFERENCE_SD3 = (
+    "diffusers 0.39 runs no step cache on SD3's transformer (it is not a CacheMixin, its pipeline sets no cache "
+    "context, and First Block Cache fails on its last block), so there is no reference to reproduce"
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    reference: str  # the implementation whose decisions and outputs the engine reproduces
+    fields: dict  # field → default (the reference config's); the default's type is the field's type
+    families: tuple[str, ...]  # where the engine runs it
+    graphs: str  # "split": exporters/split.py's graphs; "whole": the plain denoiser graph
+    why_not: dict = field(default_factory=dict)  # family → why the mode is not offered there
+    optional_ints: tuple[str, ...] = ()  # fields whose default is None and whose value is a whole number
+    label_computed: str = "computed"
+    label_skipped: str = "cached"
+
+
+MODES = {
+    m.name: m
+    for m in (
+        Mode(
+            name="fbcache",
+            reference="diffusers 0.39 FirstBlockCacheConfig / apply_first_block_cache",
+            fields={"threshold": 0.05},
+            families=("flux",),
+            graphs="split",
+            why_not={"sd3": NO_REFERENCE_SD3},
+        ),
+        Mode(
+            name="magcache",
+            reference="diffusers 0.39 MagCacheConfig / apply_mag_cache, mag_ratios = FLUX_MAG_RATIOS",
+            # num_inference_steps: None = the run's steps (the reference asks the caller to set it so)
+            fields={"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "num_inference_steps": None},
+            families=("flux",),
+            graphs="split",
+            why_not={"sd3": NO_REFERENCE_SD3},
+            optional_ints=("num_inference_steps",),
+        ),
+        Mode(
+            name="taylorseer",
+            reference="diffusers 0.39 TaylorSeerCacheConfig / apply_taylorseer_cache (use_lite_mode)",
+            fields={
+                "cache_interval": 5,
+                "disable_cache_before_step": 3,
+                "disable_cache_after_step": None,
+                "max_order": 1,
+                "use_lite_mode": False,
+            },
+            families=("flux",),
+            graphs="whole",
+            why_not={"sd3": NO_REFERENCE_SD3},
+            optional_ints=("disable_cache_after_step",),
+            label_skipped="predicted",
+        ),
+    )
+}
+MODES["deepcache"] = Mode(
+    name="deepcache",
+    reference="the deepcache package's DeepCacheSDHelper.set_params (skip_mode uniform)",
+    fields={"cache_interval": 1, "cache_branch_id": 0},
+    families=("sd15", "sdxl"),
+    graphs="deepcache",
+)
+# modes the issue names that the engine does not run yet: refused by name rather than as unknown
+NOT_BUILT: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    mode: str
+    params: tuple[tuple[str, object], ...]  # every field, given or default, in the reference's order
+
+    @property
+    def options(self) -> dict:
+        return dict(self.params)
+
+    def label(self) -> str:
+        """``fbcache:threshold=0.05`` — what the PNG and the profile record, and what parses back to this."""
+        shown = [(k, v) for k, v in self.params if v is not None]
+        return f"{self.mode}:" + ",".join(f"{k}={_text(v)}" for k, v in shown)
+
+    def resolved(self, steps_run: int) -> CacheSpec:
+        """The spec with the run's own values filled in: MagCache's num_inference_steps (None: the run's)."""
+        if self.mode == "magcache" and self.options["num_inference_steps"] is None:
+            return CacheSpec(
+                self.mode, tuple((k, steps_run if k == "num_inference_steps" else v) for k, v in self.params)
+            )
+        return self
+
+    def schedule(self, steps: int) -> list[bool] | None:
+        """Which of ``steps`` calls run the whole denoiser (True), for the modes that fix it in advance."""
+        if self.mode == "taylorseer":
+            return taylorseer_schedule(self.options, steps)
+        if self.mode == "magcache":
+            return magcache_schedule(self.options, steps)
+        if self.mode == "deepcache":  # uniform: every cache_interval-th timestep from the first
+            return [step % self.options["cache_interval"] == 0 for step in range(steps)]
+        return None
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _value(mode: Mode, key: str, text: str, default):
+    bad = f"--cache {mode.name}: {key}={text} is not "
+    if key in mode.optional_ints and text.lower() == "none":
+        return None
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise InputError(bad + "true or false")
+    if isinstance(default, int) or key in mode.optional_ints:
+        try:
+            value = int(text)
+        except ValueError:
+            raise InputError(bad + "a whole number") from None
+        if value < 0 or (value < 1 and key in ("cache_interval", "max_order", "num_inference_steps")):
+            raise InputError(bad + ("at least 1" if key != "max_skip_steps" else "at least 0"))
+        return value
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(bad + "a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise InputError(bad + "a finite number of at least 0")
+    return value
+
+
+def parse(text: str | None) -> CacheSpec | None:
+    """``MODE[:key=value,...]`` → CacheSpec; None or ``off``/``none`` → None. Raises InputError (one line)."""
+    if text is None or text.strip().lower() in ("", "off", "none"):
+        return None
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    if name in NOT_BUILT:
+        raise InputError(
+            f"--cache {name} ({NOT_BUILT[name]}) is not built in Stepwise yet; use {', '.join(MODES)} or no --cache"
+        )
+    mode = MODES.get(name)
+    if mode is None:
+        raise InputError(f"--cache {name!r} is not a cache mode; use one of {', '.join(MODES)} (or off)")
+    values = dict(mode.fields)
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not raw.strip():
+            raise InputError(f"--cache {name}: {item!r} is not key=value; e.g. --cache {_example(mode)}")
+        if key not in mode.fields:
+            raise InputError(f"--cache {name} has no key {key!r}; its keys: {', '.join(mode.fields)}")
+        values[key] = _value(mode, key, raw.strip(), mode.fields[key])
+    if name == "deepcache" and values["cache_branch_id"] != 0:
+        raise InputError(
+            f"--cache deepcache:cache_branch_id={values['cache_branch_id']} caches at another depth of the UNet than "
+            f"the split `stepwise export --cache-graphs` writes (branch 0: the last up block's last layer); use "
+            f"cache_branch_id=0"
+        )
+    if name == "taylorseer" and not values["use_lite_mode"]:
+        raise InputError(
+            "--cache taylorseer without use_lite_mode predicts every attention module's output inside every "
+            "block (diffusers' default), which Stepwise's graphs do not expose; use --cache "
+            "taylorseer:use_lite_mode=true (the transformer's output predicted, blocks skipped)"
+        )
+    return CacheSpec(name, tuple(values.items()))
+
+
+def _example(mode: Mode) -> str:
+    shown = [(k, v) for k, v in mode.fields.items() if v is not None]
+    return f"{mode.name}:" + ",".join(f"{k}={_text(v)}" for k, v in shown)
+
+
+def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
+    """Refuse a cache a model cannot use, with the reason: a few-step distilled model (each of its few steps
+    changes the image a lot: nothing to reuse), a family the mode does not run on, a run no longer than the
+    mode's warm-up (nothing would be cached)."""
+    if spec is None:
+        return
+    mode = MODES[spec.mode]
+    if model.few_step:
+        raise InputError(
+            f"--cache is refused for {model.name}: a few-step distilled model changes the image a lot at each of "
+            f"its steps, so there is nothing to reuse; run it without --cache"
+        )
+    if family not in mode.families:
+        why = mode.why_not.get(family, f"the engine runs {mode.name} on {', '.join(mode.families)} only")
+        raise InputError(f"--cache {mode.name} is not available for {family}: {why}; run without --cache")
+    schedule = spec.resolved(steps_run).schedule(steps_run)
+    if (schedule is not None and all(schedule)) or steps_run <= 1:
+        raise InputError(
+            f"--cache {spec.label()} computes every one of {steps_run} steps in full (its warm-up covers the run), "
+            f"so it caches nothing; run more steps or drop --cache"
+        )
+
+
+def full_evaluations(spec: CacheSpec | None, steps_run: int) -> tuple[int, int]:
+    """(fewest, most) steps that run the whole denoiser: exact for a fixed schedule, a range for fbcache."""
+    if spec is None:
+        return steps_run, steps_run
+    schedule = spec.resolved(steps_run).schedule(steps_run)
+    if schedule is None:
+        return 1, steps_run  # fbcache: the first step always, the rest as they come
+    return sum(schedule), sum(schedule)
+
+
+# --- the fixed schedules, as the reference hooks decide them ----------------------------------------------
+
+
+def taylorseer_schedule(options: dict, steps: int) -> list[bool]:
+    """TaylorSeerCacheHook._measure_should_compute for calls 0 .. steps-1."""
+    before, interval = options["disable_cache_before_step"], options["cache_interval"]
+    after = options["disable_cache_after_step"]
+    return [
+        step < before or (step - before - 1) % interval == 0 or (after is not None and step >= after)
+        for step in range(steps)
+    ]
+
+
+def mag_ratios(count: int) -> np.ndarray:
+    """FLUX_MAG_RATIOS as MagCacheConfig holds them for ``count`` steps: float32, nearest_interp'd when the
+    length differs (torch.round is round-half-even, as numpy's)."""
+    ratios = np.asarray(FLUX_MAG_RATIOS, dtype=np.float32)
+    if count == len(ratios):
+        return ratios
+    if count == 1:
+        return ratios[-1:]
+    scale = np.float32((len(ratios) - 1) / (count - 1))
+    index = np.round(np.arange(count, dtype=np.float32) * scale).astype(np.int64)
+    return ratios[index]
+
+
+def magcache_schedule(options: dict, steps: int) -> list[bool]:
+    """MagCacheHeadHook's decisions for calls 0 .. steps-1 (float32 accumulators, as the hook's tensors are);
+    the hook resets itself after ``num_inference_steps`` calls, and so does this."""
+    total = options["num_inference_steps"] or steps
+    ratios = mag_ratios(total)
+    threshold = np.float32(options["threshold"])
+    retention = int(options["retention_ratio"] * total + 0.5)
+    decisions = []
+    index, have_residual = 0, False
+    ratio, err, skipped = np.float32(1.0), np.float32(0.0), 0
+    for _ in range(steps):
+        compute = True
+        if index >= retention:
+            scale = ratios[index] if index < len(ratios) else np.float32(1.0)
+            ratio = np.float32(ratio * scale)
+            skipped += 1
+            err = np.float32(err + np.float32(abs(np.float32(1.0) - ratio)))
+            if have_residual and err <= threshold and skipped <= options["max_skip_steps"]:
+                compute = False
+            else:
+                ratio, err, skipped = np.float32(1.0), np.float32(0.0), 0
+        decisions.append(compute)
+        have_residual = have_residual or compute
+        index += 1
+        if index >= total:  # the hook's _advance_step: the end of its inference loop
+            index, have_residual = 0, False
+            ratio, err, skipped = np.float32(1.0), np.float32(0.0), 0
+    return decisions
+
+
+def taylor_coefficient(offset: int, order: int) -> float:
+    return (offset**order) / math.factorial(order)

@@ -1,0 +1,360 @@
+"""Step caching (``--cache``): the option's parsing and refusals, and First Block Cache against diffusers' hook.
+
+The reference is diffusers 0.39's own ``apply_first_block_cache`` on the very tiny FLUX.1-dev the export came
+from, fed the same packed noise: the engine must compute (and cache) the same steps as the hook decides, and
+make the same image within 2/255. The threshold 0.3 is chosen where this tiny model's relative changes sit
+at least 1% away from it (0.20, 0.35, 0.29, 0.36, 0.17, 0.26, 0.30 at 64x64), so float rounding between
+ONNX Runtime and PyTorch cannot flip a decision, and both verdicts occur.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import registry
+from registry import cache as step_cache
+from registry.policy import InputError
+from registry.requests import plan_request
+
+PROMPT = "a cat holding a sign that says hello"
+MAX_PIXEL_DIFF = 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plan(model_id: str, cache: str | None, steps: int | None = None):
+    model = registry.get(model_id)
+    return plan_request(model, registry.family(model.family), prompt="x", steps=steps, cache=cache, seed=1)
+
+
+# --- parsing and policy (no runtime) ----------------------------------------------------------------------
+
+
+def test_the_keys_are_the_reference_configs_with_its_defaults():
+    from dataclasses import fields
+
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    reference = {f.name: f.default for f in fields(FirstBlockCacheConfig)}
+    assert step_cache.MODES["fbcache"].fields == reference
+    spec = step_cache.parse("fbcache")
+    assert spec.options == reference and spec.label() == "fbcache:threshold=0.05"
+    assert step_cache.parse("fbcache:threshold=0.2").options == {"threshold": 0.2}
+    assert step_cache.parse(spec.label()) == spec  # what the PNG records parses back
+    assert step_cache.parse(None) is None and step_cache.parse("off") is None
+
+
+def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
+    from dataclasses import fields
+
+    from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    mag = {f.name: f.default for f in fields(MagCacheConfig)}
+    ours = step_cache.MODES["magcache"].fields
+    # num_inference_steps: the reference's 28 is a placeholder its caller must set to the run's steps; ours is
+    # the run's by default (None); mag_ratios are FLUX's, calibrate is not offered
+    assert {k: v for k, v in ours.items() if k != "num_inference_steps"} == {
+        k: mag[k] for k in ours if k != "num_inference_steps"
+    }
+    assert list(step_cache.FLUX_MAG_RATIOS) == list(FLUX_MAG_RATIOS)
+    assert step_cache.parse("magcache").resolved(30).options["num_inference_steps"] == 30
+    taylor = {f.name: f.default for f in fields(TaylorSeerCacheConfig)}
+    assert step_cache.MODES["taylorseer"].fields == {k: taylor[k] for k in step_cache.MODES["taylorseer"].fields}
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("teacache", "not a cache mode; use one of fbcache"),
+        ("fbcache:thresh=0.1", "has no key 'thresh'; its keys: threshold"),
+        ("fbcache:threshold=abc", "threshold=abc is not a number"),
+        ("fbcache:threshold=-1", "is not a finite number of at least 0"),
+        ("fbcache:threshold", "is not key=value"),
+        ("taylorseer:cache_interval=3", "predicts every attention module's output"),
+        ("magcache:max_skip_steps=x", "max_skip_steps=x is not a whole number"),
+        ("deepcache:cache_branch_id=1", "caches at another depth of the UNet"),
+    ],
+)
+def test_bad_cache_options_are_one_line_errors(text, needle):
+    with pytest.raises(InputError) as err:
+        step_cache.parse(text)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_plan_counts_full_evaluations():
+    plan = _plan("flux-dev", "fbcache:threshold=0.1")
+    assert plan.cache.options == {"threshold": 0.1}
+    assert plan.full_evaluations == (1, 30)  # decided each step: the first always, at most every one
+    assert _plan("flux-dev", None).full_evaluations == (30, 30) and _plan("flux-dev", None).cache is None
+
+
+@pytest.mark.parametrize(
+    "model_id, steps, needle",
+    [
+        ("flux-schnell", None, "refused for FLUX.1-schnell: a few-step distilled model"),
+        ("sdxl-turbo", None, "few-step distilled"),
+        ("lcm", None, "few-step distilled"),
+        ("sd3-medium", None, "not available for sd3: diffusers 0.39 runs no step cache on SD3's transformer"),
+        ("sd15", None, "not available for sd15: the engine runs fbcache on flux only"),
+    ],
+)
+def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
+    with pytest.raises(InputError) as err:
+        _plan(model_id, "fbcache", steps=steps)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_run_no_longer_than_the_warm_up_is_refused_even_forced():
+    model = registry.get("flux-dev")
+    with pytest.raises(InputError, match="caches nothing"):
+        plan_request(model, registry.family("flux"), prompt="x", steps=1, force=True, cache="fbcache")
+
+
+def test_the_cli_refuses_a_bad_cache_in_one_line_before_loading(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "cli.py", "generate", "x", "--model", "flux-schnell", "--cache", "fbcache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"STEPWISE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "few-step distilled" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_png_records_the_cache(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from engine.png import save_png
+
+    params = {"prompt": "p", "steps": 30, "sampler": "Euler", "guidance": 3.5, "seed": 1, "width": 8, "height": 8}
+    params |= {"model": "flux-dev", "cache": "magcache:threshold=0.06,max_skip_steps=3"}
+    params["cache_computed_steps"] = "15 of 30"
+    result = SimpleNamespace(image=np.zeros((8, 8, 3), np.uint8), parameters=params)
+    text = Image.open(save_png(result, tmp_path / "a.png")).text
+    assert text["cache"] == params["cache"] and text["cache_computed_steps"] == "15 of 30"
+    assert 'Cache: "magcache:threshold=0.06,max_skip_steps=3, 15 of 30 steps computed"' in text["parameters"]
+
+
+def test_a_cached_run_needs_the_split_graphs():
+    from engine.cache import cached_denoiser
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match="export it again with --cache-graphs"):
+        cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", list(range(30)))
+
+
+# --- against diffusers (exports real graphs) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_export(exported_tiny):
+    return exported_tiny("flux-dev", cache_graphs=True)
+
+
+def _diffusers_run(noise, width, height, steps, config=None):
+    """diffusers' image, and (with a cache config) which calls ran the last block: a forward pre-hook on a
+    submodule of the last block fires only when the hook lets that block compute (FBCache and MagCache skip
+    it, TaylorSeer-Lite's inactive blocks return zeros without running)."""
+    import diffusers
+    import torch
+
+    from exporters import tiny
+
+    pipe = tiny.build("flux-dev")
+    events: list[str] = []
+    if config is not None:
+        pipe.transformer.enable_cache(config)
+        pipe.transformer.register_forward_pre_hook(lambda *_: events.append("step"))
+        pipe.transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(lambda *_: events.append("rest"))
+    b, c, h, w = noise.shape
+    packed = diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise), b, c, h, w)
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            latents=packed,
+            output_type="np",
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            width=width,
+            height=height,
+            max_sequence_length=512,
+        ).images[0]
+    verdicts = []
+    for event in events:
+        if event == "step":
+            verdicts.append("skipped")
+        else:
+            verdicts[-1] = "computed"
+    return (image * 255).round().astype(np.uint8), verdicts
+
+
+def _reference_config(spec):
+    """The diffusers config of the same mode and values (TaylorSeer's factors in float32, as ours)."""
+    import torch
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    options = spec.options
+    if spec.mode == "fbcache":
+        return FirstBlockCacheConfig(**options)
+    if spec.mode == "magcache":
+        return MagCacheConfig(**options, mag_ratios=FLUX_MAG_RATIOS)
+    return TaylorSeerCacheConfig(**options, taylor_factors_dtype=torch.float32)
+
+
+def _check_against_diffusers(folder, text, width, height, steps=8):
+    import engine
+
+    pipe = engine.load_pipeline(folder, threads=1)
+    noise = np.random.default_rng(6).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
+    spec = step_cache.parse(text).resolved(steps)
+    result = pipe.generate(
+        prompt=PROMPT, steps=steps, guidance=3.5, width=width, height=height, seed=0, latents=noise, cache=spec
+    )
+    expected, verdicts = _diffusers_run(noise, width, height, steps, _reference_config(spec))
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert [v if v == "computed" else "skipped" for v in ours] == verdicts  # the same steps computed
+    assert ours.count("computed") >= 3 and len(set(ours)) == 2
+    schedule = spec.schedule(steps)
+    if schedule is not None:  # what the plan announced is what ran
+        assert ours == ["computed" if c else step_cache.MODES[spec.mode].label_skipped for c in schedule]
+    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
+    assert expected.std() > 5
+    assert result.parameters["cache"] == spec.label()
+    assert result.parameters["cache_computed_steps"] == f"{ours.count('computed')} of {steps}"
+    return ours
+
+
+@pytest.mark.slow
+def test_the_split_graphs_are_validated_composed_as_the_whole(split_export):
+    manifest = registry.manifest.read(split_export)
+    composed = manifest.data["cache_graphs"]["composed"]
+    assert composed["max_abs_diff"] <= composed["tolerance"]
+    assert set(step_cache.SPLIT_GRAPHS) <= set(manifest.components)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width, height", [(64, 64), (64, 48)])
+def test_fbcache_matches_diffusers_hook(split_export, width, height):
+    ours = _check_against_diffusers(split_export, "fbcache:threshold=0.3", width, height)
+    assert "cached" in ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["magcache", "magcache:threshold=0.1,max_skip_steps=2"])
+def test_magcache_matches_diffusers_hook(split_export, text):
+    _check_against_diffusers(split_export, text, 64, 48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        "taylorseer:use_lite_mode=true,cache_interval=2,disable_cache_before_step=2",
+        "taylorseer:use_lite_mode=true,cache_interval=3,max_order=2",  # second-order factors
+    ],
+)
+def test_taylorseer_lite_matches_diffusers_hook(split_export, text):
+    ours = _check_against_diffusers(split_export, text, 64, 64)
+    assert "predicted" in ours
+
+
+@pytest.mark.slow
+def test_cache_off_runs_the_whole_graph_as_before(split_export):
+    import engine
+
+    pipe = engine.load_pipeline(split_export, threads=1)
+    noise = np.random.default_rng(6).standard_normal(pipe.family.latent_shape(64, 64), dtype=np.float32)
+    result = pipe.generate(prompt=PROMPT, steps=4, guidance=3.5, width=64, height=64, seed=0, latents=noise)
+    assert not set(step_cache.SPLIT_GRAPHS) & set(pipe.sessions.loaded())  # never created
+    assert "cache" not in result.parameters and "cache_steps" not in result.profile
+    assert all("cache" not in s for s in result.profile["steps"])
+    expected, _ = _diffusers_run(noise, 64, 64, 4)  # no hook
+    assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.slow
+def test_cache_graphs_are_refused_for_sd3(tmp_path):
+    import exporters
+
+    with pytest.raises(exporters.ExportError, match="export without --cache-graphs"):
+        exporters.export("tiny:sd3", out=tmp_path / "sd3", cache_graphs=True, progress=None)
+    assert not (tmp_path / "sd3").exists()
+
+
+# --- DeepCache against the deepcache package's DeepCacheSDHelper (UNets) ---------------------------------
+
+
+def _deepcache_reference(name, model_id, noise, width, height, steps, guidance, interval):
+    """The helper on the tiny pipeline with the model's scheduler; which calls ran the deep part: a pre-hook on a
+    module inside the mid block (the helper wraps the mid block, not its resnets) fires only on full calls."""
+    import diffusers
+    import torch
+    from DeepCache import DeepCacheSDHelper
+
+    from exporters import tiny
+
+    pipe = tiny.build(name)
+    config = dict(registry.get(model_id).scheduler)
+    pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
+    events: list[str] = []
+    if interval is not None:
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
+        helper.enable()
+        pipe.unet.register_forward_pre_hook(lambda *_: events.append("step"))
+        pipe.unet.mid_block.resnets[0].conv1.register_forward_pre_hook(lambda *_: events.append("deep"))
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            latents=torch.from_numpy(noise),
+            output_type="np",
+        ).images[0]
+    verdicts = []
+    for event in events:
+        if event == "step":
+            verdicts.append("cached")
+        else:
+            verdicts[-1] = "computed"
+    return (image * 255).round().astype(np.uint8), verdicts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, model_id, guidance, interval",
+    [
+        ("sd15", "sd15", 7.5, 3),  # PNDM: its repeated timestep repeats the helper's index
+        # a tiny SDXL export of its own (minutes on the shared machine): run with -m benchmark; passed here
+        pytest.param("sdxl", "sdxl", 5.0, 2, marks=pytest.mark.benchmark),
+    ],
+)
+def test_deepcache_matches_the_deepcache_helper(exported_tiny, name, model_id, guidance, interval):
+    import engine
+
+    pipe = engine.load_pipeline(exported_tiny(name, model_id=model_id, cache_graphs=True), threads=1)
+    noise = np.random.default_rng(3).standard_normal(pipe.family.latent_shape(64, 64), dtype=np.float32)
+    spec = step_cache.parse(f"deepcache:cache_interval={interval}")
+    common = dict(prompt=PROMPT, steps=8, guidance=guidance, width=64, height=64, seed=0, latents=noise)
+    result = pipe.generate(**common, cache=spec)
+    expected, verdicts = _deepcache_reference(name, model_id, noise, 64, 64, 8, guidance, interval)
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert ours == verdicts and "cached" in ours and ours.count("computed") >= 3
+    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
+    uncached = pipe.generate(**common).image  # the cache changed the image: the comparison above can fail
+    assert np.abs(uncached.astype(int) - result.image.astype(int)).max() > 2 * MAX_PIXEL_DIFF  # sd15 16, sdxl 8
+    assert result.parameters["cache"] == f"deepcache:cache_interval={interval},cache_branch_id=0"
