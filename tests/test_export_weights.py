@@ -216,7 +216,7 @@ def test_a_quantized_graph_below_the_floor_fails_the_export_and_leaves_nothing(t
 
 
 def test_unknown_weights_mode_is_refused():
-    with pytest.raises(exporters.ExportError, match="fp32, int8, int4"):
+    with pytest.raises(exporters.ExportError, match="fp32, int8, int8-static, int4"):
         exporters.export("tiny:sd15", weights="fp16", progress=None)
 
 
