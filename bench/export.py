@@ -2,8 +2,9 @@
 
 One folder per export variant, beside each other under ``$STEPWISE_HOME/bench``: ``<kind>-<family>-fp32``
 is what ``stepwise export`` writes by default (the engine's graph: fp32, UNet attention fused for the CPU),
-``-fp32-plain`` the same without the fusion (what OpenVINO reads, and the fusion's baseline), ``-int8`` and
-``-int4`` the precision modes (``--weights int8 --vae-weights int8``, ``--weights int4``).
+``-fp32-plain`` the same without the fusion (what OpenVINO reads, and the fusion's baseline), ``-int8``,
+``-int8-static`` and ``-int4`` the precision modes (``--weights int8 --vae-weights int8``, ``--weights int8-static
+--vae-weights int8``, ``--weights int4``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ VARIANTS = {
     "fp32": {"weights": "fp32", "fuse": True},
     "fp32-plain": {"weights": "fp32", "fuse": False},
     "int8": {"weights": "int8", "vae_weights": "int8", "fuse": True},
+    "int8-static": {"weights": "int8-static", "vae_weights": "int8", "fuse": True},
     "int4": {"weights": "int4", "fuse": True},
 }
 

@@ -1,7 +1,7 @@
 """The named engines a run can time: the comparison (``stepwise``, ``pytorch``, ``openvino_fp32``,
 ``openvino_default``), the tuning candidates of our ONNX Runtime path (``ort_*``, each one change against
-the engine) and the fast precision modes (``stepwise_int8``, ``stepwise_int4``: ``stepwise export
---weights``). Each name → (engine kind, options), built from the run's context."""
+the engine) and the fast precision modes (``stepwise_int8_static``, ``stepwise_int8``, ``stepwise_int4``:
+``stepwise export --weights``). Each name → (engine kind, options), built from the run's context."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from . import export
 COMPARISON = ("stepwise", "pytorch", "openvino_fp32", "openvino_default")
 # the plain export (no CPU attention fusion) under the engine's session: what the exporter's fusion gains
 TUNED = ("ort_plain",)
-FAST_MODES = ("stepwise_int8",)
+FAST_MODES = ("stepwise_int8_static",)
 
 
 @dataclass
@@ -98,6 +98,7 @@ BUILDERS = {
     "ort_split_guidance": lambda c: c.ort(split_guidance=True),
     "ort_io_binding": lambda c: c.ort(io_binding=True),
     # --- fast precision modes: the engine on `stepwise export --weights …`
+    "stepwise_int8_static": lambda c: _engine(c, export.sibling(c.folder, c.source, "int8-static", c.progress)),
     "stepwise_int8": lambda c: _engine(c, export.sibling(c.folder, c.source, "int8", c.progress)),
     "stepwise_int4": lambda c: _engine(c, export.sibling(c.folder, c.source, "int4", c.progress)),
 }

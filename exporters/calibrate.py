@@ -1,8 +1,10 @@
-"""Calibration inputs for the VAE decoder's static int8 (``--vae-weights int8``): decodes of real samples.
+"""Calibration inputs for the static int8 modes: the UNet's inputs along real sampling trajectories.
 
-The diffusers pipeline is run on a few prompts (``output_type="latent"``, no decode) at the step count and
-guidance the model is used with; the engine's loop produces the same latents (tests/test_engine_parity.py).
-Their decodes, and those of as many standard-normal latents, calibrate the decoder's activation ranges.
+Activation ranges are taken from what the UNet sees when it samples: the diffusers pipeline is run on a few
+prompts (``output_type="latent"``, no decode) and the UNet's inputs are recorded at every step
+(``--weights int8-static``); the final latents' decodes calibrate the VAE decoder (``--vae-weights int8``). The
+engine's loop produces the same numbers (tests/test_engine_parity.py), so these are the engine's trajectories,
+at the step count and guidance the model is used with.
 """
 
 from __future__ import annotations
@@ -24,18 +26,47 @@ def _size(pipeline) -> tuple[int, int]:
     return side, side
 
 
-def final_latents(
+def _as_feeds(args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """A ``UNet2DConditionModel`` call as the graph's named inputs (exporters/components.py ``unet``)."""
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    states = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+    if hasattr(timestep, "reshape"):  # the pipelines pass a 0-d tensor; the graph takes a float scalar
+        timestep = float(timestep.reshape(-1)[0])
+    feeds = {
+        "sample": sample.detach().float().numpy().copy(),
+        "timestep": np.asarray(timestep, np.float32),
+        "encoder_hidden_states": states.detach().float().numpy().copy(),
+    }
+    added = kwargs.get("added_cond_kwargs") or {}
+    for name in ("text_embeds", "time_ids"):
+        if name in added:
+            feeds[name] = added[name].detach().float().numpy().copy()
+    if kwargs.get("timestep_cond") is not None:
+        feeds["timestep_cond"] = kwargs["timestep_cond"].detach().float().numpy().copy()
+    return feeds
+
+
+def unet_trajectory(
     pipeline, *, steps: int, guidance: float | None, scheduler: dict | None = None, progress=None
-) -> list[np.ndarray]:
-    """The final latents of ``len(PROMPTS)`` seeded runs of ``pipeline`` (a diffusers UNet pipeline, still whole),
-    sampled with ``scheduler`` (the config the export will carry; default the pipeline's own) and ``guidance``
-    (default the pipeline's)."""
+) -> tuple[list[tuple[dict, dict]], list[np.ndarray]]:
+    """(the UNet's inputs, its output ``out_sample``) at each step of ``len(PROMPTS)`` seeded runs of
+    ``pipeline`` (a diffusers UNet pipeline, still whole), sampled with ``scheduler`` (the config the export
+    will carry; default the pipeline's own) and ``guidance`` (default the pipeline's); and each run's final
+    latents."""
     import diffusers
     import torch
 
     steps = max(1, min(steps, MAX_STEPS))
     width, height = _size(pipeline)
+    recorded: list[tuple[dict, dict]] = []
     finals: list[np.ndarray] = []
+
+    def record(_module, args, kwargs, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        recorded.append((_as_feeds(args, kwargs), {"out_sample": sample.detach().float().numpy().copy()}))
+
+    hook = pipeline.unet.register_forward_hook(record, with_kwargs=True)
     pipeline.set_progress_bar_config(disable=True)
     original = pipeline.scheduler
     if scheduler:
@@ -58,8 +89,9 @@ def final_latents(
                 )
             finals.append(result.images.detach().float().numpy().copy())
     finally:
+        hook.remove()
         pipeline.scheduler = original
-    return finals
+    return recorded, finals
 
 
 def vae_decoder_trajectory(pipeline, latents: list[np.ndarray], seed: int = 101) -> list[tuple[dict, dict]]:

@@ -52,11 +52,15 @@ DENOISER_GRAPHS = (*DENOISERS, *split.GRAPHS)  # the whole denoiser and its step
 MIN_OPSET, MAX_OPSET = 14, 20  # SDPA needs 14; 20 is the TorchScript exporter's newest
 BIG_COMPONENT = 50_000_000  # parameters; below this a gc pass costs more time than the memory is worth
 VERSIONED = ("torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "peft")
-# A graph quantized after export from a module in memory (the VAE decoder's static int8, along its recorded
-# decodes; a UNet's int4, on the validation inputs) is checked against PyTorch by the signal-to-noise ratio of
-# its output, not by an fp32 tolerance. Below this floor it is broken (wrong scales, saturation), not merely
-# less precise: the tiny random-weight UNets give ~40 dB in int4. (Streamed formats: exporters/weights.py.)
-MIN_SNR_DB = {"int8": 12.0, "int4": 12.0}
+# A graph quantized after export from a module in memory (a UNet's static int8 and the VAE decoder's, along
+# their recorded sampling trajectories; a UNet's int4, on the validation inputs) is checked against PyTorch by
+# the signal-to-noise ratio of its output, not by an fp32 tolerance. Below this floor it is broken (wrong
+# scales, saturation), not merely less precise: the tiny random-weight UNets give 16-24 dB in int8-static (LCM
+# lowest) and ~40 dB in int4. (Streamed formats: exporters/weights.py.)
+MIN_SNR_DB = {"int8": 12.0, "int8-static": 12.0, "int4": 12.0}
+# The calibrated --weights int8-static of a UNet checkpoint holds the pipeline while it samples, then onnxruntime's
+# quantize_static holds the UNet graph several times over: 17.2 GB measured for SD 1.5's 3.4 GB fp32 UNet.
+CALIBRATED_INT8_PEAK_PER_UNET_BYTE = 5.0
 # --vae-weights int8 holds the whole pipeline in fp32 while it samples (its final latents calibrate the decoder):
 # a pipeline-loading export of SD 1.5 peaked at 8.22 GB, ~1.9x its 4.3 GB of fp32 weights; with the sampling
 # and the decoder's quantize_static on top, this factor leaves room.
@@ -116,6 +120,11 @@ def export(
     defaults = registry.family(src.family).default_weights
     weights = weights or defaults.get("denoiser", "fp32")
     text_encoder_weights = text_encoder_weights or defaults.get("text_encoder", "fp32")
+    if weights == "int8-static" and src.family not in streaming.UNET_FAMILIES:
+        raise ExportError(
+            f"--weights int8-static calibrates a UNet (SD 1.5, SDXL and their LCM, Turbo, Lightning) by sampling "
+            f"the whole pipeline; {src.family} is exported without loading it: export with --weights int8"
+        )
     model = _registry_model(model_id, src) if model_id else _auto_model(src)
     final = Path(out).expanduser() if out else registry.models_home() / (model.id if model else src.name)
     final = final.absolute()
@@ -161,9 +170,12 @@ def export(
             f"--{'lora' if lora_file else 'unet'} needs the weights in memory, and {src.family} checkpoints are "
             f"exported without loading them; fuse it into the checkpoint first (diffusers: fuse_lora, save_pretrained)"
         )
-    if not streamed and vae_weights != "fp32" and src.kind != "tiny":
+    if not streamed and (weights == "int8-static" or vae_weights != "fp32") and src.kind != "tiny":
         sources.fetch(src)
-        _check_calibration_memory(src)
+        if weights == "int8-static":
+            _check_static_unet_memory(src)
+        if vae_weights != "fp32":
+            _check_calibration_memory(src)
     say(f"loading {src.spec} ({src.pipeline_class}, family {src.family})")
     with backends.quiet():
         pipeline = sources.load(src, streamed=streamed)
@@ -187,7 +199,7 @@ def export(
     scheduler = scheduler_config(pipeline, model)
     config = pipeline_config(pipeline, src.family, scheduler)
     rewrite = _Rewrite(fuse, weights, vae_weights, text_encoder_weights, streamed=streamed)
-    # a UNet pipeline in memory: its VAE decoder's int8 is calibrated by sampling it
+    # a UNet pipeline in memory: its static int8 modes (UNet, VAE decoder) are calibrated by sampling it
     unet_pipeline = getattr(pipeline, "unet", None) is not None and not streamed
     if text_encoder_weights != "fp32" and not any(rewrite.streamed(m) for m in _big_text_encoders(pipeline)):
         raise ExportError(
@@ -199,17 +211,19 @@ def export(
             f"--vae-weights {vae_weights} is calibrated on a UNet pipeline's samples; {src.family} is not supported "
             f"yet: export with --vae-weights fp32"
         )
-    if vae_weights != "fp32" and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels:
+    calibrated = {"weights": weights == "int8-static", "vae-weights": vae_weights != "fp32"}
+    if any(calibrated.values()) and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels:
+        flags = " ".join(f"--{flag} fp32" for flag, on in calibrated.items() if on)
         raise ExportError(
-            f"--vae-weights {vae_weights} is calibrated by text-to-image sampling, which a "
-            f"{pipeline.unet.config.in_channels}-channel UNet ({src.pipeline_class}: latents, mask and masked-image "
-            f"latents) cannot do; export with --vae-weights fp32"
+            f"static int8 is calibrated by text-to-image sampling, which a {pipeline.unet.config.in_channels}-channel "
+            f"UNet ({src.pipeline_class}: latents, mask and masked-image latents) cannot do; export with {flags}"
         )
-    if vae_weights != "fp32":
-        # before any component is exported and freed: the whole pipeline samples, and its final latents
-        # calibrate the int8 VAE decoder and measure it
+    if any(calibrated.values()):
+        # before any component is exported and freed: the whole pipeline samples. Its UNet inputs calibrate
+        # the int8-static convolutions and, with the UNet's outputs, measure the quantized UNet; its final
+        # latents do the same for the VAE decoder.
         with backends.quiet():
-            finals = calibrate.final_latents(
+            unet_trajectory, finals = calibrate.unet_trajectory(
                 pipeline,
                 steps=model.default_steps if model else calibrate.MAX_STEPS,
                 # a registry model samples with its own guidance (Turbo's 0: no CFG batch) and scheduler
@@ -217,8 +231,11 @@ def export(
                 scheduler=scheduler,
                 progress=say,
             )
-            say("calibrating: decoding the sampled latents")
-            rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
+            if weights == "int8-static":
+                rewrite.trajectories["unet"] = unet_trajectory
+            if vae_weights != "fp32":
+                say("calibrating: decoding the sampled latents")
+                rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
     final.parent.mkdir(parents=True, exist_ok=True)
     reclaimed = reclaim_leftovers(final.parent)
     if reclaimed:
@@ -272,6 +289,23 @@ def export(
         raise
     say(f"exported {src.spec} to {final} in {time.monotonic() - started:.1f}s")
     return final
+
+
+def _check_static_unet_memory(src) -> None:
+    """Refuse, before loading anything, a --weights int8-static export this machine's memory cannot hold (SDXL's
+    needs ~50 GB): it would be killed after minutes of work. The weight-only int8 needs no such memory."""
+    folder = src.folder / "unet" if src.folder else None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return
+    params = streaming.SafetensorsWeights(folder).params()
+    need_mb = CALIBRATED_INT8_PEAK_PER_UNET_BYTE * 4 * params / 2**20
+    available = available_memory_mb()
+    if available is not None and need_mb > available:
+        raise ExportError(
+            f"--weights int8-static calibrates on the whole pipeline in memory: about {need_mb / 1024:.0f} GB for "
+            f"this {params / 1e9:.1f} B-parameter UNet, and {available / 1024:.0f} GB is available; export with "
+            f"--weights int8 (weight-only, streamed, under 6 GB), or on a machine with more memory"
+        )
 
 
 def _check_calibration_memory(src) -> None:
@@ -341,9 +375,7 @@ class _Rewrite:
         say(f"quantizing {name} to {weights}")
         samples = [feeds for feeds, _ in self.trajectories.get(name, ())]
         try:
-            if name in DENOISERS:  # int4 of a UNet in memory (its int8 is written by exporters.streaming)
-                done["quantization"] = quantize.quantize(path, data_name, weights)
-            if name in DENOISER_GRAPHS:
+            if name in DENOISER_GRAPHS:  # int8-static or int4 in memory (int8: exporters.streaming)
                 done["quantization"] = quantize.quantize(path, data_name, weights, samples)
             else:
                 done["quantization"] = quantize.int8_convs(path, data_name, samples)
@@ -389,10 +421,10 @@ def _check_cache_graphs(pipeline, src, weights: str) -> None:
             f"--cache-graphs splits FLUX's transformer and the SD 1.5/SDXL UNet for step caching; {src.family} has "
             f"no cache mode that needs its denoiser split: export without --cache-graphs"
         )
-    if weights == "int8" and getattr(pipeline, "unet", None) is not None:
+    if weights in ("int8", "int8-static") and getattr(pipeline, "unet", None) is not None:
         raise ExportError(
-            "--cache-graphs with --weights int8: a UNet's int8 is written by the streaming exporter for the whole "
-            "graph only, not its split parts; export with --weights fp32 or int4, or without --cache-graphs"
+            f"--cache-graphs with --weights {weights}: a UNet's int8 is written (or calibrated) for the whole graph "
+            f"only, not its split parts; export with --weights fp32 or int4, or without --cache-graphs"
         )
 
 

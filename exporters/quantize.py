@@ -1,15 +1,20 @@
 """Weight precision modes of graphs exported from a module in memory, with ONNX Runtime's quantization tools.
 
-- ``--vae-weights int8``: the VAE decoder's convolutions static QDQ int8 (weights per channel, uint8
-  activations with ranges calibrated on the decodes of the model's own samples) → ``QLinearConv`` on
-  VNNI/AMX-INT8, ~0.4x the fp32 decode (docs/vae-modes.md). Dynamic int8 convolutions are never used: ONNX
-  Runtime runs ``ConvInteger`` on a slow generic path (2.9x slower).
+- ``--weights int8-static`` (UNets): convolutions static QDQ int8 (weights per channel, uint8 activations with
+  ranges calibrated on the model's own sampling trajectory) → ``QLinearConv``; then every MatMul dynamic int8
+  (activations quantized at run time from their own range) → ``DynamicQuantizeMatMul``. Both run on
+  VNNI/AMX-INT8: ~0.5x the fp32 step of SD 1.5, but the export holds the whole pipeline while it samples and
+  ``quantize_static``'s copies of the graph (17.2 GB for SD 1.5). Dynamic int8 *convolutions* are never used:
+  ONNX Runtime runs ``ConvInteger`` on a slow generic path (2.9x slower steps). Static QDQ MatMuls were slower
+  too: the calibrator leaves the MatMuls behind the fused LayerNorms fp32 and ONNX Runtime turns them into
+  weight-only kernels (docs/benchmarks.md).
+- ``--vae-weights int8``: the VAE decoder's convolutions the same static QDQ int8, calibrated on the decodes of
+  the model's own samples, ~0.4x the fp32 decode (docs/vae-modes.md).
 - ``--weights int4`` of a UNet in memory (tiny pipelines, a fused ``--unet``/``--lora``): MatMul weights 4-bit,
   block-wise (``MatMulNBits``), activations fp32, compute in int8 (accuracy level 4) where the CPU has VNNI.
 
 A denoiser's ``--weights int8`` is weight-only and written by the streaming exporter (exporters/weights.py),
-whatever the source: the static int8 UNet it replaces needed the whole pipeline and ``quantize_static``'s
-copies of the graph in memory (17.2 GB for SD 1.5).
+whatever the source: a quarter of the fp32 memory, exported in under 6 GB, the step 1-1.5x fp32's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 from . import optimize
 from .weights import EDGE_CHANNELS
 
-WEIGHTS = ("fp32", "int8", "int4")
+# --weights: int8 is weight-only (exporters/weights.py), int8-static the calibrated UNet below
+WEIGHTS = ("fp32", "int8", "int8-static", "int4")
 VAE_WEIGHTS = ("fp32", "int8")
 INT4_BLOCK = 32
 # ONNX Runtime's MatMulNBits accuracy level 4: activations quantized to int8 per block, int8 dot products
@@ -117,6 +123,20 @@ def _quantize_static(src: Path, dst: Path, samples: list[dict], exclude: list[st
     )
 
 
+def _dynamic_int8_matmul(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul"],
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        use_external_data_format=True,
+        extra_options={"DefaultTensorType": 1},
+    )
+
+
 def _int4_matmul(src: Path):
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -161,14 +181,30 @@ def int8_convs(path: Path, data_name: str, samples: list[dict]) -> dict:
     return {"weights": "int8", "conv": conv or "none (no convolution to quantize)"}
 
 
-def quantize(path: Path, data_name: str, weights: str) -> dict:
-    """Rewrite the graph at ``path`` (weights in ``data_name`` when over 2 GB) to ``weights`` (fp32 or int4);
-    returns what was done, for the manifest."""
-    if weights not in ("fp32", "int4"):
-        raise ValueError(f"weights {weights!r}: a UNet in memory is quantized here to fp32 or int4")
+def quantize(path: Path, data_name: str, weights: str, samples: list[dict] | None) -> dict:
+    """Rewrite the graph at ``path`` (weights in ``data_name`` when over 2 GB) to ``weights`` (fp32, int8-static
+    or int4); returns what was done, for the manifest. ``samples``: calibration inputs for the static int8
+    convolutions."""
+    import onnx
+
+    if weights not in ("fp32", "int8-static", "int4"):
+        raise ValueError(f"weights {weights!r}: a UNet in memory is quantized here to fp32, int8-static or int4")
     done = {"weights": weights}
-    if weights == "int4":
-        model = _int4_matmul(path)
-        done["matmul"] = f"MatMulNBits 4-bit, block {INT4_BLOCK}, symmetric, accuracy level {INT4_ACCURACY_LEVEL}"
+    if weights == "fp32":
+        return done
+    with _workdir(path) as work:
+        if weights == "int4":
+            model = _int4_matmul(path)
+            done["matmul"] = f"MatMulNBits 4-bit, block {INT4_BLOCK}, symmetric, accuracy level {INT4_ACCURACY_LEVEL}"
+        else:
+            convs = work / "conv.onnx"
+            conv = _static_convs(path, convs, samples)
+            if conv is not None:
+                done["conv"] = conv
+            dst = work / "matmul" / "model.onnx"
+            dst.parent.mkdir()
+            _dynamic_int8_matmul(convs if conv is not None else path, dst)
+            done["matmul"] = "dynamic int8 (weights per channel, activations per run)"
+            model = onnx.load(str(dst))
         optimize.save(model, path, data_name)
     return done

@@ -50,8 +50,8 @@ STREAMED_CLASSES = (
 # Families whose checkpoints are always streamed, tiny ones included.
 STREAMED_FAMILIES = ("sd3", "flux", "qwen-image", "deepfloyd-if")
 # The UNet families stream their folder and hub checkpoints unless something needs the whole pipeline in
-# PyTorch: a UNet or LoRA fused in (--unet, --lora), or the VAE decoder's static int8 calibrated by sampling
-# (--vae-weights int8). Tiny pipelines are built in memory and exported as they are.
+# PyTorch: a UNet or LoRA fused in (--unet, --lora), or the static int8 modes calibrated by sampling
+# (--weights int8-static, --vae-weights int8). Tiny pipelines are built in memory and exported as they are.
 UNET_FAMILIES = ("sd15", "sdxl")
 
 
@@ -68,7 +68,8 @@ def streamed_source(
         return True
     if family in BIG_FAMILIES:
         return kind != "tiny" or weights != "fp32" or text_encoder_weights != "fp32"
-    return family in UNET_FAMILIES and kind != "tiny" and not parts and vae_weights == "fp32"
+    calibrated = weights == "int8-static" or vae_weights != "fp32"  # sampled by the pipeline in memory
+    return family in UNET_FAMILIES and kind != "tiny" and not parts and not calibrated
 
 
 def streams(module) -> bool:

@@ -118,8 +118,13 @@ def test_int8_unet_streams_and_the_int8_vae_loads_the_pipeline(bf16_folder, tmp_
     assert not streaming.streamed_source("sd15", "hub", parts=False, vae_weights="int8")
     assert not streaming.streamed_source("sdxl", "folder", parts=True, vae_weights="fp32")
     assert not streaming.streamed_source("sdxl", "tiny", parts=False, vae_weights="fp32")
+    assert not streaming.streamed_source("sd15", "folder", parts=False, vae_weights="fp32", weights="int8-static")
     # and where that pipeline cannot fit (SDXL's is 14 GB in fp32), it is refused before loading
     monkeypatch.setenv("STEPWISE_AVAILABLE_MB", "10")  # the tiny pipeline's calibration needs ~35 MB by the rule
     with pytest.raises(exporters.ExportError, match=r"--vae-weights int8 calibrates .* export with --vae-weights fp32"):
         exporters.export(str(folder), out=tmp_path / "vae8", vae_weights="int8", progress=None)
     assert not (tmp_path / "vae8").exists()
+    # as is the calibrated int8-static UNet (SD 1.5 needs ~17 GB), naming the weight-only int8 instead
+    with pytest.raises(exporters.ExportError, match=r"--weights int8-static calibrates .* export with --weights int8 "):
+        exporters.export(str(folder), out=tmp_path / "static", weights="int8-static", progress=None)
+    assert not (tmp_path / "static").exists()
