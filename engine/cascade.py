@@ -43,8 +43,10 @@ class CascadePipeline:
         guidance: float | None = None,
         image: bool = False,
         vae_tiling: bool | None = None,
+        cache=None,
     ):
-        del image, vae_tiling  # no image-to-image and no VAE: refused in generate
+        # no image-to-image, no VAE and no step cache for a cascade: each is refused before loading
+        del image, vae_tiling, cache
         self.folder = Path(folder)
         self.manifest = manifest_format.read(self.folder)
         verify(self.manifest)
@@ -149,6 +151,7 @@ class CascadePipeline:
         callback=None,
         show_progress: bool = False,
         vae_tiling: bool | None = None,
+        cache=None,
     ) -> Result:
         """One image through every stage. ``steps``/``guidance``: stage I's; ``steps_2``/``guidance_2``: stage II's
         (default: the export's, IFSuperResolutionPipeline's 50 and 4.0). Random tensors are drawn from
@@ -156,7 +159,8 @@ class CascadePipeline:
         noise, the noise of the upscaled image, and its steps' variance noise. ``callback(step)`` sees every step of
         every stage (``Step`` has no stage: the profile's rows say which)."""
         del vae_tiling
-        for given, what in ((image, "--image"), (mask, "--mask"), (strength, "--strength"), (latents, "--latents")):
+        given_options = (image, "--image"), (mask, "--mask"), (strength, "--strength"), (latents, "--latents")
+        for given, what in (*given_options, (cache, "--cache")):
             if given is not None:
                 raise EngineError(f"{what} is not supported for DeepFloyd IF; generate from the prompt alone")
         if scheduler is not None:
