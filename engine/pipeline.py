@@ -7,7 +7,6 @@ generations at once from several threads (ONNX Runtime sessions are safe to ``ru
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from . import cache as caching
 from . import img2img, sampling
 from .errors import EngineError
 from .families import ARCHITECTURES, CASCADES
+from .families.base import read_scheduler
 from .loader import Sessions
 from .memory import MemoryPlan, plan_memory
 from .profile import Profiler, StepBar
@@ -340,14 +340,7 @@ def _sampler_label(sched) -> str:
 
 
 def _scheduler_config(folder: Path) -> dict:
-    path = folder / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"{path} cannot be read ({exc}); export the model again") from None
-    if not isinstance(config, dict) or "_class_name" not in config:
-        raise EngineError(f"{path} names no scheduler class; export the model again")
-    return config
+    return read_scheduler(folder / "scheduler")
 
 
 def load_pipeline(
@@ -369,18 +362,10 @@ def load_pipeline(
     except manifest_format.ManifestError:
         family = None  # Pipeline reads it again and says what is wrong
     if family in CASCADES:
-        from .cascade import CascadePipeline
-
-        return CascadePipeline(
-            Path(folder),
-            threads=threads,
-            skip=skip,
-            available_mb=available_mb,
-            policy=policy,
-            graph_factory=graph_factory,
-            **generation,
-        )
-    return Pipeline(
+        from .cascade import CascadePipeline as pipeline_class
+    else:
+        pipeline_class = Pipeline
+    return pipeline_class(
         Path(folder),
         threads=threads,
         skip=skip,

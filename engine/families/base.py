@@ -7,8 +7,12 @@ return what they compute, so one loaded pipeline can serve several generations a
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from ..errors import EngineError
 from ..sampling import Denoise
 from ..text_encoders import TextEncoder
 
@@ -126,3 +130,15 @@ def encode_text(encoders: list[TextEncoder], text: str, warnings: list[str]) -> 
                 warnings.append(note)
         outputs.append(out)
     return outputs
+
+
+def read_scheduler(folder: Path) -> dict:
+    """``folder/scheduler_config.json``, as the export wrote it (a cascade has one folder per stage and scheduler)."""
+    path = folder / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{path} cannot be read ({exc}); export the model again") from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise EngineError(f"{path} names no scheduler class; export the model again")
+    return config

@@ -15,15 +15,13 @@ As diffusers 0.39's IFPipeline (stage I) and IFSuperResolutionPipeline (stage II
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngineError
 from ..text_encoders import TextEncoder
-from .base import Architecture, encode_text
+from .base import Architecture, encode_text, read_scheduler
 
 MAX_SEQUENCE_LENGTH = 77  # IFPipeline.encode_prompt's fixed window
 
@@ -104,17 +102,6 @@ class Stage:
             noise_level=entry.get("noise_level"),
             image_noising_scheduler=read_scheduler(folder / noising) if noising else None,
         )
-
-
-def read_scheduler(folder: Path) -> dict:
-    path = folder / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"{path} cannot be read ({exc}); export the model again") from None
-    if not isinstance(config, dict) or "_class_name" not in config:
-        raise EngineError(f"{path} names no scheduler class; export the model again")
-    return config
 
 
 class DeepFloydIFArchitecture(Architecture):
