@@ -278,17 +278,25 @@ def export(
             "components": entries,
             **({"cache_graphs": composed} if composed else {}),
             "config": config,
-            "versions": _versions(),
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "export_seconds": round(time.monotonic() - started, 1),
         }
-        manifest_io.write(tmp, data)
-        replace_folder(tmp, final)
+        commit(tmp, final, data, started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"exported {src.spec} to {final} in {time.monotonic() - started:.1f}s")
     return final
+
+
+def commit(tmp: Path, final: Path, data: dict, started: float) -> None:
+    """Stamp the manifest (versions, time, duration), write it, and move the validated folder into place."""
+    data = {
+        **data,
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "export_seconds": round(time.monotonic() - started, 1),
+    }
+    manifest_io.write(tmp, data)
+    replace_folder(tmp, final)
 
 
 def _check_static_unet_memory(src) -> None:

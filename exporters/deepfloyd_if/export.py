@@ -17,11 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-
-from registry import manifest as manifest_io
-from registry.files import replace_folder
 
 from .. import sources
 from ..errors import ExportError
@@ -145,12 +141,8 @@ def export_cascade(
             "exporter": backend.name,
             "components": entries,
             "config": config,
-            "versions": main._versions(),
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "export_seconds": round(time.monotonic() - started, 1),
         }
-        manifest_io.write(tmp, data)
-        replace_folder(tmp, final)
+        main.commit(tmp, final, data, started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
