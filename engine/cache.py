@@ -31,6 +31,18 @@ FIRST, BLOCKS, OUT = SPLIT_GRAPHS
 COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
 
 
+def _remaining_blocks(blocks, first: dict) -> np.ndarray:
+    """The blocks after the first, run on what the first graph returned: their output hidden states."""
+    return blocks(
+        outputs=["out_hidden_states"],
+        hidden_states=first["first_block_hidden_states"],
+        encoder_hidden_states=first["first_block_encoder_hidden_states"],
+        temb=first["temb"],
+        rotary_cos=first["rotary_cos"],
+        rotary_sin=first["rotary_sin"],
+    )["out_hidden_states"]
+
+
 class FirstBlockCache:
     def __init__(self, graphs: dict, threshold: float):
         self.first, self.blocks, self.out = graphs[FIRST], graphs[BLOCKS], graphs[OUT]
@@ -54,14 +66,7 @@ class FirstBlockCache:
         hidden = first["first_block_hidden_states"]
         residual = hidden - first["first_block_input"]
         if self._compute(residual):
-            blocks = self.blocks(
-                outputs=["out_hidden_states"],
-                hidden_states=hidden,
-                encoder_hidden_states=first["first_block_encoder_hidden_states"],
-                temb=first["temb"],
-                rotary_cos=first["rotary_cos"],
-                rotary_sin=first["rotary_sin"],
-            )["out_hidden_states"]
+            blocks = _remaining_blocks(self.blocks, first)
             self.blocks_residual = blocks - hidden
             self.first_residual = residual
             self.steps.append(COMPUTED)
@@ -100,14 +105,7 @@ class MagCache(_Scheduled):
         first = self.first(**feeds)
         entering = first["first_block_input"]
         if compute:
-            hidden = self.blocks(
-                outputs=["out_hidden_states"],
-                hidden_states=first["first_block_hidden_states"],
-                encoder_hidden_states=first["first_block_encoder_hidden_states"],
-                temb=first["temb"],
-                rotary_cos=first["rotary_cos"],
-                rotary_sin=first["rotary_sin"],
-            )["out_hidden_states"]
+            hidden = _remaining_blocks(self.blocks, first)
             self.residual = hidden - entering
             self.steps.append(COMPUTED)
         else:
