@@ -472,9 +472,19 @@ def _check_composed(folder: Path, entries: dict, cls: str, make_inputs, say) -> 
 
 
 def _export_components(
-    pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src, cache_graphs: bool = False
+    pipeline,
+    backend,
+    folder: Path,
+    opset: int,
+    say,
+    rewrite: _Rewrite,
+    src,
+    cache_graphs: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> dict:
-    todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
+    """``only``: the components to export, when not all of them (DeepFloyd IF's stage III needs no VAE encoder)."""
+    names = [n for n in components.component_names(pipeline) if only is None or n in only]
+    todo = [components.make(pipeline, name) for name in names]
     if cache_graphs:  # right after the whole denoiser, while its module is still held
         denoiser = _denoiser(pipeline)
         at = next(i for i, c in enumerate(todo) if c.name in DENOISERS) + 1
