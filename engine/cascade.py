@@ -28,7 +28,7 @@ from .pipeline import Result, _sampler_label
 from .profile import Profiler, StepBar
 from .session import Graph
 from .tokenize import PromptTokenizer
-from .vae import Vae
+from .vae import TiledDecoder, Tiling, Vae
 
 
 class CascadePipeline:
@@ -48,8 +48,10 @@ class CascadePipeline:
         vae_tiling: bool | None = None,
         cache=None,
     ):
-        # no image-to-image, no VAE and no step cache for a cascade: each is refused before loading
-        del image, vae_tiling, cache
+        # no image-to-image and no step cache for a cascade: each is refused before loading; only stage III
+        # has a VAE (``vae_tiling``: its decode in tiles, True; never, False; when nothing fits otherwise, None)
+        del image, cache
+        self.vae_tiling = vae_tiling
         self.folder = Path(folder)
         self.manifest = manifest_format.read(self.folder)
         verify(self.manifest)
@@ -70,7 +72,9 @@ class CascadePipeline:
             self.phases.update(
                 encode_3=[upscaler.text_encoder], stage_3=[upscaler.unet], decode_3=[upscaler.vae_decoder]
             )
-        self.memory = self.plan_memory(width, height, guidance=guidance, policy=policy, available_mb=available_mb)
+        self.memory = self.plan_memory(
+            width, height, guidance=guidance, policy=policy, available_mb=available_mb, vae_tiling=vae_tiling
+        )
         paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
         self.sessions = Sessions(paths, threads=threads, policy=self.memory.policy, graph_factory=graph_factory)
         self.tokenizers = {
@@ -101,15 +105,70 @@ class CascadePipeline:
         return self.architecture.stages
 
     # --- memory: weights plus each UNet's activations at its own stage's size
-    def plan_memory(self, width=None, height=None, *, guidance=None, policy=None, available_mb=None, **_) -> MemoryPlan:
+    def plan_memory(
+        self, width=None, height=None, *, guidance=None, policy=None, available_mb=None, vae_tiling=None, **_
+    ) -> MemoryPlan:
+        """Resident when it all fits, else phased; stage III's VAE decodes in tiles (diffusers' enable_tiling) when
+        asked (``vae_tiling`` True) or when nothing fits without them (None): its mid-block attention at 1024x1024
+        is over 65,536 tokens, 16 GiB a score tensor."""
         arch = self.architecture
         first = arch.stages[0]
         width, height = width or first.sample_size, height or first.sample_size
-        batch = arch.denoiser_batch(guidance)
         policy = policy if policy is not None else getattr(getattr(self, "memory", None), "policy", None)
         have = available_mb if available_mb is not None else memory.available_memory_mb()
-        need = {}
+        tilings = [False] if arch.stage_3 is None or vae_tiling is False else [True] if vae_tiling else [False, True]
+        untiled = None
+        for tiled in tilings:
+            need = self._needs(width, height, guidance, self._tiling_3() if tiled else None)
+            resident = memory.OVERHEAD_MB + sum(need.values())
+            phased = memory.OVERHEAD_MB + max(need.values())
+            chosen_policy = policy or (RESIDENT if have is None or resident <= have else PHASED)
+            chosen = resident if chosen_policy == RESIDENT else phased
+            if have is None or chosen <= have:
+                break
+            untiled = chosen
+        else:
+            tiles = "with stage III's VAE in tiles, " if tiled else ""
+            raise EngineError(
+                f"DeepFloyd IF needs ~{chosen:,.0f} MB {chosen_policy} ({tiles}at {width}x{height}) and {have:,.0f} MB "
+                f"is available; export it with --weights int8 --text-encoder-weights int8, or free memory"
+            )
+        if chosen_policy == PHASED:
+            reason = "each stage's sessions are released before the next"
+        else:
+            reason = "it all fits in memory"
+        tile = self._tiling_3().sample_size if tiled else None
+        decoded = None
+        if arch.stage_3 is not None:
+            w, h = arch.stage_size(arch.stages[-1], width, height)
+            decoded = (w * arch.stage_3.vae_scale_factor, h * arch.stage_3.vae_scale_factor)
+        return MemoryPlan(
+            chosen_policy,
+            chosen,
+            resident,
+            phased,
+            have,
+            reason,
+            width=width,
+            height=height,
+            vae_tiling=tiled,
+            untiled_mb=untiled if tiled and vae_tiling is None else None,
+            tile=tile,
+            decoded=decoded,
+        )
+
+    def _tiling_3(self) -> Tiling:
+        """Stage III's VAE tiles, as AutoencoderKL.enable_tiling() sizes them: its sample_size over its factor."""
+        vae = self.architecture.stage_3.vae
+        size = int(vae["vae_sample_size"])
+        return Tiling(size, int(size / 2 ** (len(vae["vae_block_out_channels"]) - 1)))
+
+    def _needs(self, width: int, height: int, guidance, tiling: Tiling | None) -> dict[str, float]:
+        """Each phase's weights and activations, in MB: every UNet at its own stage's size."""
+        arch = self.architecture
+        batch = arch.denoiser_batch(guidance)
         upscaler = arch.stage_3
+        need = {}
         for phase, names in self.phases.items():
             total = memory.weights_mb(self.manifest, names)
             for stage in arch.stages:
@@ -133,21 +192,10 @@ class CascadePipeline:
                         "mid_block_attention": upscaler.vae["vae_mid_block_attention"],
                     }
                     total += memory.activation_mb(
-                        self.manifest, upscaler.vae_decoder, w * f, h * f, vae=layout, scale_factor=f
+                        self.manifest, upscaler.vae_decoder, w * f, h * f, tiling=tiling, vae=layout, scale_factor=f
                     )
             need[phase] = total
-        resident = memory.OVERHEAD_MB + sum(need.values())
-        phased = memory.OVERHEAD_MB + max(need.values())
-        if policy is None:
-            policy = RESIDENT if have is None or resident <= have else PHASED
-        chosen = resident if policy == RESIDENT else phased
-        if have is not None and chosen > have:
-            raise EngineError(
-                f"DeepFloyd IF needs ~{chosen:,.0f} MB {policy} and {have:,.0f} MB is available; export it with "
-                f"--weights int8 --text-encoder-weights int8, or free memory"
-            )
-        reason = "each stage's sessions are released before the next" if policy == PHASED else "it all fits in memory"
-        return MemoryPlan(policy, chosen, resident, phased, have, reason, width=width, height=height)
+        return need
 
     def _phase(self, name: str, prof: Profiler):
         return self.sessions.phase(self.phases[name], on_load=lambda ms: prof.add("phase_load", ms))
@@ -193,7 +241,6 @@ class CascadePipeline:
         ``guidance_3``, default the export's: StableDiffusionUpscalePipeline's 75 and 9.0), the noise of its input
         image, then its latents (and its scheduler's noise, none for DDIM). ``callback(step)`` sees every step of
         every stage (``Step`` has no stage: the profile's rows say which)."""
-        del vae_tiling
         given_options = (image, "--image"), (mask, "--mask"), (strength, "--strength"), (latents, "--latents")
         for given, what in (*given_options, (cache, "--cache")):
             if given is not None:
@@ -213,7 +260,8 @@ class CascadePipeline:
         if upscaler is not None:
             steps_3 = int(steps_3 or upscaler.default_steps)
             guidance_3 = upscaler.guidance if guidance_3 is None else float(guidance_3)
-        self.plan_memory(width, height, guidance=guidance, policy=self.memory.policy)
+        tiling = self.vae_tiling if vae_tiling is None else vae_tiling
+        plan = self.plan_memory(width, height, guidance=guidance, policy=self.memory.policy, vae_tiling=tiling)
         prof = Profiler()
         prof.add("load", self.sessions.load_ms)
         rng = np.random.default_rng(seed)
@@ -294,7 +342,9 @@ class CascadePipeline:
             profiles.append((upscaler, sched, w * f, h * f, sampled.steps_run))
             bar.phase("decoding")
             with self._phase("decode_3", prof) as graphs, prof.section("vae_decode"):
-                picture = self.vae_3.decode(graphs[upscaler.vae_decoder], sampled.latents)  # raises on NaN/Inf
+                graph = graphs[upscaler.vae_decoder]
+                graph = TiledDecoder(graph, self._tiling_3()) if plan.vae_tiling else graph
+                picture = self.vae_3.decode(graph, sampled.latents)  # raises on NaN/Inf
             sample = sampled.latents
         bar.clear()
         out_w, out_h = profiles[-1][2], profiles[-1][3]

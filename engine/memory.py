@@ -200,12 +200,13 @@ class MemoryPlan:
     vae_tiling: bool = False  # the VAE decodes (and encodes) in tiles
     untiled_mb: float | None = None  # the chosen policy's need without tiles, when tiles were chosen to fit
     tile: int | None = None  # the tile size in pixels
+    decoded: tuple[int, int] | None = None  # what the VAE decodes when not width x height (IF's stage III: 16x)
 
     def describe(self) -> str:
         """The plan's ``Memory:`` line."""
         size = f" at {self.width}x{self.height}" if self.width else ""
         line = f"{self.policy}, ~{self.need_mb:,.0f} MB{size} ({self.reason})"
-        if self.vae_tiling and self.width and max(self.width, self.height) <= self.tile:
+        if self.vae_tiling and self.width and max(self.decoded or (self.width, self.height)) <= self.tile:
             line += f"; VAE tiles of {self.tile}x{self.tile}: the image is one tile"
         elif self.vae_tiling:
             why = f"untiled ~{self.untiled_mb:,.0f} MB" if self.untiled_mb else "--vae-tiling"

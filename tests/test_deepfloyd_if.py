@@ -44,6 +44,12 @@ def exported(exported_tiny):
     return exported_tiny("deepfloyd-if")
 
 
+@pytest.fixture(scope="module")
+def pipe(exported):
+    """The loaded cascade, shared: a CascadePipeline holds no per-request state."""
+    return engine.load_pipeline(exported)
+
+
 def reference(monkeypatch, steps: int, steps_2: int, guidance: float, steps_3: int, negative: str | None = None):
     """(stage II's picture, stage III's picture, the shapes drawn) from diffusers' chain."""
     rng = np.random.default_rng(SEED)
@@ -110,12 +116,11 @@ def test_export_names_the_stages(exported):
         assert scheduler(folder) == json.loads(module.to_json_string())
 
 
-def test_cascade_matches_diffusers(exported, monkeypatch):
+def test_cascade_matches_diffusers(pipe, monkeypatch):
     """The empty negative prompt is the demanding case: its T5 states are nearly constant over the padding.
     Stage II's image is compared on its way (the callback's last stage II step), stage III's as the result."""
     steps, steps_2, steps_3 = 4, 3, 3
     expected_2, expected, draws = reference(monkeypatch, steps, steps_2, 7.0, steps_3)
-    pipe = engine.load_pipeline(exported)
     seen = []
     result = pipe.generate(
         prompt=PROMPT, steps=steps, guidance=7.0, seed=SEED, steps_2=steps_2, steps_3=steps_3, callback=seen.append
@@ -247,3 +252,27 @@ def test_export_refuses_a_cascade_it_cannot_build(tmp_path):
         with pytest.raises(exporters.ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
             exporters.export(source, out=tmp_path / "out", progress=None, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_3_decodes_in_tiles_where_it_would_not_fit_otherwise(pipe):
+    """The x4 VAE's mid-block attention grows with the square of the output's pixels (1024x1024: 65,536 tokens,
+    16 GiB a score tensor): the plan decodes in tiles where nothing fits without them, and the tiles are
+    diffusers' ``vae.enable_tiling()``: the exported decoder in tiles against the PyTorch VAE's tiled decode."""
+    from engine.profile import Profiler
+    from engine.vae import TiledDecoder
+
+    untiled = pipe.plan_memory(64, 64, policy="resident", vae_tiling=False)  # a 512x512 decode
+    tiled = pipe.plan_memory(64, 64, policy="resident", vae_tiling=True)
+    assert tiled.need_mb < untiled.need_mb
+    plan = pipe.plan_memory(64, 64, policy="resident", available_mb=(tiled.need_mb + untiled.need_mb) / 2)
+    assert plan.vae_tiling and f"untiled ~{untiled.need_mb:,.0f} MB" in plan.describe()
+
+    vae = build_stage_3().vae
+    vae.enable_tiling()
+    z = np.random.default_rng(3).standard_normal((1, 4, 48, 40), dtype=np.float32)  # 192x160: 128-pixel tiles
+    with torch.no_grad():
+        expected = vae.decode(torch.from_numpy(z)).sample.numpy()
+    with pipe._phase("decode_3", Profiler()) as graphs:
+        got = TiledDecoder(graphs["vae_decoder_3"], pipe._tiling_3()).decode(z)
+    assert got.shape == expected.shape == (1, 3, 192, 160)
+    assert np.abs(got - expected).max() < 1e-3
