@@ -306,46 +306,13 @@ class CascadePipeline:
         if upscaler is None:
             picture = to_uint8(sample)
         else:
-            bar.phase("encoding the prompt for stage 3")
-            with self._phase("encode_3", prof) as graphs, prof.section("text_encoder"):
-                embeds, more = arch.encode_stage_3(
-                    graphs[upscaler.text_encoder],
-                    self.tokenizers[upscaler.tokenizer],
-                    prompt,
-                    negative_prompt,
-                    guidance_3,
-                )
+            upscaled = self._upscale(
+                sample, prompt, negative_prompt, steps_3, guidance_3, rng, prof, bar, callback, plan
+            )
+            picture, sample, rows, entry, more = upscaled
+            stage_rows.append(rows)
+            profiles.append(entry)
             warnings += [w for w in more if w not in warnings]
-            sched = schedulers.from_config(dict(upscaler.scheduler))
-            sched.set_timesteps(steps_3)
-            image = upscaler_image(sample, upscaler.vae_scale_factor)
-            noising = schedulers.from_config(dict(upscaler.low_res_scheduler))
-            noise = rng.standard_normal(image.shape, dtype=np.float32)
-            image = noising.add_noise(image, noise, np.array([upscaler.noise_level], dtype=np.int64))
-            h, w = image.shape[-2:]
-            x = rng.standard_normal((1, upscaler.latent_channels, h, w), dtype=np.float32)
-            x = x * np.float32(sched.init_noise_sigma)
-            bar.phase("loading stage 3")
-            watch = sampling.callbacks(self._check(upscaler), prof.on_step, bar.on_step, callback)
-            before = len(prof.steps)
-            with self._phase("stage_3", prof) as graphs:
-                bar.begin_steps(len(sched.timesteps))
-                denoise = arch.upscale_denoiser(graphs[upscaler.unet], upscaler, embeds, image, guidance_3)
-                sampled = sampling.sample(denoise, sched, x, rng=rng, callback=watch)
-                del denoise
-            for row in prof.steps[before:]:
-                row["stage"] = upscaler.number
-            stage_rows.append(prof.steps[before:])
-            if sampled.stopped:
-                raise EngineError(f"stage 3 was stopped after {sampled.steps_run} steps")
-            f = upscaler.vae_scale_factor
-            profiles.append((upscaler, sched, w * f, h * f, sampled.steps_run))
-            bar.phase("decoding")
-            with self._phase("decode_3", prof) as graphs, prof.section("vae_decode"):
-                graph = graphs[upscaler.vae_decoder]
-                graph = TiledDecoder(graph, self._tiling_3()) if plan.vae_tiling else graph
-                picture = self.vae_3.decode(graph, sampled.latents)  # raises on NaN/Inf
-            sample = sampled.latents
         bar.clear()
         out_w, out_h = profiles[-1][2], profiles[-1][3]
         sched_1 = profiles[0][1]
@@ -377,6 +344,45 @@ class CascadePipeline:
             _stage_profile(stage, rows, w, h) for (stage, _, w, h, _), rows in zip(profiles, stage_rows, strict=True)
         ]
         return Result(picture, sample, parameters, result, warnings)
+
+    def _upscale(self, image, prompt, negative, steps, guidance, rng, prof: Profiler, bar, callback, plan):
+        """Stage III on stage II's image, as StableDiffusionUpscalePipeline: its CLIP encodes the prompt, one draw
+        noises the image at ``noise_level``, one draws the latents, its loop runs, its VAE decodes (in tiles when
+        the plan says so). → (picture, latents, the profile's rows, (stage, scheduler, w, h, steps run), warnings)."""
+        arch, upscaler = self.architecture, self.architecture.stage_3
+        bar.phase("encoding the prompt for stage 3")
+        with self._phase("encode_3", prof) as graphs, prof.section("text_encoder"):
+            tokenizer = self.tokenizers[upscaler.tokenizer]
+            embeds, warnings = arch.encode_stage_3(graphs[upscaler.text_encoder], tokenizer, prompt, negative, guidance)
+        sched = schedulers.from_config(dict(upscaler.scheduler))
+        sched.set_timesteps(steps)
+        image = upscaler_image(image, upscaler.vae_scale_factor)
+        noising = schedulers.from_config(dict(upscaler.low_res_scheduler))
+        noise = rng.standard_normal(image.shape, dtype=np.float32)
+        image = noising.add_noise(image, noise, np.array([upscaler.noise_level], dtype=np.int64))
+        h, w = image.shape[-2:]
+        x = rng.standard_normal((1, upscaler.latent_channels, h, w), dtype=np.float32)
+        x = x * np.float32(sched.init_noise_sigma)
+        bar.phase("loading stage 3")
+        watch = sampling.callbacks(self._check(upscaler), prof.on_step, bar.on_step, callback)
+        before = len(prof.steps)
+        with self._phase("stage_3", prof) as graphs:
+            bar.begin_steps(len(sched.timesteps))
+            denoise = arch.upscale_denoiser(graphs[upscaler.unet], upscaler, embeds, image, guidance)
+            sampled = sampling.sample(denoise, sched, x, rng=rng, callback=watch)
+            del denoise
+        rows = prof.steps[before:]
+        for row in rows:
+            row["stage"] = upscaler.number
+        if sampled.stopped:
+            raise EngineError(f"stage 3 was stopped after {sampled.steps_run} steps")
+        bar.phase("decoding")
+        with self._phase("decode_3", prof) as graphs, prof.section("vae_decode"):
+            graph = graphs[upscaler.vae_decoder]
+            graph = TiledDecoder(graph, self._tiling_3()) if plan.vae_tiling else graph
+            picture = self.vae_3.decode(graph, sampled.latents)  # raises on NaN/Inf
+        f = upscaler.vae_scale_factor
+        return picture, sampled.latents, rows, (upscaler, sched, w * f, h * f, sampled.steps_run), warnings
 
 
 def _stage_profile(stage, rows: list[dict], width: int, height: int) -> dict:
