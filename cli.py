@@ -765,12 +765,11 @@ def generate(
         threads = cores
     if plan.warning and not interactive:
         click.echo(f"warning: {plan.warning}", err=True)
-    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
+    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start, plan.cache)
     if plan.decision_2 is not None:
         print_stage_plan(m.stage(2), plan.decision_2, target, width, height, threads)
     if plan.decision_3 is not None:
         print_stage_plan(m.stage(3), plan.decision_3, target, width, height, threads, number=3)
-    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start, plan.cache)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
