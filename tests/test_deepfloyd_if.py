@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import engine  # noqa: E402
-from engine.families.deepfloyd_if import guided_noise, to_uint8, upscale_bilinear  # noqa: E402
+from engine.families.deepfloyd_if import guided_noise, to_uint8, upscale_bilinear, upscaler_image  # noqa: E402
 from exporters.deepfloyd_if import build_cascade  # noqa: E402
 from exporters.deepfloyd_if.tiny import build_stage_3  # noqa: E402
 
@@ -156,6 +156,23 @@ def test_upscale_is_torch_bilinear_align_corners():
     for size in ((64, 48), (32, 40), (17, 5)):
         ref = torch.nn.functional.interpolate(torch.from_numpy(image), size, mode="bilinear", align_corners=True)
         assert np.abs(upscale_bilinear(image, *size) - ref.numpy()).max() < 2e-6
+
+
+def test_stage_3_takes_stage_2s_tensor_as_vae_image_processor_does():
+    """StableDiffusionUpscalePipeline's preprocess of a tensor: below 0 somewhere, kept as [-1, 1]; else [0, 1],
+    mapped to [-1, 1]."""
+    import warnings
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=4, resample="bicubic")  # the upscale pipeline's
+    rng = np.random.default_rng(2)
+    for low in (-1.2, 0.0):
+        image = rng.uniform(low, 1.0, size=(1, 3, 8, 12)).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "[-1,1] is deprecated": what IF's chain passes
+            expected = processor.preprocess(torch.from_numpy(image)).numpy()
+        assert np.abs(upscaler_image(image, 4) - expected).max() < 1e-6
 
 
 def test_guidance_uses_the_text_branch_variance():
