@@ -206,21 +206,35 @@ def _stage_label(target: Target, stage: int) -> str:
     return f"{target.label}#stage-{stage}"
 
 
-def print_stage_plan(stage, decision, target: Target, width, height, threads) -> None:
-    """A cascade's stage II line (DeepFloyd IF): its own steps and guidance (it upscales stage I's image), and
-    its estimate from its own measured time per step."""
+def print_stage_plan(stage, decision, target: Target, width, height, threads, number: int = 2) -> None:
+    """A cascade's later stage's line (DeepFloyd IF's stage II, and III when exported): its own steps and
+    guidance (it upscales the previous stage's image), and its estimate from its own measured time per step."""
     note = (
         "default" if decision.default else ("recommended" if decision.verdict == policy.OK else "outside recommended")
     )
     lo, hi = stage.recommended_steps
+    what = "stage I's image (Size above)" if number == 2 else "stage II's image 4x (its VAE)"
     click.echo(
-        f"Stage II: {decision.steps} steps ({note}; recommended {lo}-{hi}, max useful {stage.max_useful_steps}), "
-        f"guidance {stage.guidance}; upscales stage I's image (Size above)"
+        f"Stage {'I' * number}: {decision.steps} steps ({note}; recommended {lo}-{hi}, "
+        f"max useful {stage.max_useful_steps}), guidance {stage.guidance}; upscales {what}"
     )
-    per_step = timings.step_seconds(_stage_label(target, 2), width, height, threads)
+    per_step = timings.step_seconds(_stage_label(target, number), width, height, threads)
     if per_step is not None:
         total = decision.steps * per_step
         click.echo(f"          ≈ {policy.plural(decision.steps)} × {per_step:.2f} s/step = {total:.1f} s (measured)")
+
+
+def _has_stage_3(target: Target) -> bool:
+    """Whether the export is a cascade with a stage III (DeepFloyd IF exported with --stage-3)."""
+    if target.folder is None or not target.model.stages:
+        return False
+    from registry import manifest as manifest_format
+
+    try:
+        stages = manifest_format.read(target.folder).config.get("stages") or []
+    except Exception:  # noqa: BLE001 - an unreadable manifest is reported when the export is loaded
+        return False
+    return any(int(stage.get("stage", 0)) == 3 for stage in stages)
 
 
 def not_exported_message(target: Target) -> str:
@@ -421,7 +435,14 @@ def _memory_column(memory: dict) -> str:
 )
 @click.option("--no-fuse", is_flag=True, help="Keep the UNet's attention as exported (no CPU flash-attention rewrite).")
 @click.option("--stage-2", "stage_2", help="A cascade's stage II, folder or hub repo (DeepFloyd IF: IF-II).")
-@click.option("--stage-3", "stage_3", help="A cascade's stage III (DeepFloyd IF's x4 upscaler): not supported yet.")
+@click.option(
+    "--stage-3",
+    "stage_3",
+    is_flag=False,
+    flag_value="",
+    help="A cascade's stage III, folder or hub repo (DeepFloyd IF: the SD x4 upscaler); alone, with --model, the "
+    "registry's (stabilityai/stable-diffusion-x4-upscaler).",
+)
 @click.option(
     "--cache-graphs",
     is_flag=True,
@@ -518,6 +539,7 @@ def _run_generation(
     profile_json,
     vae_tiling=False,
     steps_2=None,
+    steps_3=None,
     cache=None,
 ):
     import engine
@@ -542,7 +564,7 @@ def _run_generation(
         if sys.stderr.isatty():
             click.echo("\r\033[K", err=True, nl=False)
         click.echo(f"Memory:   {pipe.memory.describe()}")
-        cascade = {"steps_2": steps_2} if steps_2 is not None else {}
+        cascade = {k: v for k, v in (("steps_2", steps_2), ("steps_3", steps_3)) if v is not None}
         result = pipe.generate(
             **cascade,
             prompt=prompt,
@@ -615,6 +637,12 @@ def _read_latents(latents_file):
 @click.option("--model", "model_spec", help="Registry id, menu number or exported folder [default: sdxl-turbo].")
 @click.option("--steps", type=int, help="Denoising steps [default: the model's].")
 @click.option("--steps-2", "steps_2", type=int, help="DeepFloyd IF: stage II's steps [default: its own, 50].")
+@click.option(
+    "--steps-3",
+    "steps_3",
+    type=int,
+    help="DeepFloyd IF exported with --stage-3: the x4 upscaler's steps [default: 75].",
+)
 @click.option("--guidance", type=float, help="Guidance scale [default: the model's].")
 @click.option("--seed", type=int, help="Random seed [default: random, printed].")
 @click.option("--width", type=int)
@@ -668,6 +696,7 @@ def generate(
     model_spec,
     steps,
     steps_2,
+    steps_3,
     guidance,
     seed,
     width,
@@ -720,6 +749,8 @@ def generate(
             strength=start.strength if start else None,
             threads=threads,
             steps_2=steps_2,
+            steps_3=steps_3,
+            stage_3=_has_stage_3(target),
             cache=cache,
         )
     except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
@@ -734,10 +765,11 @@ def generate(
         threads = cores
     if plan.warning and not interactive:
         click.echo(f"warning: {plan.warning}", err=True)
-    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start)
+    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start, plan.cache)
     if plan.decision_2 is not None:
         print_stage_plan(m.stage(2), plan.decision_2, target, width, height, threads)
-    print_plan(target, decision.steps, decision, guidance, width, height, seed, threads, start, plan.cache)
+    if plan.decision_3 is not None:
+        print_stage_plan(m.stage(3), plan.decision_3, target, width, height, threads, number=3)
     if target.folder is None:
         _fail(not_exported_message(target), 1)
     out = out or Path(f"stepwise-{m.id}-{seed}.png")
@@ -767,6 +799,7 @@ def generate(
         profile_json=profile_json,
         vae_tiling=vae_tiling,
         steps_2=plan.decision_2.steps if plan.decision_2 is not None else None,
+        steps_3=plan.decision_3.steps if plan.decision_3 is not None else None,
         cache=plan.cache,
     )
 

@@ -97,6 +97,12 @@ PIPELINES = {
             "requires_safety_checker": False,
         },
     },
+    # its optional stage III, the SD x4 upscaler: latents and a x4 VAE, its own CLIP (SD 2's OpenCLIP ViT-H text)
+    "StableDiffusionUpscalePipeline": {
+        "models": ("unet", "vae", "text_encoder"),
+        "tokenizers": {"tokenizer": "clip"},
+        "extra": {"safety_checker": None, "feature_extractor": None, "watermarker": None, "max_noise_level": 350},
+    },
 }
 # text encoders: their config's "architectures"
 _DEFAULT_CLASS = {"transformer": None, "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}

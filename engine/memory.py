@@ -112,9 +112,11 @@ def _fused(manifest, name: str) -> bool:
     return bool(fusion.get("multi_head_attention"))
 
 
-def _vae_mb(manifest, encoder: bool, width: int, height: int, tiling: Tiling | None, layout: dict | None) -> float:
+def _vae_mb(
+    manifest, encoder: bool, width: int, height: int, tiling: Tiling | None, layout: dict | None, scale_factor=None
+) -> float:
     layout = layout or vae_layout(manifest)
-    f = _scale_factor(manifest)
+    f = scale_factor or _scale_factor(manifest)
     channels = layout["block_out_channels"]
     host = HOST_IMAGE_COPIES * 3 * width * height * FLOAT / MB
     tiled = tiling is not None and (width > tiling.sample_size or height > tiling.sample_size)
@@ -161,15 +163,24 @@ def _text_mb(manifest, name: str) -> float:
 
 
 def activation_mb(
-    manifest, name: str, width: int, height: int, *, batch: int = 2, tiling: Tiling | None = None, vae=None
+    manifest,
+    name: str,
+    width: int,
+    height: int,
+    *,
+    batch: int = 2,
+    tiling: Tiling | None = None,
+    vae=None,
+    scale_factor: int | None = None,
 ) -> float:
     """What running component ``name`` once at ``width`` x ``height`` adds to the process, in MB: its arena's
     high-water mark (and the numpy arrays around the VAE). ``batch``: the denoiser's (2 with classifier-free
-    guidance); ``tiling``: the VAE runs in these tiles; ``vae``: ``vae_layout(manifest)`` when known."""
+    guidance); ``tiling``: the VAE runs in these tiles; ``vae``: ``vae_layout(manifest)`` when known;
+    ``scale_factor``: the VAE's, when not the export's (a cascade's stage III: vae_decoder_3, x4)."""
     if name.startswith("text_encoder"):
         return _text_mb(manifest, name)
-    if name in ("vae_decoder", "vae_encoder"):
-        return _vae_mb(manifest, name == "vae_encoder", width, height, tiling, vae)
+    if name.startswith(("vae_decoder", "vae_encoder")):
+        return _vae_mb(manifest, name.startswith("vae_encoder"), width, height, tiling, vae, scale_factor)
     return _denoiser_mb(manifest, name, width, height, batch)
 
 
@@ -189,12 +200,13 @@ class MemoryPlan:
     vae_tiling: bool = False  # the VAE decodes (and encodes) in tiles
     untiled_mb: float | None = None  # the chosen policy's need without tiles, when tiles were chosen to fit
     tile: int | None = None  # the tile size in pixels
+    decoded: tuple[int, int] | None = None  # what the VAE decodes when not width x height (IF's stage III: 16x)
 
     def describe(self) -> str:
         """The plan's ``Memory:`` line."""
         size = f" at {self.width}x{self.height}" if self.width else ""
         line = f"{self.policy}, ~{self.need_mb:,.0f} MB{size} ({self.reason})"
-        if self.vae_tiling and self.width and max(self.width, self.height) <= self.tile:
+        if self.vae_tiling and self.width and max(self.decoded or (self.width, self.height)) <= self.tile:
             line += f"; VAE tiles of {self.tile}x{self.tile}: the image is one tile"
         elif self.vae_tiling:
             why = f"untiled ~{self.untiled_mb:,.0f} MB" if self.untiled_mb else "--vae-tiling"

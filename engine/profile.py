@@ -105,7 +105,12 @@ def format_profile(p: dict) -> str:
         lines.append(f"step cache         {done['computed']} steps computed in full, {rest or 'none skipped'}")
     lines += [
         f"text encoding      {p['text_encoder_ms']:>10.1f} ms",
-        *([f"VAE decode         {p['vae_decode_ms']:>10.1f} ms"] if not p.get("stages") else []),
+        # a cascade decodes only in its upscaler stage (DeepFloyd IF's stage III)
+        *(
+            [f"VAE decode         {p['vae_decode_ms']:>10.1f} ms"]
+            if not p.get("stages") or p.get("vae_decode_ms")
+            else []
+        ),
         *([f"VAE encode         {p['vae_encode_ms']:>10.1f} ms"] if p.get("vae_encode_ms") else []),
         f"model load         {p['load_ms']:>10.1f} ms",
         f"total              {p['total_ms']:>10.1f} ms",

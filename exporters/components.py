@@ -211,8 +211,9 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
     cfg = module.config
     sdxl = cfg.addition_embed_type == "text_time"
     lcm = cfg.time_cond_proj_dim is not None
-    # DeepFloyd IF's stage II embeds its noise level as a timestep: class_labels, one per sample
-    noise_level = cfg.class_embed_type == "timestep"
+    # the noise level of an upscaler's input image, one per sample: DeepFloyd IF's stage II embeds it as a
+    # timestep, the SD x4 upscaler (IF's stage III) looks it up in a table of num_class_embeds
+    noise_level = cfg.class_embed_type == "timestep" or cfg.num_class_embeds is not None
     inputs = {
         "sample": {0: "batch_size", 2: "height", 3: "width"},
         "timestep": {},
@@ -242,7 +243,7 @@ def unet(module, *, time_ids_dim: int = 6, text_embeds_dim: int | None = None) -
         if lcm:
             feeds["timestep_cond"] = _randn(rng, batch, cfg.time_cond_proj_dim)
         if noise_level:
-            feeds["class_labels"] = rng.integers(0, 1000, size=(batch,)).astype(np.int64)
+            feeds["class_labels"] = rng.integers(0, cfg.num_class_embeds or 1000, size=(batch,)).astype(np.int64)
         return feeds
 
     return Component(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from registry.pipelines import PIPELINE_FAMILIES, family_of  # noqa: F401
 
 # pipeline classes that are a cascade's later stage: exported with its first stage (--stage-2), not alone
-LATER_STAGES = ("IFSuperResolutionPipeline",)
+LATER_STAGES = ("IFSuperResolutionPipeline", "StableDiffusionUpscalePipeline")
 
 # tiny:<name> -> (registry family, the registry model whose scheduler config the tiny pipeline copies,
 #                 the diffusers pipeline class it builds)
@@ -31,5 +31,13 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4")
 DENOISERS = ("unet", "transformer")
 # Subfolders a checkpoint needs for export; everything else in a hub repo (safety checker, single-file
 # checkpoints, fp16 variants, other frameworks' weights) is not downloaded.
-NEEDED_FOLDERS = ("scheduler", *TOKENIZERS, *TEXT_ENCODERS, *DENOISERS, "vae", "image_noising_scheduler")
+NEEDED_FOLDERS = (
+    "scheduler",
+    *TOKENIZERS,
+    *TEXT_ENCODERS,
+    *DENOISERS,
+    "vae",
+    "image_noising_scheduler",  # IF's stage II
+    "low_res_scheduler",  # the SD x4 upscaler (IF's stage III)
+)
 UNNEEDED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")

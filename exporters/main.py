@@ -472,9 +472,19 @@ def _check_composed(folder: Path, entries: dict, cls: str, make_inputs, say) -> 
 
 
 def _export_components(
-    pipeline, backend, folder: Path, opset: int, say, rewrite: _Rewrite, src, cache_graphs: bool = False
+    pipeline,
+    backend,
+    folder: Path,
+    opset: int,
+    say,
+    rewrite: _Rewrite,
+    src,
+    cache_graphs: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> dict:
-    todo = [components.make(pipeline, name) for name in components.component_names(pipeline)]
+    """``only``: the components to export, when not all of them (DeepFloyd IF's stage III needs no VAE encoder)."""
+    names = [n for n in components.component_names(pipeline) if only is None or n in only]
+    todo = [components.make(pipeline, name) for name in names]
     if cache_graphs:  # right after the whole denoiser, while its module is still held
         denoiser = _denoiser(pipeline)
         at = next(i for i, c in enumerate(todo) if c.name in DENOISERS) + 1
@@ -847,7 +857,7 @@ def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizer
         stride, heads = None, None
         for level, block in enumerate(den.down_blocks):  # the first block with attention has the most tokens
             attentions = getattr(block, "attentions", None)
-            if attentions:  # Transformer2DModel (or a bare Attention): its first attention's heads
+            if attentions and _self_attends(attentions[0]):  # Transformer2DModel (or a bare Attention): its heads
                 stride = 2**level
                 heads = next(m.heads for m in attentions[0].modules() if isinstance(getattr(m, "heads", None), int))
                 break
@@ -863,6 +873,13 @@ def _attention_layout(den_name: str, den, family: str, t5_tokens: int, tokenizer
     # FLUX packs 2x2 latent pixels into a token before its patch embedding (patch_size 1)
     stride = int(cfg.patch_size) * (2 if family == "flux" else 1)
     return {"stride": stride, "heads": heads, "joint_tokens": text, "width": heads * int(cfg.attention_head_dim)}
+
+
+def _self_attends(attention) -> bool:
+    """Whether a UNet level's attention attends over its image tokens: a Transformer2DModel whose blocks are all
+    ``only_cross_attention`` (the SD x4 upscaler's first three levels) attends to the text alone."""
+    blocks = getattr(attention, "transformer_blocks", None)
+    return not blocks or not all(getattr(b, "only_cross_attention", False) for b in blocks)
 
 
 def _layers(module) -> int:

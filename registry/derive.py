@@ -119,8 +119,8 @@ def derive(folder: Path) -> dict:
     index = _json(folder / INDEX, "the pipeline's index")
     cls = index.get("_class_name")
     family = PIPELINE_FAMILIES.get(cls or "")
-    if family is None:
-        known = ", ".join(PIPELINE_FAMILIES)
+    if family not in FAMILIES:  # unknown, or a family Stepwise runs only from its own exports (IF's cascade, ...)
+        known = ", ".join(c for c, f in PIPELINE_FAMILIES.items() if f in FAMILIES)
         raise ManifestError(
             f"{folder} holds a {cls or 'pipeline without _class_name'} ({INDEX}), which Stepwise "
             f"cannot run; bring an export of one of {known}"

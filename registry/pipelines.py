@@ -16,6 +16,8 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "HiDreamImagePipeline": "hidream",
     "IFPipeline": "deepfloyd-if",  # stage I; stage II (IFSuperResolutionPipeline) is exported with it
     "IFSuperResolutionPipeline": "deepfloyd-if",
+    # the SD x4 upscaler: Stepwise runs it only as IF's optional stage III (--stage-3), exported with stage I
+    "StableDiffusionUpscalePipeline": "deepfloyd-if",
 }
 
 # Pipelines that pass the tokenizer's attention mask to their text encoder (IF's T5; SD 3 and FLUX do not)

@@ -38,6 +38,7 @@ class Plan:
     strength: float | None  # image-to-image only: the family's default when not given
     seed_given: bool = True
     decision_2: StepDecision | None = None  # a cascade's stage II (DeepFloyd IF): its own step policy
+    decision_3: StepDecision | None = None  # its stage III (IF's x4 upscaler), when the export has one
     cache: step_cache.CacheSpec | None = None  # the step cache the run uses (--cache), checked
 
     @property
@@ -53,7 +54,8 @@ class Plan:
     @property
     def warning(self) -> str | None:
         """The policy's advice when the steps are outside the recommended range (run anyway), else None."""
-        notes = [d.advice for d in (self.decision, self.decision_2) if d is not None and d.verdict != policy.OK]
+        decisions = (self.decision, self.decision_2, self.decision_3)
+        notes = [d.advice for d in decisions if d is not None and d.verdict != policy.OK]
         return "; ".join(notes) or None
 
 
@@ -97,6 +99,8 @@ def plan_request(
     strength: float | None = None,
     threads: int | None = None,
     steps_2: int | None = None,
+    steps_3: int | None = None,
+    stage_3: bool = False,
     cache: str | None = None,
 ) -> Plan:
     """Check a request against ``model``'s step policy and ``family``'s limits and fill in its defaults.
@@ -105,7 +109,8 @@ def plan_request(
     the start image's size (image-to-image; the default output size, rounded to the family's multiple);
     ``inpaint``: a mask was given (the family's inpainting strength is the default). Raises ``InputError``
     (one line: the problem and the fix) for bad input, and ``Refused`` for a step count the policy refuses
-    unless ``force``. ``cache``: ``MODE[:key=value,...]`` (registry/cache.py), refused where it cannot help."""
+    unless ``force``. ``cache``: ``MODE[:key=value,...]`` (registry/cache.py), refused where it cannot help.
+    ``stage_3``: the export has a cascade's stage III (IF's x4 upscaler), whose steps (``steps_3``) are judged."""
     if image_size is None:
         if inpaint:
             raise InputError("--mask needs --image: the mask says which part of an image to repaint")
@@ -131,6 +136,20 @@ def plan_request(
             raise Refused(decision_2)
     elif steps_2 is not None:
         raise InputError(f"--steps-2 is for a cascade's second stage (DeepFloyd IF); {model.name} has one stage")
+    decision_3 = None
+    if stage_3 or steps_3 is not None:
+        if not any(int(s["stage"]) == 3 for s in model.stages):
+            raise InputError(
+                f"--steps-3 is for a cascade's third stage (DeepFloyd IF's x4 upscaler); {model.name} has none"
+            )
+        if not stage_3:
+            raise InputError(
+                f"--steps-3 is for stage III (the x4 upscaler), which this {model.name} export lacks; drop it, or "
+                f"export with --stage-3"
+            )
+        decision_3 = policy.decide_steps(model.stage(3), steps_3, option="--steps-3")
+        if decision_3.refused and not force:
+            raise Refused(decision_3)
     spec = step_cache.parse(cache)
     step_cache.check(spec, model, family.name, decision.steps_run)
     spec = spec.resolved(decision.steps_run) if spec is not None else None
@@ -146,5 +165,6 @@ def plan_request(
         strength=strength,
         seed_given=given,
         decision_2=decision_2,
+        decision_3=decision_3,
         cache=spec,
     )

@@ -1,12 +1,14 @@
 """DeepFloyd IF, end to end on tiny:deepfloyd-if: the cascade export, the engine against diffusers' IFPipeline →
-IFSuperResolutionPipeline chain from the same seeded noise, and the CLI's policy.
+IFSuperResolutionPipeline → StableDiffusionUpscalePipeline chain from the same seeded noise, and the CLI's policy.
 
 The reference is diffusers' own pipelines over the very modules the export came from (``build_cascade`` is
 seeded): stage I with ``output_type="pt"``, its image handed to stage II, both fed the prompt states of
 ``stage_1.encode_prompt`` (as diffusers' IF docs chain them; ``clean_caption=False``, as bs4/ftfy are absent).
 ``randn_tensor`` is patched in both pipeline modules and DDPM's with ONE numpy generator seeded as the engine's,
 and the draws are recorded and checked against the order the engine follows: stage I's noise and its steps'
-variance noise, then stage II's noise, the noise of the upscaled image, its steps' variance noise.
+variance noise, then stage II's noise, the noise of the upscaled image, its steps' variance noise; then stage
+III (the x4 upscaler, called as diffusers' IF docs call it: ``prompt=``, stage II's ``pt`` image,
+``noise_level=100``): the noise of its input image, its latents (DDIM at eta 0 draws nothing more).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import engine  # noqa: E402
-from engine.families.deepfloyd_if import guided_noise, upscale_bilinear  # noqa: E402
+from engine.families.deepfloyd_if import guided_noise, to_uint8, upscale_bilinear, upscaler_image  # noqa: E402
 from exporters.deepfloyd_if import build_cascade  # noqa: E402
+from exporters.deepfloyd_if.tiny import build_stage_3  # noqa: E402
 
 MAX_PIXEL_DIFF = 2  # out of 255, per channel
 SEED = 7
@@ -31,6 +34,8 @@ RANDN_MODULES = (
     "diffusers.pipelines.deepfloyd_if.pipeline_if",
     "diffusers.pipelines.deepfloyd_if.pipeline_if_superresolution",
     "diffusers.schedulers.scheduling_ddpm",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale",
+    "diffusers.schedulers.scheduling_ddim",
 )
 
 
@@ -39,7 +44,14 @@ def exported(exported_tiny):
     return exported_tiny("deepfloyd-if")
 
 
-def reference(monkeypatch, steps: int, steps_2: int, guidance: float, negative: str | None = None):
+@pytest.fixture(scope="module")
+def pipe(exported):
+    """The loaded cascade, shared: a CascadePipeline holds no per-request state."""
+    return engine.load_pipeline(exported)
+
+
+def reference(monkeypatch, steps: int, steps_2: int, guidance: float, steps_3: int, negative: str | None = None):
+    """(stage II's picture, stage III's picture, the shapes drawn) from diffusers' chain."""
     rng = np.random.default_rng(SEED)
     draws = []
 
@@ -55,49 +67,88 @@ def reference(monkeypatch, steps: int, steps_2: int, guidance: float, negative: 
     kwargs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds, "output_type": "pt"}
     image = stage_1(num_inference_steps=steps, guidance_scale=guidance, **kwargs).images
     out = stage_2(image=image, num_inference_steps=steps_2, **kwargs).images
-    picture = ((out / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return picture, draws
+    picture_2 = ((out / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    stage_3 = build_stage_3()
+    with pytest.warns(FutureWarning, match=r"range in \[-1,1\]"):  # stage II's raw sample, kept as it is
+        final = stage_3(
+            prompt=PROMPT, image=out, noise_level=100, num_inference_steps=steps_3, negative_prompt=negative
+        ).images[0]
+    return picture_2, np.asarray(final), draws
 
 
 def test_export_names_the_stages(exported):
     from registry import manifest
 
     found = manifest.read(exported)
-    assert set(found.components) == {"text_encoder", "unet", "unet_2"}
+    stage_3_graphs = {"text_encoder_3", "unet_3", "vae_decoder_3"}
+    assert set(found.components) == {"text_encoder", "unet", "unet_2", *stage_3_graphs}
     assert found.components["unet_2"]["path"] == "stage_2/unet/model.onnx"
+    assert found.components["vae_decoder_3"]["path"] == "stage_3/vae_decoder/model.onnx"
     assert "attention_mask" in found.components["text_encoder"]["inputs"]
+    assert "attention_mask" not in found.components["text_encoder_3"]["inputs"]  # the upscaler's CLIP takes none
     assert "class_labels" in found.components["unet_2"]["inputs"]
-    first, second = found.config["stages"]
-    assert (first["unet"], second["unet"]) == ("unet", "unet_2")
+    assert "class_labels" in found.components["unet_3"]["inputs"]
+    first, second, third = found.config["stages"]
+    assert (first["unet"], second["unet"], third["unet"]) == ("unet", "unet_2", "unet_3")
     assert (first["scheduler"], second["scheduler"]) == ("scheduler", "stage_2/scheduler")
     assert second["image_noising_scheduler"] == "stage_2/image_noising_scheduler" and second["noise_level"] == 250
+    # StableDiffusionUpscalePipeline's defaults and diffusers' IF docs' noise level; the x4 VAE's constants
+    assert (third["default_steps"], third["guidance"], third["noise_level"], third["max_noise_level"]) == (
+        75,
+        9,
+        100,
+        350,
+    )
+    assert (third["vae_scale_factor"], third["vae_scaling_factor"], third["in_channels"]) == (4, 0.08333, 7)
 
     def scheduler(folder):
         return json.loads((exported / folder / "scheduler_config.json").read_text())
 
     stage_1, stage_2 = build_cascade()  # what the export came from: its schedulers' configs, as saved
+    stage_3 = build_stage_3()
     for folder, module in (
         ("scheduler", stage_1.scheduler),
         ("stage_2/scheduler", stage_2.scheduler),
         ("stage_2/image_noising_scheduler", stage_2.image_noising_scheduler),
+        ("stage_3/scheduler", stage_3.scheduler),
+        ("stage_3/low_res_scheduler", stage_3.low_res_scheduler),
     ):
         assert scheduler(folder) == json.loads(module.to_json_string())
 
 
-def test_cascade_matches_diffusers(exported, monkeypatch):
-    """The empty negative prompt is the demanding case: its T5 states are nearly constant over the padding."""
-    steps, steps_2 = 4, 3
-    expected, draws = reference(monkeypatch, steps, steps_2, 7.0)
-    pipe = engine.load_pipeline(exported)
-    result = pipe.generate(prompt=PROMPT, steps=steps, guidance=7.0, seed=SEED, steps_2=steps_2)
-    # leading timesteps end at t=0, which draws no variance noise: 1 + (steps - 1) draws, then 2 + (steps_2 - 1)
-    assert draws == [(1, 3, 16, 16)] * steps + [(1, 3, 32, 32)] * (steps_2 + 1)
-    assert result.image.shape == expected.shape == (32, 32, 3)
-    assert expected.std() > 20  # not a flat picture
-    diff = np.abs(result.image.astype(int) - expected.astype(int))
-    assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
+def test_cascade_matches_diffusers(pipe, monkeypatch):
+    """The empty negative prompt is the demanding case: its T5 states are nearly constant over the padding.
+    Stage II's image is compared on its way (the callback's last stage II step), stage III's as the result."""
+    steps, steps_2, steps_3 = 4, 3, 3
+    expected_2, expected, draws = reference(monkeypatch, steps, steps_2, 7.0, steps_3)
+    seen = []
+    result = pipe.generate(
+        prompt=PROMPT, steps=steps, guidance=7.0, seed=SEED, steps_2=steps_2, steps_3=steps_3, callback=seen.append
+    )
+    # leading timesteps end at t=0, which draws no variance noise: 1 + (steps - 1) draws, then 2 + (steps_2 - 1);
+    # stage III: the input image's noise, then its latents
+    assert draws == [(1, 3, 16, 16)] * steps + [(1, 3, 32, 32)] * (steps_2 + 1) + [(1, 3, 32, 32), (1, 4, 32, 32)]
+    assert len(seen) == steps + steps_2 + steps_3
+    for got, want, size in (
+        (to_uint8(seen[steps + steps_2 - 1].latents), expected_2, 32),
+        (result.image, expected, 128),
+    ):
+        assert got.shape == want.shape == (size, size, 3)
+        assert want.std() > 20  # not a flat picture
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= MAX_PIXEL_DIFF, f"{size}x{size}: max {diff.max()}/255, mean {diff.mean():.3f}"
     assert result.parameters["steps_2"] == 3 and result.parameters["guidance_2"] == 4.0
-    assert [s["stage"] for s in result.profile["stages"]] == [1, 2]
+    assert (result.parameters["steps_3"], result.parameters["guidance_3"], result.parameters["noise_level_3"]) == (
+        3,
+        9.0,
+        100,
+    )
+    assert [(s["stage"], s["steps"], s["size"]) for s in result.profile["stages"]] == [
+        (1, steps, "16x16"),
+        (2, steps_2, "32x32"),
+        (3, steps_3, "128x128"),
+    ]
+    assert sum(row.get("stage") == 3 for row in result.profile["steps"]) == steps_3
 
 
 def test_upscale_is_torch_bilinear_align_corners():
@@ -105,6 +156,23 @@ def test_upscale_is_torch_bilinear_align_corners():
     for size in ((64, 48), (32, 40), (17, 5)):
         ref = torch.nn.functional.interpolate(torch.from_numpy(image), size, mode="bilinear", align_corners=True)
         assert np.abs(upscale_bilinear(image, *size) - ref.numpy()).max() < 2e-6
+
+
+def test_stage_3_takes_stage_2s_tensor_as_vae_image_processor_does():
+    """StableDiffusionUpscalePipeline's preprocess of a tensor: below 0 somewhere, kept as [-1, 1]; else [0, 1],
+    mapped to [-1, 1]."""
+    import warnings
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=4, resample="bicubic")  # the upscale pipeline's
+    rng = np.random.default_rng(2)
+    for low in (-1.2, 0.0):
+        image = rng.uniform(low, 1.0, size=(1, 3, 8, 12)).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "[-1,1] is deprecated": what IF's chain passes
+            expected = processor.preprocess(torch.from_numpy(image)).numpy()
+        assert np.abs(upscaler_image(image, 4) - expected).max() < 1e-6
 
 
 def test_guidance_uses_the_text_branch_variance():
@@ -131,17 +199,22 @@ def test_cli_plans_fifty_refuses_ten_and_runs_the_cascade(exported, tmp_path):
     assert "Steps:    10" not in refused.stdout  # refused before the plan
     refused_2 = stepwise(tmp_path, "generate", "a cat", "--model", "deepfloyd-if", "--steps-2", "5")
     assert refused_2.returncode == 2 and "--steps-2 50" in refused_2.stderr and "Traceback" not in refused_2.stderr
-    args = ["--steps", "3", "--steps-2", "2", "--force", "--seed", "1", "--out", "if.png", "--profile"]
-    ran = stepwise(tmp_path, "generate", "a cat", "--model", "deepfloyd-if", *args)
+    refused_3 = stepwise(tmp_path, "generate", "a cat", "--model", "deepfloyd-if", "--steps-3", "5")
+    assert refused_3.returncode == 2 and "--steps-3 75" in refused_3.stderr and "Traceback" not in refused_3.stderr
+    args = ["--steps", "3", "--steps-2", "2", "--steps-3", "2", "--force", "--seed", "1", "--out", "if.png"]
+    ran = stepwise(tmp_path, "generate", "a cat", "--model", "deepfloyd-if", *args, "--profile")
     assert ran.returncode == 0, ran.stderr
     assert "Stage II: 2 steps" in ran.stdout and "stage 2 (32x32)" in ran.stdout
+    assert "Stage III: 2 steps" in ran.stdout and "stage 3 (128x128)  2 steps" in ran.stdout
     measured = json.loads((tmp_path / "timings.json").read_text())  # each stage's time per step, for the plan
     assert any(k.startswith("deepfloyd-if#stage-2|16x16") for k in measured) and any(
         k.startswith("deepfloyd-if|16x16") for k in measured
     )
+    assert any(k.startswith("deepfloyd-if#stage-3|16x16") for k in measured)
     with Image.open(tmp_path / "if.png") as png:
-        assert png.size == (32, 32)
+        assert png.size == (128, 128)
         assert png.text["steps"] == "3" and png.text["steps_2"] == "2" and png.text["guidance_2"] == "4.0"
+        assert png.text["steps_3"] == "2" and png.text["guidance_3"] == "9.0" and png.text["noise_level_3"] == "100"
 
 
 def test_default_plan_is_fifty_steps():
@@ -149,28 +222,74 @@ def test_default_plan_is_fifty_steps():
     from registry import requests
 
     model = registry.get("deepfloyd-if")
-    plan = requests.plan_request(model, registry.family(model.family), prompt="a cat")
+    family = registry.family(model.family)
+    plan = requests.plan_request(model, family, prompt="a cat")
     assert (plan.steps, plan.decision_2.steps, model.stage(2).guidance) == (50, 50, 4.0)
+    assert plan.decision_3 is None  # an export without stage III
     with pytest.raises(requests.Refused):
-        requests.plan_request(model, registry.family(model.family), prompt="a cat", steps=10)
+        requests.plan_request(model, family, prompt="a cat", steps=10)
+    # stage III: StableDiffusionUpscalePipeline's defaults
+    plan = requests.plan_request(model, family, prompt="a cat", stage_3=True)
+    assert (plan.decision_3.steps, model.stage(3).guidance, model.stage(3).hub_id) == (
+        75,
+        9.0,
+        "stabilityai/stable-diffusion-x4-upscaler",
+    )
+    with pytest.raises(requests.Refused, match="--steps-3 75"):
+        requests.plan_request(model, family, prompt="a cat", stage_3=True, steps_3=10)
+    with pytest.raises(requests.InputError, match="export with --stage-3"):
+        requests.plan_request(model, family, prompt="a cat", steps_3=50)
 
 
 def test_export_refuses_a_cascade_it_cannot_build(tmp_path):
-    """One line naming the fix, before any graph is exported: stage II as SOURCE, no stage II, stage III."""
+    """One line naming the fix, before any graph is exported: a later stage as SOURCE, no stage II, a stage in
+    the wrong place, a tiny cascade's own stages given, --stage-3 alone without a registry model."""
     import exporters
 
     stage_1, stage_2 = build_cascade()
     stage_1.save_pretrained(tmp_path / "stage1")
     stage_2.save_pretrained(tmp_path / "stage2")
+    build_stage_3().save_pretrained(tmp_path / "stage3")
     cases = [
         (str(tmp_path / "stage2"), {}, "pass stage I (IFPipeline) as SOURCE"),
         (str(tmp_path / "stage1"), {}, "--stage-2 FOLDER_OR_REPO"),
         (str(tmp_path / "stage1"), {"stage_2": str(tmp_path / "stage1")}, "stage 2 of DeepFloyd IF is IFSuperRes"),
-        (str(tmp_path / "stage1"), {"stage_2": str(tmp_path / "stage2"), "stage_3": "x"}, "not supported yet"),
-        ("tiny:deepfloyd-if", {"stage_2": str(tmp_path / "stage2")}, "builds its own stage II"),
+        (str(tmp_path / "stage3"), {}, "pass stage I (IFPipeline) as SOURCE and this one as --stage-3"),
+        (
+            str(tmp_path / "stage1"),
+            {"stage_2": str(tmp_path / "stage2"), "stage_3": str(tmp_path / "stage2")},
+            "stage 3 of DeepFloyd IF is StableDiffusionUpscalePipeline",
+        ),
+        (str(tmp_path / "stage1"), {"stage_2": str(tmp_path / "stage2"), "stage_3": ""}, "export with --model"),
+        ("tiny:deepfloyd-if", {"stage_2": str(tmp_path / "stage2")}, "builds its own stages II and III"),
+        ("tiny:deepfloyd-if", {"stage_3": str(tmp_path / "stage3")}, "builds its own stages II and III"),
         ("tiny:sd15", {"stage_2": str(tmp_path / "stage2")}, "is a sd15 model"),
     ]
     for source, options, message in cases:
         with pytest.raises(exporters.ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
             exporters.export(source, out=tmp_path / "out", progress=None, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_3_decodes_in_tiles_where_it_would_not_fit_otherwise(pipe):
+    """The x4 VAE's mid-block attention grows with the square of the output's pixels (1024x1024: 65,536 tokens,
+    16 GiB a score tensor): the plan decodes in tiles where nothing fits without them, and the tiles are
+    diffusers' ``vae.enable_tiling()``: the exported decoder in tiles against the PyTorch VAE's tiled decode."""
+    from engine.profile import Profiler
+    from engine.vae import TiledDecoder
+
+    untiled = pipe.plan_memory(64, 64, policy="resident", vae_tiling=False)  # a 512x512 decode
+    tiled = pipe.plan_memory(64, 64, policy="resident", vae_tiling=True)
+    assert tiled.need_mb < untiled.need_mb
+    plan = pipe.plan_memory(64, 64, policy="resident", available_mb=(tiled.need_mb + untiled.need_mb) / 2)
+    assert plan.vae_tiling and f"untiled ~{untiled.need_mb:,.0f} MB" in plan.describe()
+
+    vae = build_stage_3().vae
+    vae.enable_tiling()
+    z = np.random.default_rng(3).standard_normal((1, 4, 48, 40), dtype=np.float32)  # 192x160: 128-pixel tiles
+    with torch.no_grad():
+        expected = vae.decode(torch.from_numpy(z)).sample.numpy()
+    with pipe._phase("decode_3", Profiler()) as graphs:
+        got = TiledDecoder(graphs["vae_decoder_3"], pipe._tiling_3()).decode(z)
+    assert got.shape == expected.shape == (1, 3, 192, 160)
+    assert np.abs(got - expected).max() < 1e-3

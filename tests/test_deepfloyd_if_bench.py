@@ -143,3 +143,27 @@ def test_a_five_level_unet_is_traced_at_multiples_of_16():
         assert _unet_case(sd, case) == (batch, h, w)
         b, h2, w2 = _unet_case(if_ii, case)
         assert b == batch and h2 % 16 == 0 and w2 % 16 == 0 and (h2, w2) == (2 * h, 2 * w)
+
+
+def test_the_random_upscaler_loads_in_diffusers_upscale_pipeline(tmp_path, monkeypatch):
+    """Stage III's full-size config (bench/configs/deepfloyd-if-iii.json) cut to test widths, written by
+    bench.random_weights and loaded by diffusers' StableDiffusionUpscalePipeline: its x4 VAE, 7-channel UNet
+    with a noise-level table and its two schedulers as the pipeline takes them."""
+    cfg = copy.deepcopy(random_model.config("deepfloyd-if-iii"))
+    cfg["unet"].update(block_out_channels=[32, 32, 64, 64], cross_attention_dim=32, layers_per_block=1)
+    cfg["vae"].update(block_out_channels=[32, 32, 64], layers_per_block=1)
+    cfg["text_encoder"].update(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "deepfloyd-if-iii.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(random_model, "CONFIGS", configs)
+    folder = random_weights.write_pipeline("deepfloyd-if-iii", tmp_path / "iii", progress=lambda _: None)
+    stage_3 = diffusers.StableDiffusionUpscalePipeline.from_pretrained(folder)
+    assert stage_3.vae_scale_factor == 4 and stage_3.vae.config.scaling_factor == 0.08333
+    assert stage_3.unet.config.in_channels == 7 and stage_3.unet.class_embedding.num_embeddings == 1000
+    assert stage_3.config.max_noise_level == 350
+    assert (
+        type(stage_3.scheduler).__name__ == "DDIMScheduler"
+        and stage_3.scheduler.config.prediction_type == "v_prediction"
+    )
+    assert stage_3.low_res_scheduler.config.variance_type == "fixed_small"

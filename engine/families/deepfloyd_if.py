@@ -11,6 +11,15 @@ As diffusers 0.39's IFPipeline (stage I) and IFSuperResolutionPipeline (stage II
   ``image_noising_scheduler`` (one more draw), and feeds it beside the sample with the noise level as the UNet's
   ``class_labels``; guidance 4.0;
 - the final image is the last stage's sample mapped as ``(x / 2 + 0.5).clamp(0, 1)``, ``* 255``, rounded.
+
+Stage III, when exported, is diffusers' StableDiffusionUpscalePipeline (the SD x4 upscaler) called as diffusers'
+IF docs call it on stage II's ``output_type="pt"`` image (the raw sample, unclamped): ``VaeImageProcessor.
+preprocess`` keeps a tensor whose minimum is below 0 as it is and maps one in [0, 1] to [-1, 1]; the prompt is
+encoded again by its own CLIP (the negative prompt, "" by default, too); one draw noises the image with the
+``low_res_scheduler`` at ``noise_level`` (100), then one draws the (1, 4, h, w) latents at the image's own size;
+each step concatenates [latents, image] on channels for the UNet, with the noise level as ``class_labels``, and
+applies CFG (9.0) to the whole output; its scheduler (DDIM, v-prediction) steps; the VAE decodes
+``latents / scaling_factor`` (0.08333) to 4x the size, post-processed as every SD pipeline's.
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EngineError
 from ..text_encoders import TextEncoder
-from .base import Architecture, encode_text, read_scheduler
+from .base import Architecture, classifier_free_guidance, encode_text, read_scheduler
 
 MAX_SEQUENCE_LENGTH = 77  # IFPipeline.encode_prompt's fixed window
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"  # stage III
 
 
 def preprocess_text(text: str) -> str:
@@ -104,6 +115,61 @@ class Stage:
         )
 
 
+@dataclass(frozen=True)
+class UpscaleStage:
+    """Stage III, the SD x4 upscaler, as the export recorded it: its components, constants and schedulers."""
+
+    number: int
+    unet: str
+    text_encoder: str
+    tokenizer: str  # its folder in the export
+    vae_decoder: str
+    in_channels: int  # 4 latent + 3 image
+    latent_channels: int
+    guidance: float
+    noise_level: int
+    max_noise_level: int
+    default_steps: int
+    vae_scale_factor: int  # 4: the output is 4x the input image
+    vae: dict  # engine.vae.Vae's and the memory estimate's fields (vae_scaling_factor, vae_block_out_channels, ...)
+    scheduler: dict
+    low_res_scheduler: dict
+
+    @classmethod
+    def of(cls, entry: dict, folder: Path) -> UpscaleStage:
+        vae = {key: entry[key] for key in entry if key.startswith("vae_") and key != "vae_decoder"}
+        return cls(
+            number=int(entry["stage"]),
+            unet=entry["unet"],
+            text_encoder=entry["text_encoder"],
+            tokenizer=entry["tokenizer"],
+            vae_decoder=entry["vae_decoder"],
+            in_channels=int(entry["in_channels"]),
+            latent_channels=int(entry["latent_channels"]),
+            guidance=float(entry["guidance"]),
+            noise_level=int(entry["noise_level"]),
+            max_noise_level=int(entry["max_noise_level"]),
+            default_steps=int(entry["default_steps"]),
+            vae_scale_factor=int(entry["vae_scale_factor"]),
+            vae=vae,
+            scheduler=read_scheduler(folder / entry["scheduler"]),
+            low_res_scheduler=read_scheduler(folder / entry["low_res_scheduler"]),
+        )
+
+
+def upscaler_image(image: np.ndarray, scale_factor: int) -> np.ndarray:
+    """``VaeImageProcessor.preprocess`` of an (N, 3, h, w) float tensor, as StableDiffusionUpscalePipeline runs it
+    on IF stage II's raw sample: a tensor with values below 0 is taken as [-1, 1] and kept; one in [0, 1] is
+    normalised to ``2x - 1``. Its sides must be multiples of the VAE's factor (it would resize them)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape[-1] % scale_factor or image.shape[-2] % scale_factor:
+        raise EngineError(
+            f"stage III takes an image whose sides are multiples of {scale_factor}; got "
+            f"{image.shape[-1]}x{image.shape[-2]}: pick a stage I size that is a multiple of 8"
+        )
+    return image if image.min() < 0 else (np.float32(2.0) * image - np.float32(1.0)).astype(np.float32)
+
+
 class DeepFloydIFArchitecture(Architecture):
     components = {"text_encoder": True, "unet": True, "unet_2": True}
     denoiser_component = "unet"
@@ -111,7 +177,12 @@ class DeepFloydIFArchitecture(Architecture):
 
     def __init__(self, manifest):
         super().__init__(manifest)
-        self.stages = [Stage.of(entry, Path(manifest.folder)) for entry in self.config.get("stages") or ()]
+        folder = Path(manifest.folder)
+        entries = self.config.get("stages") or ()
+        # stages I and II sample pixels; stage III (the x4 upscaler, when exported) latents through its VAE
+        self.stages = [Stage.of(e, folder) for e in entries if e.get("pipeline_class") != UPSCALE_PIPELINE]
+        upscalers = [UpscaleStage.of(e, folder) for e in entries if e.get("pipeline_class") == UPSCALE_PIPELINE]
+        self.stage_3 = upscalers[0] if upscalers else None
         self.vae_scale_factor = 1  # pixel space
 
     def tokenizer_lengths(self) -> dict[str, int]:
@@ -163,5 +234,39 @@ class DeepFloydIFArchitecture(Architecture):
                 **extra,
             )["out_sample"]
             return guided_noise(out, stage.channels, guidance) if cfg else out
+
+        return denoise
+
+    # --- stage III: the x4 upscaler
+    def encode_stage_3(self, graph, tokenizer, prompt: str, negative: str, guidance: float):
+        """StableDiffusionUpscalePipeline.encode_prompt: CLIP's last hidden states of the prompt as given (CLIP's
+        tokenizer lowercases it), with the negative prompt's before them under CFG."""
+        encoder = TextEncoder(graph, tokenizer)
+        warnings: list[str] = []
+        (out,) = encode_text([encoder], prompt, warnings)
+        embeds = out.last_hidden
+        if self.uses_cfg(guidance):
+            (neg,) = encode_text([encoder], negative, warnings)
+            embeds = np.concatenate([neg.last_hidden, embeds])
+        return embeds.astype(np.float32), warnings
+
+    def upscale_denoiser(self, graph, stage: UpscaleStage, embeds: np.ndarray, image: np.ndarray, guidance: float):
+        """The upscaler's UNet as ``denoise(x, t)``: [latents, noised image] on channels, the noise level as
+        ``class_labels``, CFG on the whole output (4 channels: no learned variance)."""
+        batch = embeds.shape[0]
+        cfg = batch == 2
+        image_in = np.concatenate([image] * batch)
+        class_labels = np.full((batch,), stage.noise_level, dtype=np.int64)
+
+        def denoise(x, t):
+            sample = np.concatenate([x] * batch) if cfg else x
+            out = graph(
+                outputs=["out_sample"],
+                sample=np.concatenate([sample, image_in], axis=1),
+                timestep=self.timestep(t, batch),
+                encoder_hidden_states=embeds,
+                class_labels=class_labels,
+            )["out_sample"]
+            return classifier_free_guidance(out, guidance) if cfg else out
 
         return denoise

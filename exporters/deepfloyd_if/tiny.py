@@ -6,6 +6,13 @@ ResNet down/up-sampling blocks, simple cross-attention with added key/values, th
 learned-range variance; stage II takes the upscaled stage I image as 3 more input channels and its noise level
 through ``class_embed_type="timestep"``. The T5 encoder is the tiny T5 of SD 3 and FLUX, its tokenizer theirs.
 Stage I is 16x16, stage II 32x32 (the real ones 64 and 256): small enough for tests, and still a 2x upscale.
+
+Stage III is a ``StableDiffusionUpscalePipeline`` as diffusers' own upscale test fixture builds one
+(``tests/pipelines/stable_diffusion_2/test_stable_diffusion_upscale.py``), narrower: a UNet of 7 input channels
+(4 latent + 3 image) with the noise level as a class embedding (``num_class_embeds``, 1000 as the real one so
+noise level 100 is in range), linear-projection cross-attention (the first level cross-attention only, as the
+real one's first three), a x4 VAE (3 levels) with the real scaling factor 0.08333, the tiny CLIP text encoder.
+Its schedulers are the real checkpoint's (below). Its 32x32 input is upscaled to 128x128.
 """
 
 from __future__ import annotations
@@ -29,6 +36,30 @@ NOISING_SCHEDULER = {
     "beta_schedule": "squaredcos_cap_v2",
     "beta_start": 0.0001,
     "beta_end": 0.02,
+}
+
+
+# stabilityai/stable-diffusion-x4-upscaler's scheduler/ and low_res_scheduler/ configs (the hub's files; the
+# low-res one as diffusers' single_file_utils spells it for this pipeline): DDIM with v-prediction, and DDPM noising
+UPSCALER_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+}
+UPSCALER_NOISING_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+    "variance_type": "fixed_small",
 }
 
 
@@ -105,3 +136,60 @@ def build_cascade():
     for pipe in (stage_1, stage_2):
         pipe.set_progress_bar_config(disable=True)
     return stage_1, stage_2
+
+
+def build_stage_3():
+    """Stage III, the x4 upscaler (``StableDiffusionUpscalePipeline``): fp32, eval mode, the same weights every
+    call; its own CLIP text encoder and tokenizer (the prompt conditions it again, as diffusers' IF docs call it
+    with ``prompt=``)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    from ..tiny import CLIP_HIDDEN, _clip_l
+    from ..vocab import clip_tokenizer
+
+    torch.manual_seed(11)
+    unet = UNet2DConditionModel(
+        sample_size=STAGE_2_SIZE,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CLIP_HIDDEN,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, False),
+        num_class_embeds=1000,
+        norm_num_groups=32,
+    ).eval()
+    torch.manual_seed(12)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=128,
+        scaling_factor=0.08333,
+    ).eval()
+    config = dict(UPSCALER_SCHEDULER)
+    del config["_class_name"]
+    stage_3 = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=_clip_l(13),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        low_res_scheduler=_ddpm(UPSCALER_NOISING_SCHEDULER),
+        scheduler=DDIMScheduler(**config),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        max_noise_level=350,
+    )
+    stage_3.set_progress_bar_config(disable=True)
+    return stage_3
