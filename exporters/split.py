@@ -15,9 +15,9 @@ flow between its parts passed from one to the next:
 - ``transformer_out``: ``norm_out`` + ``proj_out``.
 
 Their composition is the whole transformer (checked at export: exporters/main.py). The split is FLUX's:
-diffusers 0.39's hook does not run on SD3's transformer (registry/cache.py says why), so there is nothing to
-reproduce there. Every part traces with the same streaming exporter as the whole (meta device, weights
-written one tensor at a time), each graph holding only its part's weights.
+diffusers 0.39's First Block Cache hook does not run on SD3's transformer (registry/cache.py says why), so
+there is nothing to reproduce there. Every part traces with the same streaming exporter as the whole (meta
+device, weights written one tensor at a time), each graph holding only its part's weights.
 """
 
 from __future__ import annotations

@@ -38,9 +38,17 @@ FLUX_MAG_RATIOS = (
     0.95703, 0.93359, 0.89062,
 )  # fmt: skip
 
-NO_REFERENCE_SD3 = (
-    "diffusers 0.39 runs no step cache on SD3's transformer (it is not a CacheMixin, its pipeline sets no cache "
-    "context, and First Block Cache fails on its last block), so there is no reference to reproduce"
+# why each mode is refused for SD 3 (checked on a tiny SD3Transformer2DModel with diffusers 0.39: it is no
+# CacheMixin, so no enable_cache; StableDiffusion3Pipeline sets no cache context, which the First Block Cache and
+# TaylorSeer hooks need; given one, both fail on the last block, built context_pre_only, which returns None for
+# the encoder states: first_block_cache.py:176 subtracts from it, taylorseer_cache.py:134 reads its dtype)
+SD3_NO_REFERENCE = (
+    "diffusers 0.39's {hook} does not run on SD3's transformer (its pipeline sets no cache context, and given one "
+    "the hook fails on the last block, which returns no encoder states), so there is no reference to reproduce"
+)
+SD3_MAGCACHE = (
+    "diffusers 0.39's MagCache hook runs on SD3's transformer, but it ships magnitude ratios for FLUX only and the "
+    "engine's split graphs are FLUX's: not built for SD3"
 )
 
 
@@ -66,7 +74,7 @@ MODES = {
             fields={"threshold": 0.05},
             families=("flux",),
             graphs="split",
-            why_not={"sd3": NO_REFERENCE_SD3},
+            why_not={"sd3": SD3_NO_REFERENCE.format(hook="First Block Cache")},
         ),
         Mode(
             name="magcache",
@@ -75,7 +83,7 @@ MODES = {
             fields={"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "num_inference_steps": None},
             families=("flux",),
             graphs="split",
-            why_not={"sd3": NO_REFERENCE_SD3},
+            why_not={"sd3": SD3_MAGCACHE},
             optional_ints=("num_inference_steps",),
         ),
         Mode(
@@ -90,7 +98,7 @@ MODES = {
             },
             families=("flux",),
             graphs="whole",
-            why_not={"sd3": NO_REFERENCE_SD3},
+            why_not={"sd3": SD3_NO_REFERENCE.format(hook="TaylorSeer (lite mode)")},
             optional_ints=("disable_cache_after_step",),
             label_skipped="predicted",
         ),

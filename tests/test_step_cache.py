@@ -99,7 +99,7 @@ def test_the_plan_counts_full_evaluations():
         ("flux-schnell", None, "refused for FLUX.1-schnell: a few-step distilled model"),
         ("sdxl-turbo", None, "few-step distilled"),
         ("lcm", None, "few-step distilled"),
-        ("sd3-medium", None, "not available for sd3: diffusers 0.39 runs no step cache on SD3's transformer"),
+        ("sd3-medium", None, "not available for sd3: diffusers 0.39's First Block Cache does not run on SD3's"),
         ("sd15", None, "not available for sd15: the engine runs fbcache on flux only"),
     ],
 )
@@ -107,6 +107,47 @@ def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
     with pytest.raises(InputError) as err:
         _plan(model_id, "fbcache", steps=steps)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_sd3_refusals_are_what_diffusers_does_on_sd3():
+    """The reasons registry/cache.py gives for SD 3, checked on diffusers 0.39 itself (a tiny
+    SD3Transformer2DModel with a cache context set, as a pipeline that set one would): First Block Cache and
+    TaylorSeer-Lite fail on the last block's missing encoder states; MagCache runs (refused for want of SD 3
+    magnitude ratios and split graphs, not of a reference). If diffusers starts running them, this fails and
+    the refusals need revisiting."""
+    import torch
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, SD3Transformer2DModel, TaylorSeerCacheConfig
+    from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache
+
+    def run(apply, config) -> str | None:
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+            pos_embed_max_size=8,
+        ).eval()  # fmt: skip
+        apply(model, config)
+        hooks = HookRegistry.check_if_exists_or_initialize(model)
+        x, text, pooled = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16), torch.randn(1, 8)
+        try:
+            for t in (999.0, 800.0, 600.0, 400.0):
+                hooks._set_context("cond")
+                with torch.no_grad():
+                    x = x - 0.1 * model(x, text, pooled, torch.tensor([t]), return_dict=False)[0]
+                hooks._set_context(None)
+        except (TypeError, AttributeError) as error:
+            return str(error)
+        return None
+
+    assert not hasattr(SD3Transformer2DModel, "enable_cache")
+    fbc = run(apply_first_block_cache, FirstBlockCacheConfig(threshold=0.5))
+    assert fbc is not None and "NoneType" in fbc
+    lite = run(apply_taylorseer_cache, TaylorSeerCacheConfig(use_lite_mode=True, disable_cache_before_step=1))
+    assert lite is not None and "NoneType" in lite
+    assert run(apply_mag_cache, MagCacheConfig(num_inference_steps=4, mag_ratios=np.ones(4))) is None
+    for text, needle in (("magcache", "MagCache hook runs on SD3"), ("taylorseer:use_lite_mode=true", "lite mode")):
+        with pytest.raises(InputError, match=needle):
+            _plan("sd3-medium", text)
 
 
 def test_a_run_no_longer_than_the_warm_up_is_refused_even_forced():
