@@ -128,8 +128,17 @@ def hidream_plan(module):
     return config, remap, what
 
 
-def materialize(cls, config, checkpoint, remap=None):
-    """``cls`` built from ``config`` on the CPU with its weights (fp32) read from ``checkpoint``."""
+# Classes whose reduced build may hold its weights narrow (see ``materialize``): every module reads only its own
+# parameters in its forward. Not T5, whose feed-forward casts its input to ``wo.weight.dtype``.
+NARROW_REFERENCE = {"UNet2DConditionModel"}
+
+
+def materialize(cls, config, checkpoint, remap=None, *, narrow: bool = False):
+    """``cls`` built from ``config`` on the CPU with its weights (fp32) read from ``checkpoint``.
+
+    ``narrow``: each weight whose value a bf16 or fp16 tensor holds exactly (a bf16 or fp16 checkpoint's) is
+    kept in that type and widened to fp32 only while its module runs, so the fp32 results are unchanged at
+    half the memory: IF-I-XL's reduced-depth UNet is 2.4 B parameters, 9.5 GB in fp32."""
     import torch
 
     module, buffers = streaming.build(cls, config, meta_buffers=False)
@@ -139,12 +148,54 @@ def materialize(cls, config, checkpoint, remap=None):
         if name not in buffers:  # parameters; buffers keep their constructed values, as the streamed graph
             value = streaming.fetch(name, checkpoint, buffers, names, remap)
             # a checkpoint read returns a fresh array: no copy (a 2.2 GB embedding table would be held twice)
-            state[name] = torch.from_numpy(value if value.flags.writeable else value.copy())
+            tensor = torch.from_numpy(value if value.flags.writeable else value.copy())
+            state[name] = _narrowest_exact(tensor) if narrow else tensor
     module.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in module.named_parameters() if p.is_meta]
     if left:
         raise KeyError(f"the checkpoint has no tensor {left[0]!r}")
+    if narrow:
+        _widen_while_running(module)
+    streaming.release_freed_memory()  # the fp32 reads the narrow weights were made from
     return module.eval()
+
+
+def _narrowest_exact(tensor):
+    """``tensor`` as bf16 or fp16 where that holds every value exactly, else as it is."""
+    import torch
+
+    if tensor.dtype != torch.float32:
+        return tensor
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = tensor.to(dtype)
+        if torch.equal(narrow.float(), tensor):
+            return narrow
+    return tensor
+
+
+def _widen_while_running(module) -> None:
+    """Each submodule's own narrow parameters become fp32 for the length of its forward, then narrow again."""
+    import torch
+
+    for sub in module.modules():
+        own = tuple(n for n, p in sub.named_parameters(recurse=False) if p.dtype != torch.float32)
+        if not own:
+            continue
+        held: dict = {}
+
+        def widen(mod, args, own=own, held=held):
+            for n in own:
+                param = getattr(mod, n)
+                held[n] = param.data
+                param.data = param.data.float()
+
+        def narrow_again(mod, args, output, held=held):
+            for n, data in held.items():
+                getattr(mod, n).data = data
+            held.clear()
+
+        sub.register_forward_pre_hook(widen)
+        sub.register_forward_hook(narrow_again)
 
 
 def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances: dict, fuse: bool = True) -> dict:
@@ -160,7 +211,9 @@ def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances
         result = validate.check(component, path, refs, **tolerances)
         result["compared"] = "whole" if small_enough else "whole (no deeper than its reduced-depth build)"
         return result
-    refs = validate.references(component.rebuild(materialize(cls, config, checkpoint, remap)))
+    narrow = cls.__name__ in NARROW_REFERENCE
+    refs = validate.references(component.rebuild(materialize(cls, config, checkpoint, remap, narrow=narrow)))
+    streaming.release_freed_memory()  # the reduced build, before ONNX Runtime loads its graph
     # the reduced build's weights are freed before its graph is written and run: only its structure is traced
     small = component.rebuild(streaming.build(cls, config)[0])
     work = Path(tempfile.mkdtemp(prefix=".reduced-", dir=path.parent.parent))

@@ -221,6 +221,18 @@ def fetch(name: str, checkpoint, buffers: dict, names: dict[str, list[str]], rem
     raise KeyError(f"the checkpoint has no tensor {name!r}")
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing). Reading a
+    checkpoint tensor by tensor, widening and narrowing, leaves the heap fragmented: without it IF-I-XL's
+    reduced-depth validation kept ~2.6 GB of freed PyTorch memory while ONNX Runtime then ran its graph."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _numpy(tensor) -> np.ndarray:
     """Floating tensors (bf16, fp16 checkpoints) as float32; integer ones (position ids) as they are."""
     return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
