@@ -201,6 +201,18 @@ def split_export(exported_tiny):
     return exported_tiny("flux-dev", cache_graphs=True)
 
 
+def _step_verdicts(events: list[str], not_computed: str) -> list[str]:
+    """Per step, from a reference run's hook events: "computed" where the part that a cached step skips ran
+    after the step began, else ``not_computed``."""
+    verdicts: list[str] = []
+    for event in events:
+        if event == "step":
+            verdicts.append(not_computed)
+        else:
+            verdicts[-1] = "computed"
+    return verdicts
+
+
 def _diffusers_run(noise, width, height, steps, config=None):
     """diffusers' image, and (with a cache config) which calls ran the last block: a forward pre-hook on a
     submodule of the last block fires only when the hook lets that block compute (FBCache and MagCache skip
@@ -229,13 +241,7 @@ def _diffusers_run(noise, width, height, steps, config=None):
             height=height,
             max_sequence_length=512,
         ).images[0]
-    verdicts = []
-    for event in events:
-        if event == "step":
-            verdicts.append("skipped")
-        else:
-            verdicts[-1] = "computed"
-    return (image * 255).round().astype(np.uint8), verdicts
+    return (image * 255).round().astype(np.uint8), _step_verdicts(events, "skipped")
 
 
 def _reference_config(spec):
@@ -365,13 +371,7 @@ def _deepcache_reference(name, model_id, noise, width, height, steps, guidance, 
             latents=torch.from_numpy(noise),
             output_type="np",
         ).images[0]
-    verdicts = []
-    for event in events:
-        if event == "step":
-            verdicts.append("cached")
-        else:
-            verdicts[-1] = "computed"
-    return (image * 255).round().astype(np.uint8), verdicts
+    return (image * 255).round().astype(np.uint8), _step_verdicts(events, "cached")
 
 
 @pytest.mark.slow
