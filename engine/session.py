@@ -257,9 +257,10 @@ def _cached_session(path: Path, threads: int | None) -> ort.InferenceSession | N
     if _entry_complete(entry, path.name):
         options = session_options(threads)
         # The saved graph's nodes are in the order the writing session ran them; ONNX Runtime's default order
-        # on it runs most int8 convolutions' DequantizeLinear first (they read only initializers), widening
-        # every weight to fp32 at once (SD 1.5 int8 UNet at 512²: 2.74 GB, not 1.54). Node-index order keeps
-        # the file's; fp32 graphs run the same either way (docs/benchmarks.md, "int8 UNet and the graph cache").
+        # on it ran most int8 convolutions' DequantizeLinear first in exports made before the exporter gated
+        # them on their Conv's input (exporters/weights._gate), widening every weight to fp32 at once (SD 1.5
+        # int8 UNet at 512²: 2.74 GB, not 1.54). Node-index order keeps the file's; fp32 graphs run the same
+        # either way (docs/benchmarks.md, "int8 UNet and the graph cache").
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         try:
             return _new_session(entry / path.name, options)
