@@ -10,6 +10,7 @@ deepfloyd_if.py says how). Like ``Pipeline`` it holds only what the export is; a
 
 from __future__ import annotations
 
+import functools
 import statistics
 from pathlib import Path
 
@@ -288,19 +289,9 @@ class CascadePipeline:
                 noising = schedulers.from_config(dict(stage.image_noising_scheduler))
                 noise = rng.standard_normal((1, sample.shape[1], h, w), dtype=np.float32)
                 image_in = arch.noised_image(stage, sample, w, h, noise, noising)
-            bar.phase(f"loading stage {stage.number}")
-            watch = sampling.callbacks(self._check(stage), prof.on_step, bar.on_step, callback)
-            before = len(prof.steps)
-            with self._phase(f"stage_{stage.number}", prof) as graphs:
-                bar.begin_steps(len(sched.timesteps))
-                denoise = arch.stage_denoiser(graphs[stage.unet], stage, cond, scale, image_in)
-                sampled = sampling.sample(denoise, sched, x, rng=rng, callback=watch)
-                del denoise
-            for row in prof.steps[before:]:
-                row["stage"] = stage.number
-            stage_rows.append(prof.steps[before:])
-            if sampled.stopped:
-                raise EngineError(f"stage {stage.number} was stopped after {sampled.steps_run} steps")
+            denoiser = functools.partial(arch.stage_denoiser, stage=stage, cond=cond, guidance=scale, image=image_in)
+            sampled, rows = self._sample_stage(stage, denoiser, sched, x, rng, prof, bar, callback)
+            stage_rows.append(rows)
             sample = sampled.latents
             profiles.append((stage, sched, w, h, sampled.steps_run))
         if upscaler is None:
@@ -345,6 +336,24 @@ class CascadePipeline:
         ]
         return Result(picture, sample, parameters, result, warnings)
 
+    def _sample_stage(self, stage, make_denoiser, sched, x, rng, prof: Profiler, bar, callback):
+        """One stage's loop in its own phase (``make_denoiser(graph)`` builds its denoiser on the stage's UNet
+        graph). → (the sampler's result, the profile's rows of its steps, marked with the stage)."""
+        bar.phase(f"loading stage {stage.number}")
+        watch = sampling.callbacks(self._check(stage), prof.on_step, bar.on_step, callback)
+        before = len(prof.steps)
+        with self._phase(f"stage_{stage.number}", prof) as graphs:
+            bar.begin_steps(len(sched.timesteps))
+            denoise = make_denoiser(graphs[stage.unet])
+            sampled = sampling.sample(denoise, sched, x, rng=rng, callback=watch)
+            del denoise
+        rows = prof.steps[before:]
+        for row in rows:
+            row["stage"] = stage.number
+        if sampled.stopped:
+            raise EngineError(f"stage {stage.number} was stopped after {sampled.steps_run} steps")
+        return sampled, rows
+
     def _upscale(self, image, prompt, negative, steps, guidance, rng, prof: Profiler, bar, callback, plan):
         """Stage III on stage II's image, as StableDiffusionUpscalePipeline: its CLIP encodes the prompt, one draw
         noises the image at ``noise_level``, one draws the latents, its loop runs, its VAE decodes (in tiles when
@@ -363,19 +372,10 @@ class CascadePipeline:
         h, w = image.shape[-2:]
         x = rng.standard_normal((1, upscaler.latent_channels, h, w), dtype=np.float32)
         x = x * np.float32(sched.init_noise_sigma)
-        bar.phase("loading stage 3")
-        watch = sampling.callbacks(self._check(upscaler), prof.on_step, bar.on_step, callback)
-        before = len(prof.steps)
-        with self._phase("stage_3", prof) as graphs:
-            bar.begin_steps(len(sched.timesteps))
-            denoise = arch.upscale_denoiser(graphs[upscaler.unet], upscaler, embeds, image, guidance)
-            sampled = sampling.sample(denoise, sched, x, rng=rng, callback=watch)
-            del denoise
-        rows = prof.steps[before:]
-        for row in rows:
-            row["stage"] = upscaler.number
-        if sampled.stopped:
-            raise EngineError(f"stage 3 was stopped after {sampled.steps_run} steps")
+        denoiser = functools.partial(
+            arch.upscale_denoiser, stage=upscaler, embeds=embeds, image=image, guidance=guidance
+        )
+        sampled, rows = self._sample_stage(upscaler, denoiser, sched, x, rng, prof, bar, callback)
         bar.phase("decoding")
         with self._phase("decode_3", prof) as graphs, prof.section("vae_decode"):
             graph = graphs[upscaler.vae_decoder]
