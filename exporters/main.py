@@ -696,13 +696,16 @@ def _write_static(pipeline, src, folder: Path, scheduler: dict) -> None:
         if tokenizer is not None:
             save_tokenizer(tokenizer, folder / name)
     for name in components.component_names(pipeline):
-        target = folder / name
-        target.mkdir(parents=True, exist_ok=True)
-        module = pipeline.vae if name.startswith("vae_") else getattr(pipeline, name)
-        if hasattr(module, "save_config"):  # diffusers models
-            module.save_config(str(target))
-        else:  # transformers models
-            module.config.save_pretrained(str(target))
+        save_component_config(pipeline.vae if name.startswith("vae_") else getattr(pipeline, name), folder / name)
+
+
+def save_component_config(module, folder: Path) -> None:
+    """A component's config.json beside its graph."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "save_config"):  # diffusers models
+        module.save_config(str(folder))
+    else:  # transformers models
+        module.config.save_pretrained(str(folder))
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

@@ -207,11 +207,7 @@ def _write_stage_3_configs(pipe, folder: Path) -> None:
 
     main.save_tokenizer(pipe.tokenizer, folder / "tokenizer")
     for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae)):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        if hasattr(module, "save_config"):
-            module.save_config(str(folder / name))
-        else:
-            module.config.save_pretrained(str(folder / name))
+        main.save_component_config(module, folder / name)
 
 
 def schedulers(config: dict) -> dict[str, dict]:
