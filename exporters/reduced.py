@@ -129,77 +129,62 @@ def hidream_plan(module):
     return config, remap, what
 
 
-# Classes whose reduced build may hold its weights narrow (see ``materialize``): every module reads only its own
-# parameters in its forward. Not T5, whose feed-forward casts its input to ``wo.weight.dtype``.
-NARROW_REFERENCE = {"UNet2DConditionModel"}
+# Classes whose reduced build may read its weights while it runs (see ``materialize``): every module reads only
+# its own parameters in its forward. Not T5, whose feed-forward casts its input to ``wo.weight.dtype``.
+READ_WHILE_RUNNING = {"UNet2DConditionModel"}
 
 
-def materialize(cls, config, checkpoint, remap=None, *, narrow: bool = False):
+def materialize(cls, config, checkpoint, remap=None, *, on_demand: bool = False):
     """``cls`` built from ``config`` on the CPU with its weights (fp32) read from ``checkpoint``.
 
-    ``narrow``: each weight a bf16 or fp16 checkpoint stores (read as stored) or whose value such a tensor holds
-    exactly is kept in that type and widened to fp32 only while its module runs, so the fp32 results are
-    unchanged at half the memory: IF-I-XL's reduced-depth UNet is 2.4 B parameters, 9.5 GB in fp32."""
+    ``on_demand``: the parameters stay on the meta device and each module reads its own from the checkpoint
+    (fp32) for the length of its forward, so the fp32 results are unchanged while at most one module's weights
+    are held: IF-I-XL's reduced-depth UNet is 2.4 B parameters, 9.5 GB in fp32 (4.8 GB even held as bf16)."""
     import torch
 
     module, buffers = streaming.build(cls, config, meta_buffers=False)
     names = streaming.aliases(module)
+    if on_demand:
+        _read_while_running(module, checkpoint, buffers, names, remap)
+        return module.eval()
     state = {}
     for name in module.state_dict():
         if name not in buffers:  # parameters; buffers keep their constructed values, as the streamed graph
-            value = streaming.fetch(name, checkpoint, buffers, names, remap, narrow=narrow)
-            if isinstance(value, torch.Tensor):  # read narrow as stored
-                state[name] = value
-                continue
+            value = streaming.fetch(name, checkpoint, buffers, names, remap)
             # a checkpoint read returns a fresh array: no copy (a 2.2 GB embedding table would be held twice)
-            tensor = torch.from_numpy(value if value.flags.writeable else value.copy())
-            state[name] = _narrowest_exact(tensor) if narrow else tensor
+            state[name] = torch.from_numpy(value if value.flags.writeable else value.copy())
     module.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in module.named_parameters() if p.is_meta]
     if left:
         raise KeyError(f"the checkpoint has no tensor {left[0]!r}")
-    if narrow:
-        _widen_while_running(module)
-    streaming.release_freed_memory()  # the fp32 reads the narrow weights were made from
     return module.eval()
 
 
-def _narrowest_exact(tensor):
-    """``tensor`` as bf16 or fp16 where that holds every value exactly, else as it is."""
+def _read_while_running(module, checkpoint, buffers: dict, names: dict, remap) -> None:
+    """Each submodule's own parameters are read from ``checkpoint`` before its forward and dropped after it
+    (the meta ones put back): a module that reads another's weights meets a meta tensor and fails loudly."""
     import torch
 
-    if tensor.dtype != torch.float32:
-        return tensor
-    for dtype in (torch.bfloat16, torch.float16):
-        narrow = tensor.to(dtype)
-        if torch.equal(narrow.float(), tensor):
-            return narrow
-    return tensor
-
-
-def _widen_while_running(module) -> None:
-    """Each submodule's own narrow parameters become fp32 for the length of its forward, then narrow again."""
-    import torch
-
-    for sub in module.modules():
-        own = tuple(n for n, p in sub.named_parameters(recurse=False) if p.dtype != torch.float32)
+    for prefix, sub in module.named_modules():
+        own = {n: f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters(recurse=False)}
         if not own:
             continue
-        held: dict = {}
+        for name in own.values():  # a missing tensor is found before anything runs
+            if not any((remap(c) if remap else c) in checkpoint for c in names.get(name, [name])):
+                raise KeyError(f"the checkpoint has no tensor {name!r}")
+        empty = {n: sub._parameters[n] for n in own}
 
-        def widen(mod, args, own=own, held=held):
-            for n in own:
-                param = getattr(mod, n)
-                held[n] = param.data
-                param.data = param.data.float()
+        def read(mod, args, own=own):
+            for n, name in own.items():
+                value = streaming.fetch(name, checkpoint, buffers, names, remap)
+                tensor = torch.from_numpy(value if value.flags.writeable else value.copy())
+                mod._parameters[n] = torch.nn.Parameter(tensor, requires_grad=False)
 
-        def narrow_again(mod, args, output, held=held):
-            for n, data in held.items():
-                getattr(mod, n).data = data
-            held.clear()
+        def drop(mod, args, output, empty=empty):
+            mod._parameters.update(empty)
 
-        sub.register_forward_pre_hook(widen)
-        sub.register_forward_hook(narrow_again)
+        sub.register_forward_pre_hook(read)
+        sub.register_forward_hook(drop)
 
 
 @contextlib.contextmanager
@@ -229,9 +214,9 @@ def check(component, checkpoint, path: Path, *, opset: int, fmt: str, tolerances
         result = validate.check(component, path, refs, **tolerances)
         result["compared"] = "whole" if small_enough else "whole (no deeper than its reduced-depth build)"
         return result
-    narrow = cls.__name__ in NARROW_REFERENCE
-    with _without_onednn() if narrow else contextlib.nullcontext():
-        refs = validate.references(component.rebuild(materialize(cls, config, checkpoint, remap, narrow=narrow)))
+    on_demand = cls.__name__ in READ_WHILE_RUNNING
+    with _without_onednn() if on_demand else contextlib.nullcontext():
+        refs = validate.references(component.rebuild(materialize(cls, config, checkpoint, remap, on_demand=on_demand)))
     streaming.release_freed_memory()  # the reduced build, before ONNX Runtime loads its graph
     # the reduced build's weights are freed before its graph is written and run: only its structure is traced
     small = component.rebuild(streaming.build(cls, config)[0])

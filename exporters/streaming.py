@@ -170,19 +170,6 @@ class SafetensorsWeights:
                     out[start : start + raw.size] = raw
         return out.reshape(shape)
 
-    def narrow_tensor(self, name: str):
-        """A bf16 or fp16 tensor as stored (a torch tensor of that type, no fp32 copy made), else None."""
-        import torch
-
-        file, dtype, shape, offset, nbytes = self.where[name]
-        if dtype not in ("BF16", "F16"):
-            return None
-        with open(file, "rb") as handle:
-            handle.seek(offset)
-            raw = np.fromfile(handle, dtype=np.uint16 if dtype == "BF16" else np.float16, count=nbytes // 2)
-        tensor = torch.from_numpy(raw.reshape(shape))
-        return tensor.view(torch.bfloat16) if dtype == "BF16" else tensor
-
     def close(self) -> None:
         pass
 
@@ -223,16 +210,14 @@ def aliases(module) -> dict[str, list[str]]:
     return {name: names for names in groups.values() for name in names}
 
 
-def fetch(name: str, checkpoint, buffers: dict, names: dict[str, list[str]], remap=None, *, narrow: bool = False):
-    """The fp32 numpy value of state-dict entry ``name`` (``remap``: reduced-depth name → checkpoint name).
-    ``narrow``: a checkpoint's bf16 or fp16 tensor comes as stored, a torch tensor of that type."""
+def fetch(name: str, checkpoint, buffers: dict, names: dict[str, list[str]], remap=None):
+    """The fp32 numpy value of state-dict entry ``name`` (``remap``: reduced-depth name → checkpoint name)."""
     if name in buffers:
         return _numpy(buffers[name])
     for candidate in names.get(name, [name]):
         key = remap(candidate) if remap else candidate
         if key in checkpoint:
-            stored = checkpoint.narrow_tensor(key) if narrow and hasattr(checkpoint, "narrow_tensor") else None
-            return stored if stored is not None else checkpoint.array(key)
+            return checkpoint.array(key)
     raise KeyError(f"the checkpoint has no tensor {name!r}")
 
 
