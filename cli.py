@@ -441,7 +441,7 @@ def _memory_column(memory: dict) -> str:
     is_flag=False,
     flag_value="",
     help="A cascade's stage III, folder or hub repo (DeepFloyd IF: the SD x4 upscaler); alone, with --model, the "
-    "registry's (stabilityai/stable-diffusion-x4-upscaler).",
+    "registry's (stabilityai/stable-diffusion-x4-upscaler), with tiny:deepfloyd-if its tiny one.",
 )
 @click.option(
     "--cache-graphs",
