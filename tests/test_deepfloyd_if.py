@@ -227,6 +227,43 @@ def test_stages_1_2_export_generates_stage_2s_picture(exported_1_2, chain, tmp_p
     assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
 
 
+def test_serve_runs_each_stage_at_the_servers_steps(exported, exported_1_2, chain, tmp_path):
+    """``serve --steps-2/--steps-3``: every request's stages II and III at the server's counts, judged by their
+    policies with the request's force as generate judges them; a stage no request could run refused at start.
+    The image against diffusers' chain at the same counts."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from serve.app import create_app
+    from serve.worker import ModelError
+
+    for folder, options, message in (
+        (exported_1_2, {"steps_3": 3}, "export lacks; drop it, or export with --stage-3"),
+        (exported, {"steps_2": 0}, "--steps-2 must be at least 1"),
+    ):
+        with pytest.raises(ModelError, match=message):
+            create_app([str(folder)], out_dir=tmp_path, preload=False, **options)
+    app = create_app([str(exported)], out_dir=tmp_path, steps_2=3, steps_3=3)
+    body = {"prompt": PROMPT, "steps": 4, "cfg_scale": 7.0, "seed": SEED, "force": True}
+    with TestClient(app) as client:
+        refused = client.post("/sdapi/v1/txt2img", json={**body, "steps": 50, "force": False})
+        assert refused.status_code == 422 and "--steps-2 50" in refused.json()["detail"], refused.text
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    parameters = info["stepwise"]["parameters"][0]
+    assert (parameters["steps"], parameters["steps_2"], parameters["steps_3"]) == (4, 3, 3)
+    with Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))) as png:
+        got = np.asarray(png.convert("RGB"))
+    expected = chain[1]
+    assert got.shape == expected.shape == (128, 128, 3)
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
+
+
 def test_upscale_is_torch_bilinear_align_corners():
     image = np.random.default_rng(0).standard_normal((1, 3, 16, 12), dtype=np.float32)
     for size in ((64, 48), (32, 40), (17, 5)):
