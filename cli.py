@@ -390,7 +390,8 @@ def models_cmd(as_json):
     click.echo(
         "\nGB: the memory a generation needs at the default size with the phased policy (--low-memory), the "
         "denoiser in each weight format (export --weights) and T5-XXL / Qwen2.5-VL in the same, int8 at most "
-        "(--text-encoder-weights); '-': no such export."
+        "(--text-encoder-weights); a cascade's largest stage, its optional stage III (--stage-3) included; "
+        "'-': no such export."
     )
     click.echo(f"Exported models live in {registry.models_home()} (set STEPWISE_HOME to move them).")
 
