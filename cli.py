@@ -224,7 +224,7 @@ def print_stage_plan(stage, decision, target: Target, width, height, threads, nu
         click.echo(f"          ≈ {policy.plural(decision.steps)} × {per_step:.2f} s/step = {total:.1f} s (measured)")
 
 
-def _has_stage_3(target: Target) -> bool:
+def has_stage_3(target: Target) -> bool:
     """Whether the export is a cascade with a stage III (DeepFloyd IF exported with --stage-3)."""
     if target.folder is None or not target.model.stages:
         return False
@@ -390,7 +390,8 @@ def models_cmd(as_json):
     click.echo(
         "\nGB: the memory a generation needs at the default size with the phased policy (--low-memory), the "
         "denoiser in each weight format (export --weights) and T5-XXL / Qwen2.5-VL in the same, int8 at most "
-        "(--text-encoder-weights); '-': no such export."
+        "(--text-encoder-weights); a cascade's largest stage, its optional stage III (--stage-3) included; "
+        "'-': no such export."
     )
     click.echo(f"Exported models live in {registry.models_home()} (set STEPWISE_HOME to move them).")
 
@@ -441,7 +442,7 @@ def _memory_column(memory: dict) -> str:
     is_flag=False,
     flag_value="",
     help="A cascade's stage III, folder or hub repo (DeepFloyd IF: the SD x4 upscaler); alone, with --model, the "
-    "registry's (stabilityai/stable-diffusion-x4-upscaler).",
+    "registry's (stabilityai/stable-diffusion-x4-upscaler), with tiny:deepfloyd-if its tiny one.",
 )
 @click.option(
     "--cache-graphs",
@@ -750,7 +751,7 @@ def generate(
             threads=threads,
             steps_2=steps_2,
             steps_3=steps_3,
-            stage_3=_has_stage_3(target),
+            stage_3=has_stage_3(target),
             cache=cache,
         )
     except InputError as exc:  # requests.Refused included: "refused: …" with the policy's advice
@@ -868,10 +869,20 @@ SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart")
     help="Serve as Ray Serve replicas on this cluster (auto: join or start one; or ADDRESS); needs the ray extra.",
 )
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replicas, each with its models.")
-def serve_cmd(model_specs, host, port, threads, out_dir, low_memory, ray_address, replicas):
+@click.option(
+    "--steps-2", "steps_2", type=int, help="DeepFloyd IF: stage II's steps for every request [default: its own, 50]."
+)
+@click.option(
+    "--steps-3",
+    "steps_3",
+    type=int,
+    help="DeepFloyd IF exported with --stage-3: the x4 upscaler's steps for every request [default: 75].",
+)
+def serve_cmd(model_specs, host, port, threads, out_dir, low_memory, ray_address, replicas, steps_2, steps_3):
     """Keep models loaded and serve AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images) image APIs.
 
-    Requests for a model run one at a time, in order, each through the same step policy as `generate`."""
+    Requests for a model run one at a time, in order, each through the same step policy as `generate`
+    (--steps-2/--steps-3 included: a count the policy refuses is refused unless the request says force)."""
     try:
         import fastapi  # noqa: F401
         import multipart  # noqa: F401
@@ -897,11 +908,14 @@ def serve_cmd(model_specs, host, port, threads, out_dir, low_memory, ray_address
 
     specs = list(model_specs) or [DEMO_MODEL]
     if ray_address is not None:
-        _serve_on_ray(create_app, specs, replicas, threads, host, port, ray_address, out_dir, low_memory)
+        stage_steps = {"steps_2": steps_2, "steps_3": steps_3}
+        _serve_on_ray(create_app, specs, replicas, threads, host, port, ray_address, out_dir, low_memory, stage_steps)
         return
     click.echo(f"loading {', '.join(specs)} …")
     try:
-        app = create_app(specs, threads=threads, out_dir=out_dir, low_memory=low_memory)
+        app = create_app(
+            specs, threads=threads, out_dir=out_dir, low_memory=low_memory, steps_2=steps_2, steps_3=steps_3
+        )
     except ModelError as exc:
         _fail(str(exc), 2)
     for worker in app.state.stepwise.workers.values():
@@ -914,7 +928,7 @@ def serve_cmd(model_specs, host, port, threads, out_dir, low_memory, ray_address
     click.echo("server stopped")
 
 
-def _serve_on_ray(create_app, specs, replicas, threads, host, port, address, out_dir, low_memory) -> None:
+def _serve_on_ray(create_app, specs, replicas, threads, host, port, address, out_dir, low_memory, stage_steps) -> None:
     """The same app as ``replicas`` Ray Serve replicas, each loading its own models (serve/ray_deploy.py)."""
     try:
         import ray  # noqa: F401
@@ -937,6 +951,7 @@ def _serve_on_ray(create_app, specs, replicas, threads, host, port, address, out
             blocking=True,
             out_dir=out_dir,
             low_memory=low_memory,
+            **stage_steps,
         )
     except (InputError, ValueError) as exc:  # a cluster that cannot be joined, a bad --replicas
         _fail(str(exc), 2)

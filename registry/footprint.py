@@ -16,7 +16,12 @@ figures are in docs/benchmarks.md ("Big models at full size").
 
 A cascade (DeepFloyd IF) has no VAE: its phases are the text encoder and each stage's UNet, the later ones
 (``unet_2``) with their activations at their own stage's size (``activations_mb["denoiser_2"]``: IF-II-L at
-256x256), as engine/cascade.py plans them.
+256x256), as engine/cascade.py plans them. Its optional stage III (the x4 upscaler, exported with
+``--stage-3``) carries its own figures in its stage entry (``params_m``, ``activations_mb``) and adds three
+phases: its CLIP (fp32 in every column, as exported), its UNet (the column's format, 256x256 latents, batch 2)
+and its VAE decode to 1024x1024 in tiles (the untiled decode's 65,536-token attention needs ~34 GB; the engine
+tiles wherever that is not free). The need is the largest phase of either export, with stage III or without:
+stage III's phases stay under stage I's (docs/benchmarks.md), so the figure is the same for both.
 
 Where a full-size measurement showed the estimate more than 25% off, the model's ``measured_mb`` for that
 format replaces it. No model has one now: IF's int8 had (its stage I's session peaked at 9,552 MB against
@@ -62,4 +67,10 @@ def need_mb(model: Model, fmt: str) -> float | None:
         phases.append(_mb(model.params_m["unet_2"], fmt) + model.activations_mb["denoiser_2"])
     if "vae" in model.params_m:
         phases.append(_mb(model.params_m["vae"], "fp32") + model.activations_mb["decode"])
+    for stage in model.stages:  # a cascade's optional stage with its own components (IF's x4 upscaler)
+        if "params_m" in stage:
+            params, act = stage["params_m"], stage["activations_mb"]
+            phases.append(_mb(params["text_encoder"], "fp32") + act["text_encoder"])
+            phases.append(_mb(params["unet"], fmt) + act["denoiser"])
+            phases.append(_mb(params["vae_decoder"], "fp32") + act["decode"])
     return max(phases) + OVERHEAD_MB

@@ -64,7 +64,8 @@ class Model:
     # int8: its stage I's int8 convolutions; docs/benchmarks.md "DeepFloyd IF at full size"): {format: MB}
     measured_mb: dict | None = None
     # a cascade's later stages (DeepFloyd IF's stage II), each with its checkpoint and its own step policy:
-    # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"}
+    # {"stage", "name", "hub_id", "min_steps", "default_steps", "recommended_steps", "max_useful_steps", "guidance"};
+    # an optional stage with components of its own (IF's stage III) adds their "params_m" and "activations_mb"
     stages: tuple = ()
 
     def stage(self, number: int) -> Model:

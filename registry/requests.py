@@ -81,6 +81,37 @@ def start_size(family: Family, image_size: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
+def stage_decisions(
+    model: Model, steps_2: int | None, steps_3: int | None, *, stage_3: bool, force: bool = False
+) -> tuple[StepDecision | None, StepDecision | None]:
+    """A cascade's later stages' step decisions (stage II's, stage III's; None where there is no such stage):
+    ``--steps-2``/``--steps-3`` judged by each stage's own policy. ``stage_3``: the export has stage III. Raises
+    ``InputError`` for a stage the model or its export lacks, and ``Refused`` unless ``force``; the server
+    checks its defaults with ``force`` (a refusal is each request's, as ``steps``')."""
+    decision_2 = None
+    if model.stages:  # a cascade: stage II's steps have their own policy (--steps-2)
+        decision_2 = policy.decide_steps(model.stage(2), steps_2, option="--steps-2")
+        if decision_2.refused and not force:
+            raise Refused(decision_2)
+    elif steps_2 is not None:
+        raise InputError(f"--steps-2 is for a cascade's second stage (DeepFloyd IF); {model.name} has one stage")
+    decision_3 = None
+    if stage_3 or steps_3 is not None:
+        if not any(int(s["stage"]) == 3 for s in model.stages):
+            raise InputError(
+                f"--steps-3 is for a cascade's third stage (DeepFloyd IF's x4 upscaler); {model.name} has none"
+            )
+        if not stage_3:
+            raise InputError(
+                f"--steps-3 is for stage III (the x4 upscaler), which this {model.name} export lacks; drop it, or "
+                f"export with --stage-3"
+            )
+        decision_3 = policy.decide_steps(model.stage(3), steps_3, option="--steps-3")
+        if decision_3.refused and not force:
+            raise Refused(decision_3)
+    return decision_2, decision_3
+
+
 def plan_request(
     model: Model,
     family: Family,
@@ -129,27 +160,7 @@ def plan_request(
         raise InputError(f"--threads must be at least 1 (got {threads})")
     if decision.refused and not force:
         raise Refused(decision)
-    decision_2 = None
-    if model.stages:  # a cascade: stage II's steps have their own policy (--steps-2)
-        decision_2 = policy.decide_steps(model.stage(2), steps_2, option="--steps-2")
-        if decision_2.refused and not force:
-            raise Refused(decision_2)
-    elif steps_2 is not None:
-        raise InputError(f"--steps-2 is for a cascade's second stage (DeepFloyd IF); {model.name} has one stage")
-    decision_3 = None
-    if stage_3 or steps_3 is not None:
-        if not any(int(s["stage"]) == 3 for s in model.stages):
-            raise InputError(
-                f"--steps-3 is for a cascade's third stage (DeepFloyd IF's x4 upscaler); {model.name} has none"
-            )
-        if not stage_3:
-            raise InputError(
-                f"--steps-3 is for stage III (the x4 upscaler), which this {model.name} export lacks; drop it, or "
-                f"export with --stage-3"
-            )
-        decision_3 = policy.decide_steps(model.stage(3), steps_3, option="--steps-3")
-        if decision_3.refused and not force:
-            raise Refused(decision_3)
+    decision_2, decision_3 = stage_decisions(model, steps_2, steps_3, stage_3=stage_3, force=force)
     spec = step_cache.parse(cache)
     step_cache.check(spec, model, family.name, decision.steps_run)
     spec = spec.resolved(decision.steps_run) if spec is not None else None

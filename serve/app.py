@@ -288,6 +288,9 @@ def _plan(worker: ModelWorker, limits: Limits, *, prompt, count, image=None, mas
             native=worker.target.native_size,
             image_size=image.size if image is not None else None,
             inpaint=mask is not None,
+            steps_2=worker.steps_2,
+            steps_3=worker.steps_3,
+            stage_3=worker.stage_3,
             **kwargs,
         )
     except Refused as exc:
@@ -388,15 +391,20 @@ def create_app(
     limits: Limits | None = None,
     workers: dict[str, ModelWorker] | None = None,
     page: bool = True,
+    steps_2: int | None = None,
+    steps_3: int | None = None,
 ) -> FastAPI:
     """The server for ``models`` (registry ids or export folders, as the CLI's ``--model``): each pipeline is
     loaded once (now, unless ``preload`` is False: on its first request) and kept, resident (``low_memory``:
     phased). ``out_dir``: where images asked for by URL or with ``save_images`` are written (default
     ``$STEPWISE_HOME/outputs``); the server writes nowhere else. ``workers``: already built ModelWorkers (a Ray
     replica that built its own). ``page``: serve the web page at ``/`` (serve/page.py) where it is installed.
-    Raises ``ModelError`` (one line) for a model it cannot serve."""
+    ``steps_2``/``steps_3``: a cascade's stage II/III steps for every request (generate's ``--steps-2``/
+    ``--steps-3``; default: each stage's own). Raises ``ModelError`` (one line) for a model it cannot serve."""
     limits = limits or Limits()
-    workers = workers or load_workers(list(models), threads=threads, low_memory=low_memory)
+    workers = workers or load_workers(
+        list(models), threads=threads, low_memory=low_memory, steps_2=steps_2, steps_3=steps_3
+    )
     if preload:
         for w in workers.values():
             try:

@@ -112,6 +112,11 @@ class ModelWorker:
         # the export's id: what the PNG's Model field says, and the name clients ask for
         self.id = found.model_id or target.folder.name
         self.components = set(found.components)
+        self.stage_3 = cli.has_stage_3(target)  # DeepFloyd IF exported with --stage-3
+        # a cascade's later stages' steps for every request (serve --steps-2/--steps-3, given by load_workers;
+        # None: each stage's default), judged with each request's force as generate judges them
+        self.steps_2: int | None = None
+        self.steps_3: int | None = None
         self.scheduler_config = _scheduler_config(target.folder)
         self.pipeline = None
         self._load_lock = threading.Lock()
@@ -252,7 +257,10 @@ class ModelWorker:
                 interrupted = True
                 break
             job.index, job.step, job.step_ms, job.latents = i, 0, [], None
+            stages = (("steps_2", plan.decision_2), ("steps_3", plan.decision_3))
+            cascade = {name: decision.steps for name, decision in stages if decision is not None}
             result = pipe.generate(
+                **cascade,
                 prompt=plan.prompt,
                 negative_prompt=plan.negative,
                 steps=plan.steps,
@@ -345,8 +353,18 @@ def preview_png(latents: np.ndarray, family: str) -> bytes:
     return buffer.getvalue()
 
 
-def load_workers(specs: list[str], *, threads: int | None = None, low_memory: bool = False) -> dict[str, ModelWorker]:
-    """The workers for ``--model`` specs, by id; two specs naming the same export id are refused."""
+def load_workers(
+    specs: list[str],
+    *,
+    threads: int | None = None,
+    low_memory: bool = False,
+    steps_2: int | None = None,
+    steps_3: int | None = None,
+) -> dict[str, ModelWorker]:
+    """The workers for ``--model`` specs, by id; two specs naming the same export id are refused.
+
+    ``steps_2``/``steps_3`` go to the models that have that stage (a server may hold a cascade beside one-stage
+    models); one no model has is refused with ``generate``'s message for the first model."""
     if not specs:
         raise ModelError("name at least one model to serve: --model ID|FOLDER")
     workers: dict[str, ModelWorker] = {}
@@ -355,7 +373,31 @@ def load_workers(specs: list[str], *, threads: int | None = None, low_memory: bo
         if worker.id in workers:
             raise ModelError(f"two --model name the id {worker.id!r} ({workers[worker.id].spec} and {spec}); serve one")
         workers[worker.id] = worker
+    _give_stage_steps(list(workers.values()), steps_2, steps_3)
     return workers
+
+
+def _give_stage_steps(workers: list[ModelWorker], steps_2: int | None, steps_3: int | None) -> None:
+    if steps_2 is not None:
+        for worker in [w for w in workers if w.model.stages] or workers[:1]:
+            _check_stage_steps(worker, steps_2, None)
+            worker.steps_2 = steps_2
+    if steps_3 is not None:
+        for worker in [w for w in workers if w.stage_3] or workers[:1]:
+            _check_stage_steps(worker, None, steps_3)
+            worker.steps_3 = steps_3
+
+
+def _check_stage_steps(worker: ModelWorker, steps_2: int | None, steps_3: int | None) -> None:
+    """Refuse what no request could run (a stage the model or its export lacks, a count below 1); the policy's
+    verdict on the count is each request's, with its ``force``, as for ``steps``."""
+    from registry.policy import InputError
+    from registry.requests import stage_decisions
+
+    try:
+        stage_decisions(worker.model, steps_2, steps_3, stage_3=worker.stage_3, force=True)
+    except InputError as exc:
+        raise ModelError(f"{worker.spec}: {exc}") from None
 
 
 __all__ = ["Cancelled", "Job", "ModelError", "ModelWorker", "Output", "load_workers", "preview_png", "preview_rgb"]

@@ -9,12 +9,14 @@ and the draws are recorded and checked against the order the engine follows: sta
 variance noise, then stage II's noise, the noise of the upscaled image, its steps' variance noise; then stage
 III (the x4 upscaler, called as diffusers' IF docs call it: ``prompt=``, stage II's ``pt`` image,
 ``noise_level=100``): the noise of its input image, its latents (DDIM at eta 0 draws nothing more).
+The export without stage III (the default) is run end to end through the CLI against the chain's stage II.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +43,50 @@ RANDN_MODULES = (
 
 @pytest.fixture(scope="module")
 def exported(exported_tiny):
-    return exported_tiny("deepfloyd-if")
+    """The whole cascade: stages I, II and (``--stage-3`` alone) the tiny x4 upscaler."""
+    return exported_tiny("deepfloyd-if", stage_3="")
+
+
+@pytest.fixture(scope="module")
+def exported_1_2(exported, tmp_path_factory):
+    """``tiny:deepfloyd-if`` as exported without ``--stage-3`` (what ``export --model deepfloyd-if`` writes): the
+    exporter's own run (its stages' configs, schedulers, tokenizer, manifest, commit), with each graph's trace
+    and validation replaced by a copy of the same graph from ``exported``: the same seeded builds, so the same
+    graphs, and ~90 s of tracing saved."""
+    import shutil
+
+    import exporters
+    import exporters.main
+    from exporters import components
+    from registry import manifest
+
+    whole = manifest.read(exported)
+
+    def copied_components(pipeline, backend, folder, opset, say, rewrite, src, cache_graphs=False, only=None):
+        stage = "_2" if folder.name == "stage_2" else ""
+        entries = {}
+        for name in components.component_names(pipeline):
+            if only is None or name in only:
+                entry = dict(whole.components[name + stage])
+                shutil.copytree(exported / Path(entry["path"]).parent, folder / name, dirs_exist_ok=True)
+                for key in ("path", "data_path"):
+                    if entry.get(key) and stage:
+                        entry[key] = entry[key].removeprefix("stage_2/")
+                entries[name] = entry
+        return entries
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exporters.main, "_export_components", copied_components)
+        out = tmp_path_factory.mktemp("if-1-2") / "deepfloyd-if"
+        return exporters.export("tiny:deepfloyd-if", out=out, progress=None)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """diffusers' chain at 4, 3 and 3 steps (stage I's guidance 7.0, the empty negative prompt): (stage II's
+    picture, stage III's picture, the shapes drawn)."""
+    with pytest.MonkeyPatch.context() as patch:
+        return reference(patch, 4, 3, 7.0, 3)
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +161,11 @@ def test_export_names_the_stages(exported):
         assert scheduler(folder) == json.loads(module.to_json_string())
 
 
-def test_cascade_matches_diffusers(pipe, monkeypatch):
+def test_cascade_matches_diffusers(pipe, chain):
     """The empty negative prompt is the demanding case: its T5 states are nearly constant over the padding.
     Stage II's image is compared on its way (the callback's last stage II step), stage III's as the result."""
     steps, steps_2, steps_3 = 4, 3, 3
-    expected_2, expected, draws = reference(monkeypatch, steps, steps_2, 7.0, steps_3)
+    expected_2, expected, draws = chain
     seen = []
     result = pipe.generate(
         prompt=PROMPT, steps=steps, guidance=7.0, seed=SEED, steps_2=steps_2, steps_3=steps_3, callback=seen.append
@@ -149,6 +194,74 @@ def test_cascade_matches_diffusers(pipe, monkeypatch):
         (3, steps_3, "128x128"),
     ]
     assert sum(row.get("stage") == 3 for row in result.profile["steps"]) == steps_3
+
+
+def test_stages_1_2_export_generates_stage_2s_picture(exported_1_2, chain, tmp_path):
+    """The export without stage III, end to end through the CLI: its PNG is stage II's picture (32x32 here) with
+    no stage III parameters, against diffusers' IFPipeline -> IFSuperResolutionPipeline from the same noise."""
+    import shutil
+
+    from PIL import Image
+
+    from registry import manifest
+    from tests.test_generate import stepwise
+
+    found = manifest.read(exported_1_2)
+    assert set(found.components) == {"text_encoder", "unet", "unet_2"}
+    assert [stage["stage"] for stage in found.config["stages"]] == [1, 2]
+    assert set(found.data["sources"]) == {"stage_1", "stage_2"} and "denoiser_attention_3" not in found.config
+    assert not (exported_1_2 / "stage_3").exists()
+    (tmp_path / "models").mkdir()
+    shutil.copytree(exported_1_2, tmp_path / "models" / "deepfloyd-if")
+    args = ["--steps", "4", "--steps-2", "3", "--guidance", "7", "--seed", str(SEED), "--force", "--out", "if.png"]
+    ran = stepwise(tmp_path, "generate", PROMPT, "--model", "deepfloyd-if", *args)
+    assert ran.returncode == 0, ran.stderr
+    assert "Stage II: 3 steps" in ran.stdout and "Stage III" not in ran.stdout
+    with Image.open(tmp_path / "if.png") as png:
+        got, metadata = np.asarray(png.convert("RGB")), dict(png.text)
+    assert metadata["steps"] == "4" and metadata["steps_2"] == "3" and metadata["guidance_2"] == "4.0"
+    assert not [key for key in metadata if key.endswith("_3")]
+    expected_2 = chain[0]
+    assert got.shape == expected_2.shape == (32, 32, 3)
+    diff = np.abs(got.astype(int) - expected_2.astype(int))
+    assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
+
+
+def test_serve_runs_each_stage_at_the_servers_steps(exported, exported_1_2, chain, tmp_path):
+    """``serve --steps-2/--steps-3``: every request's stages II and III at the server's counts, judged by their
+    policies with the request's force as generate judges them; a stage no request could run refused at start.
+    The image against diffusers' chain at the same counts."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from serve.app import create_app
+    from serve.worker import ModelError
+
+    for folder, options, message in (
+        (exported_1_2, {"steps_3": 3}, "export lacks; drop it, or export with --stage-3"),
+        (exported, {"steps_2": 0}, "--steps-2 must be at least 1"),
+    ):
+        with pytest.raises(ModelError, match=message):
+            create_app([str(folder)], out_dir=tmp_path, preload=False, **options)
+    app = create_app([str(exported)], out_dir=tmp_path, steps_2=3, steps_3=3)
+    body = {"prompt": PROMPT, "steps": 4, "cfg_scale": 7.0, "seed": SEED, "force": True}
+    with TestClient(app) as client:
+        refused = client.post("/sdapi/v1/txt2img", json={**body, "steps": 50, "force": False})
+        assert refused.status_code == 422 and "--steps-2 50" in refused.json()["detail"], refused.text
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    parameters = info["stepwise"]["parameters"][0]
+    assert (parameters["steps"], parameters["steps_2"], parameters["steps_3"]) == (4, 3, 3)
+    with Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))) as png:
+        got = np.asarray(png.convert("RGB"))
+    expected = chain[1]
+    assert got.shape == expected.shape == (128, 128, 3)
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
 
 
 def test_upscale_is_torch_bilinear_align_corners():
@@ -243,7 +356,7 @@ def test_default_plan_is_fifty_steps():
 
 def test_export_refuses_a_cascade_it_cannot_build(tmp_path):
     """One line naming the fix, before any graph is exported: a later stage as SOURCE, no stage II, a stage in
-    the wrong place, a tiny cascade's own stages given, --stage-3 alone without a registry model."""
+    the wrong place, a tiny cascade's own stages given as folders, --stage-3 alone without a registry model."""
     import exporters
 
     stage_1, stage_2 = build_cascade()
@@ -261,8 +374,8 @@ def test_export_refuses_a_cascade_it_cannot_build(tmp_path):
             "stage 3 of DeepFloyd IF is StableDiffusionUpscalePipeline",
         ),
         (str(tmp_path / "stage1"), {"stage_2": str(tmp_path / "stage2"), "stage_3": ""}, "export with --model"),
-        ("tiny:deepfloyd-if", {"stage_2": str(tmp_path / "stage2")}, "builds its own stages II and III"),
-        ("tiny:deepfloyd-if", {"stage_3": str(tmp_path / "stage3")}, "builds its own stages II and III"),
+        ("tiny:deepfloyd-if", {"stage_2": str(tmp_path / "stage2")}, "export it without --stage-2"),
+        ("tiny:deepfloyd-if", {"stage_3": str(tmp_path / "stage3")}, "with --stage-3 alone (no folder)"),
         ("tiny:sd15", {"stage_2": str(tmp_path / "stage2")}, "is a sd15 model"),
     ]
     for source, options, message in cases:

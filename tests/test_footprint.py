@@ -67,5 +67,6 @@ def test_models_command_shows_memory_per_format():
     flux = next(line for line in result.output.splitlines() if " flux-schnell " in line)
     need = [footprint.need_mb(registry.get("flux-schnell"), f) / 1024 for f in ("fp32", "int8", "int4")]
     assert "/".join(f"{gb:.0f}" for gb in need) in flux
+    assert "a cascade's largest stage, its optional stage III (--stage-3) included" in " ".join(result.output.split())
     rows = json.loads(CliRunner().invoke(cli.main_group, ["models", "--json"]).output)
     assert {r["id"]: r["memory_mb"]["int4"] for r in rows}["sd15"] is None

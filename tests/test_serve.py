@@ -419,3 +419,6 @@ def test_serve_command_errors_are_one_line(folder, tmp_path):
     with socket.create_server((HOST, 0)) as taken:
         busy = serve("--model", str(folder), "--port", str(taken.getsockname()[1]))
     assert busy.returncode == 2 and "cannot listen on 127.0.0.1:" in busy.stderr and "Traceback" not in busy.stderr
+    one_stage = serve("--model", str(folder), "--port", str(free_port()), "--steps-2", "30")  # generate's message
+    lines = one_stage.stderr.strip().splitlines()
+    assert one_stage.returncode == 2 and len(lines) == 1 and "--steps-2 is for a cascade's second stage" in lines[0]

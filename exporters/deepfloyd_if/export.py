@@ -89,7 +89,8 @@ def export_cascade(
 ) -> Path:
     """Export stage I (``src``, resolved), stage II (``stage_2``: a folder or hub repo) and, when ``stage_3`` is
     given, stage III (a folder or hub repo; ``REGISTRY_STAGE``: the registry model's) into ``final``; a tiny
-    build has its own stages II and III. Called by ``exporters.export`` once the destination is checked."""
+    build has its own stages II and III (``REGISTRY_STAGE`` adds its stage III). Called by ``exporters.export``
+    once the destination is checked."""
     from .. import main
 
     started = time.monotonic()
@@ -97,14 +98,20 @@ def export_cascade(
         _resolve_stage(src.spec, 1)  # says what to pass instead
     stage_3_src = stage_3_pipe = None
     if src.kind == "tiny":
-        if stage_2 is not None or stage_3 is not None:
-            raise ExportError("tiny:deepfloyd-if builds its own stages II and III; export it without --stage-2/3")
+        # shaped as the registry model's export: stages I and II, and its own stage III with --stage-3 alone
+        if stage_2 is not None or stage_3 not in (None, REGISTRY_STAGE):
+            raise ExportError(
+                f"{src.spec} builds its own stages: export it without --stage-2, and with --stage-3 alone (no folder) "
+                f"for its stage III"
+            )
         from .tiny import build_cascade, build_stage_3
 
-        say(f"building {src.spec} (IFPipeline + IFSuperResolutionPipeline + StableDiffusionUpscalePipeline, random)")
+        upscaler = " + StableDiffusionUpscalePipeline" if stage_3 is not None else ""
+        say(f"building {src.spec} (IFPipeline + IFSuperResolutionPipeline{upscaler}, random)")
         stage_1_pipe, stage_2_pipe = build_cascade()
-        stage_2_src = stage_3_src = src
-        stage_3_pipe = build_stage_3()
+        stage_2_src = src
+        if stage_3 is not None:
+            stage_3_src, stage_3_pipe = src, build_stage_3()
     else:
         if stage_3 == REGISTRY_STAGE:
             stage_3 = _registry_stage_3(model)
