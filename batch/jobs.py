@@ -1,9 +1,10 @@
 """A batch's job list and its results manifest.
 
 ``PROMPTS.jsonl`` holds one JSON object per line (``prompt``, ``negative``, ``seed``, ``steps``, ``guidance``,
-``size`` or ``width``/``height``, ``scheduler``, ``cache``). Every line is checked — the same step policy and input
-checks as ``stepwise generate`` — before anything is loaded or written. Each line becomes a :class:`Job` with
-a stable id, ``LINE-HASH`` (the line number and a hash of the line's content), which names its image.
+``size`` or ``width``/``height``, ``scheduler``, ``cache``; a cascade's ``steps_2``, ``steps_3``). Every line is
+checked — the same step policy and input checks as ``stepwise generate`` — before anything is loaded or
+written. Each line becomes a :class:`Job` with a stable id, ``LINE-HASH`` (the line number and a hash of the
+line's content), which names its image.
 
 ``DIR/results.jsonl`` lists the finished jobs, one JSON object a line, rewritten atomically after each image
 (the image itself is written first, atomically): a rerun skips every job whose entry is there with the same
@@ -24,11 +25,14 @@ from registry import requests
 from registry.files import atomic_write_text
 from registry.policy import InputError
 
-KEYS = ("prompt", "negative", "seed", "steps", "guidance", "size", "width", "height", "scheduler", "cache")
+# steps_2 / steps_3: a cascade's later stages (DeepFloyd IF), as generate's --steps-2 / --steps-3
+KEYS = ("prompt", "negative", "seed", "steps", "guidance", "size", "width", "height", "scheduler", "cache", "steps_2")
+KEYS += ("steps_3",)
 RESULTS = "results.jsonl"
 EXAMPLE = '{"prompt": "a red apple", "seed": 1}'
 # The request fields an entry of results.jsonl must match for its job to count as finished.
 REQUEST = ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler", "cache", "model")
+REQUEST += ("steps_2", "steps_3")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Job:
     scheduler: str | None
     model: str  # the label of the model the batch runs (results made with another are not "finished")
     cache: str | None = None  # the step cache, as registry.cache labels it (fbcache:threshold=0.05)
+    steps_2: int | None = None  # a cascade's stage II steps (None: the model has no stage II)
+    steps_3: int | None = None  # its stage III steps (None: the export has no stage III)
     warning: str = ""  # the step policy's advice when the steps are outside the recommended range
 
     @property
@@ -60,6 +66,7 @@ class Job:
 
 def _as_keys(message: str) -> str:
     """The policy speaks in the CLI's options (``--steps 4``); a JSONL line's fix is its key (``"steps": 4``)."""
+    message = re.sub(r"--steps-([23])\b ?", r'"steps_\1": ', message)
     return re.sub(r"--(steps|guidance|width|height|seed|negative|scheduler|cache)\b ?", r'"\1": ', message)
 
 
@@ -88,6 +95,8 @@ def _typed(raw: dict) -> None:
         "cache": (str,),
         "seed": (int,),
         "steps": (int,),
+        "steps_2": (int,),
+        "steps_3": (int,),
         "width": (int,),
         "height": (int,),
         "guidance": (int, float),
@@ -112,6 +121,8 @@ def plan_item(target, raw: dict, *, force: bool = False) -> dict:
     for name, value in (("width", width), ("height", height)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InputError(f'"{name}" must be a whole number (got {json.dumps(value)})')
+    import cli  # its Target: the export's stages
+
     # the CLI's and the server's own planning function: the same checks, defaults and refusals
     plan = requests.plan_request(
         target.model,
@@ -126,6 +137,9 @@ def plan_item(target, raw: dict, *, force: bool = False) -> dict:
         force=force,
         native=target.native_size,
         cache=raw.get("cache"),
+        steps_2=raw.get("steps_2"),
+        steps_3=raw.get("steps_3"),
+        stage_3=cli.has_stage_3(target),
     )
     scheduler = raw.get("scheduler")
     if scheduler is not None and scheduler not in schedulers.SCHEDULERS:
@@ -140,6 +154,8 @@ def plan_item(target, raw: dict, *, force: bool = False) -> dict:
         "height": plan.height,
         "scheduler": scheduler,
         "cache": plan.cache.label() if plan.cache else None,
+        "steps_2": plan.decision_2.steps if plan.decision_2 else None,
+        "steps_3": plan.decision_3.steps if plan.decision_3 else None,
         "warning": plan.warning or "",
     }
 

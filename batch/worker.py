@@ -40,8 +40,10 @@ class Worker:
         if self.pipe is None:
             return out
         start = time.perf_counter()
+        cascade = {key: job[key] for key in ("steps_2", "steps_3") if job.get(key) is not None}
         try:
             result = self.pipe.generate(
+                **cascade,
                 prompt=job["prompt"],
                 negative_prompt=job["negative"],
                 steps=job["steps"],

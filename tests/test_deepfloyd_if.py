@@ -264,6 +264,31 @@ def test_serve_runs_each_stage_at_the_servers_steps(exported, exported_1_2, chai
     assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
 
 
+def test_batch_runs_each_line_at_its_stages_steps(exported, chain, tmp_path):
+    """``stepwise batch``: a line's ``steps_2`` / ``steps_3`` are its stages' steps, judged by their policies as
+    generate's --steps-2 / --steps-3 (the fix named as the line's key); the image against diffusers' chain."""
+    from PIL import Image
+
+    from tests.test_generate import stepwise
+
+    line = {"prompt": PROMPT, "steps": 4, "steps_2": 3, "guidance": 7.0, "seed": SEED}
+    (tmp_path / "refused.jsonl").write_text(json.dumps({**line, "steps": 50}) + "\n")  # stage I's default
+    refused = stepwise(tmp_path, "batch", "refused.jsonl", "--model", str(exported), "--out", "no")
+    assert refused.returncode == 2 and '"steps_2": 50' in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "no").exists()
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({**line, "steps_3": 3}) + "\n")
+    args = ["--model", str(exported), "--out", "out", "--workers", "1", "--force"]
+    ran = stepwise(tmp_path, "batch", "prompts.jsonl", *args)
+    assert ran.returncode == 0, ran.stderr
+    (entry,) = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert (entry["steps_2"], entry["steps_3"]) == (3, 3)
+    with Image.open(tmp_path / "out" / entry["file"]) as png:
+        got, metadata = np.asarray(png.convert("RGB")), dict(png.text)
+    assert (metadata["steps_2"], metadata["steps_3"]) == ("3", "3")
+    diff = np.abs(got.astype(int) - chain[1].astype(int))
+    assert diff.max() <= MAX_PIXEL_DIFF, f"max {diff.max()}/255, mean {diff.mean():.3f}"
+
+
 def test_upscale_is_torch_bilinear_align_corners():
     image = np.random.default_rng(0).standard_normal((1, 3, 16, 12), dtype=np.float32)
     for size in ((64, 48), (32, 40), (17, 5)):
