@@ -304,6 +304,7 @@ class Pipeline:
                 prof.watch_cache(graph.steps)
             denoise = arch.denoiser(graph, cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)
+            measured = getattr(graph, "report", dict)()  # what a cache measured (MagCache's calibration)
             del denoise, graph  # hold the sessions: released with the phase
         final = arch.unpack(sampled.latents, width, height)
         bar.phase("decoding")
@@ -330,6 +331,7 @@ class Pipeline:
         if cache is not None:
             parameters["cache"] = cache.label()
             parameters["cache_computed_steps"] = prof.steps_computed()
+            parameters.update(measured)
         return Result(picture, final, parameters, prof.result(), warnings)
 
 
