@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from registry.cache import DEEPCACHE_GRAPHS, MODES, SPLIT_GRAPHS, CacheSpec, taylor_coefficient
+from registry.cache import (
+    DEEPCACHE_GRAPHS,
+    MODES,
+    PUBLISHED_MAG_RATIOS,
+    SPLIT_GRAPHS,
+    CacheSpec,
+    taylor_coefficient,
+)
 
 from .errors import EngineError
 
@@ -221,9 +228,12 @@ def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
     return GRAPHS[MODES[spec.mode].graphs] if spec is not None else ()
 
 
-def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer"):
+def cached_denoiser(
+    spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer", family: str | None = None
+):
     """The stand-in for the denoiser graph that ``spec`` runs over ``timesteps`` (the ones this run steps
-    through, from the scheduler's full list for deepcache's lookup), fresh for one generation."""
+    through, from the scheduler's full list for deepcache's lookup), fresh for one generation. ``family``:
+    the model's, for MagCache's default ratios (published for FLUX only)."""
     missing = [name for name in graphs_needed(spec) if name not in graphs]
     if missing:
         raise EngineError(
@@ -237,6 +247,13 @@ def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, timesteps, whole:
     if spec.mode == "fbcache":
         return FirstBlockCache(graphs, spec.options["threshold"])
     if spec.mode == "magcache":
+        options = spec.options
+        if options["mag_ratios"] is None and not options["calibrate"] and family not in PUBLISHED_MAG_RATIOS:
+            # registry.cache.check refuses this before a run; a direct generate() call reaches here
+            raise EngineError(
+                f"--cache magcache on {model} needs mag_ratios=[...] (or mag_ratios=flux, or calibrate=true): "
+                f"no magnitude ratios are published for {family}"
+            )
         return MagCache(graphs, spec, steps)
     if spec.mode == "taylorseer":
         return TaylorSeerLite(graphs[whole], spec, steps)

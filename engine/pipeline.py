@@ -300,7 +300,9 @@ class Pipeline:
             else:  # the graphs composed as the whole, deciding each step what runs (engine/cache.py)
                 cache = cache.resolved(len(sched.timesteps) - start)
                 timesteps = sched.timesteps if cache.mode == "deepcache" else sched.timesteps[start:]
-                graph = caching.cached_denoiser(cache, graphs, self.model_label, timesteps, arch.denoiser_component)
+                graph = caching.cached_denoiser(
+                    cache, graphs, self.model_label, timesteps, arch.denoiser_component, self.manifest.family
+                )
                 prof.watch_cache(graph.steps)
             denoise = arch.denoiser(graph, cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)

@@ -209,6 +209,9 @@ def test_a_cached_run_needs_the_split_graphs():
 
     with pytest.raises(EngineError, match="export it again with --cache-graphs"):
         cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", list(range(30)))
+    split = dict.fromkeys(step_cache.SPLIT_GRAPHS, object())  # and SD 3's MagCache its ratios, given or measured
+    with pytest.raises(EngineError, match="needs mag_ratios"):
+        cached_denoiser(step_cache.parse("magcache"), split, "sd3-medium", list(range(20)), family="sd3")
 
 
 # --- against diffusers (exports real graphs) --------------------------------------------------------------
