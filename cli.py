@@ -197,7 +197,8 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
             text = f"{low} of the {run} steps run the whole transformer (steps {which})"
         else:
             text = f"decided each step: {low} to {high} of the {run} steps run the whole transformer"
-        click.echo(f"Cache:    {cache.label()} — {text}")
+        note = cache.ratios_note()
+        click.echo(f"Cache:    {cache.label()} — {text}" + (f"; {note}" if note else ""))
     click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads, full)}")
 
 
@@ -447,7 +448,7 @@ def _memory_column(memory: dict) -> str:
 @click.option(
     "--cache-graphs",
     is_flag=True,
-    help="Also write the transformer as the graphs step caching runs (generate --cache fbcache; FLUX): "
+    help="Also write the denoiser as the graphs step caching runs (generate --cache; FLUX, SD 3, SD 1.5, SDXL): "
     "its weights a second time on disk.",
 )
 def export_cmd(
@@ -594,6 +595,9 @@ def _run_generation(
     except OSError as exc:  # checked before loading; a disk that filled meanwhile still loses nothing
         _fail(f"--out {out}: the image could not be written ({exc.strerror or exc}); free space or write elsewhere")
     click.echo(f"saved {path}")
+    if result.parameters.get("cache_mag_ratios"):  # --cache magcache:calibrate=true measured them
+        ratios = result.parameters["cache_mag_ratios"]
+        click.echo(f'MagCache calibration: reuse these ratios with --cache "magcache:mag_ratios={ratios}"')
     prof = result.profile
     try:
         stages = prof.get("stages") or []
@@ -687,8 +691,9 @@ def _read_latents(latents_file):
     "--cache",
     "cache",
     metavar="MODE[:KEY=VALUE,...]",
-    help="Step caching: skip most of the denoiser on steps whose first block changed little, as diffusers' "
-    "hook does (fbcache[:threshold=0.05], FLUX, exported with --cache-graphs). Not for few-step models.",
+    help="Step caching: skip most of the denoiser on some steps, as the reference hook does (fbcache, magcache, "
+    "taylorseer:use_lite_mode=true on FLUX; magcache on SD 3 with mag_ratios=[...]/flux or calibrate=true; "
+    "deepcache on SD 1.5/SDXL; README, 'Step caching'). Not for few-step models.",
 )
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")

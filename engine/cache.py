@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from registry.cache import DEEPCACHE_GRAPHS, MODES, SPLIT_GRAPHS, CacheSpec, taylor_coefficient
+from registry.cache import (
+    DEEPCACHE_GRAPHS,
+    MODES,
+    PUBLISHED_MAG_RATIOS,
+    SPLIT_GRAPHS,
+    CacheSpec,
+    taylor_coefficient,
+)
 
 from .errors import EngineError
 
@@ -32,15 +39,21 @@ COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
 
 
 def _remaining_blocks(blocks, first: dict) -> np.ndarray:
-    """The blocks after the first, run on what the first graph returned: their output hidden states."""
+    """The blocks after the first, run on what the first graph returned (FLUX's rotary embedding too; SD 3
+    has none): their output hidden states."""
+    shared = {name: first[name] for name in ("temb", "rotary_cos", "rotary_sin") if name in first}
     return blocks(
         outputs=["out_hidden_states"],
         hidden_states=first["first_block_hidden_states"],
         encoder_hidden_states=first["first_block_encoder_hidden_states"],
-        temb=first["temb"],
-        rotary_cos=first["rotary_cos"],
-        rotary_sin=first["rotary_sin"],
+        **shared,
     )["out_hidden_states"]
+
+
+def _output_layers(out, hidden: np.ndarray, first: dict, feeds: dict) -> dict[str, np.ndarray]:
+    """The output layers on the blocks' hidden states: the transformer's output. SD 3's also unpatchify, to
+    the size of the latent they are handed as ``sample`` (FLUX's graph has no such input: not fed)."""
+    return out(outputs=["out_hidden_states"], hidden_states=hidden, temb=first["temb"], sample=feeds["hidden_states"])
 
 
 class FirstBlockCache:
@@ -73,7 +86,7 @@ class FirstBlockCache:
         else:
             blocks = self.blocks_residual + hidden
             self.steps.append(CACHED)
-        return self.out(outputs=["out_hidden_states"], hidden_states=blocks, temb=first["temb"])
+        return _output_layers(self.out, blocks, first, feeds)
 
 
 class _Scheduled:
@@ -99,6 +112,26 @@ class MagCache(_Scheduled):
         super().__init__(spec, steps)
         self.first, self.blocks, self.out = graphs[FIRST], graphs[BLOCKS], graphs[OUT]
         self.residual: np.ndarray | None = None
+        self.calibrate = bool(spec.options["calibrate"])
+        self.total = int(spec.options["num_inference_steps"] or steps)  # the hook resets after this many calls
+        self.ratios: list[float] = []  # calibrate: the measured magnitude ratio of each call
+
+    def _measure(self, residual: np.ndarray) -> None:
+        """MagCacheBlockHook._perform_calibration_step: the mean over tokens of the ratio of this call's
+        residual norm to the last call's (1.0 for the first call of a run)."""
+        previous = self.residual if len(self.steps) % self.total else None
+        if previous is None:
+            self.ratios.append(1.0)
+            return
+        current = np.linalg.norm(residual.astype(np.float32), axis=-1)
+        before = np.linalg.norm(previous.astype(np.float32), axis=-1)
+        self.ratios.append(float((current / (before + np.float32(1e-8))).mean(dtype=np.float32)))
+
+    def report(self) -> dict[str, str]:
+        """What the run measured, for the image's parameters: the calibrated ratios, as mag_ratios=[...] takes them."""
+        if not self.calibrate:
+            return {}
+        return {"cache_mag_ratios": "[" + ",".join(f"{r:.5f}" for r in self.ratios[: self.total]) + "]"}
 
     def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
         compute = self._compute()
@@ -106,12 +139,15 @@ class MagCache(_Scheduled):
         entering = first["first_block_input"]
         if compute:
             hidden = _remaining_blocks(self.blocks, first)
-            self.residual = hidden - entering
+            residual = hidden - entering
+            if self.calibrate:
+                self._measure(residual)
+            self.residual = residual
             self.steps.append(COMPUTED)
         else:
             hidden = entering + self.residual
             self.steps.append(CACHED)
-        return self.out(outputs=["out_hidden_states"], hidden_states=hidden, temb=first["temb"])
+        return _output_layers(self.out, hidden, first, feeds)
 
 
 class TaylorSeerLite(_Scheduled):
@@ -192,9 +228,12 @@ def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
     return GRAPHS[MODES[spec.mode].graphs] if spec is not None else ()
 
 
-def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer"):
+def cached_denoiser(
+    spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer", family: str | None = None
+):
     """The stand-in for the denoiser graph that ``spec`` runs over ``timesteps`` (the ones this run steps
-    through, from the scheduler's full list for deepcache's lookup), fresh for one generation."""
+    through, from the scheduler's full list for deepcache's lookup), fresh for one generation. ``family``:
+    the model's, for MagCache's default ratios (published for FLUX only)."""
     missing = [name for name in graphs_needed(spec) if name not in graphs]
     if missing:
         raise EngineError(
@@ -208,6 +247,13 @@ def cached_denoiser(spec: CacheSpec, graphs: dict, model: str, timesteps, whole:
     if spec.mode == "fbcache":
         return FirstBlockCache(graphs, spec.options["threshold"])
     if spec.mode == "magcache":
+        options = spec.options
+        if options["mag_ratios"] is None and not options["calibrate"] and family not in PUBLISHED_MAG_RATIOS:
+            # registry.cache.check refuses this before a run; a direct generate() call reaches here
+            raise EngineError(
+                f"--cache magcache on {model} needs mag_ratios=[...] (or mag_ratios=flux, or calibrate=true): "
+                f"no magnitude ratios are published for {family}"
+            )
         return MagCache(graphs, spec, steps)
     if spec.mode == "taylorseer":
         return TaylorSeerLite(graphs[whole], spec, steps)

@@ -300,10 +300,13 @@ class Pipeline:
             else:  # the graphs composed as the whole, deciding each step what runs (engine/cache.py)
                 cache = cache.resolved(len(sched.timesteps) - start)
                 timesteps = sched.timesteps if cache.mode == "deepcache" else sched.timesteps[start:]
-                graph = caching.cached_denoiser(cache, graphs, self.model_label, timesteps, arch.denoiser_component)
+                graph = caching.cached_denoiser(
+                    cache, graphs, self.model_label, timesteps, arch.denoiser_component, self.manifest.family
+                )
                 prof.watch_cache(graph.steps)
             denoise = arch.denoiser(graph, cond, extra, guidance)
             sampled = sampling.sample(denoise, sched, x, start=start, rng=rng, callback=watch, after_step=after_step)
+            measured = getattr(graph, "report", dict)()  # what a cache measured (MagCache's calibration)
             del denoise, graph  # hold the sessions: released with the phase
         final = arch.unpack(sampled.latents, width, height)
         bar.phase("decoding")
@@ -330,6 +333,7 @@ class Pipeline:
         if cache is not None:
             parameters["cache"] = cache.label()
             parameters["cache_computed_steps"] = prof.steps_computed()
+            parameters.update(measured)
         return Result(picture, final, parameters, prof.result(), warnings)
 
 

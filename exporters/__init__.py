@@ -51,7 +51,7 @@ def export(
     ``fuse``: rewrite a UNet's attention for ONNX Runtime's CPU kernels (flash attention);
     ``stage_2``/``stage_3``: a cascade's later stages, folders or hub repos (DeepFloyd IF: SOURCE is stage I,
     ``stage_2`` its IFSuperResolutionPipeline; stage III is not supported yet);
-    ``cache_graphs``: also write the transformer as the graphs step caching runs (FLUX; exporters/split.py);
+    ``cache_graphs``: also write the transformer as the graphs step caching runs (FLUX, SD 3; exporters/split.py);
     ``progress``: called with one line per stage (None for silence). Returns the folder (a Path).
     Raises ExportError, one line naming the problem and the fix.
     """

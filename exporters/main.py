@@ -426,8 +426,12 @@ def _check_cache_graphs(pipeline, src, weights: str) -> None:
     denoiser = _denoiser(pipeline)
     if type(denoiser).__name__ not in split.SPLIT_CLASSES:
         raise ExportError(
-            f"--cache-graphs splits FLUX's transformer and the SD 1.5/SDXL UNet for step caching; {src.family} has "
-            f"no cache mode that needs its denoiser split: export without --cache-graphs"
+            f"--cache-graphs splits the FLUX and SD 3 transformers and the SD 1.5/SDXL UNet for step caching; "
+            f"{src.family} has no cache mode that needs its denoiser split: export without --cache-graphs"
+        )
+    if len(getattr(denoiser, "transformer_blocks", ())) + len(getattr(denoiser, "single_transformer_blocks", ())) == 1:
+        raise ExportError(  # the split puts the first block in one graph and the rest in another
+            "--cache-graphs needs a transformer of two blocks or more (this one has one); export without --cache-graphs"
         )
     if weights in ("int8", "int8-static") and getattr(pipeline, "unet", None) is not None:
         raise ExportError(

@@ -1,6 +1,6 @@
 """The denoiser as the graphs a step cache needs (``stepwise export --cache-graphs``), beside the whole graph.
 
-FLUX's transformer (fbcache, magcache) is split in three; a UNet (deepcache) in two, below.
+FLUX's transformer (fbcache, magcache) and SD 3's (magcache) are split in three; a UNet (deepcache) in two, below.
 
 First Block Cache (diffusers.hooks.first_block_cache) runs the transformer's first block every step, and
 the remaining blocks only when the first block's residual changed enough; otherwise it adds the residual the
@@ -14,10 +14,12 @@ flow between its parts passed from one to the next:
   states (the encoder states after the last block are not used by the output layers, so not returned);
 - ``transformer_out``: ``norm_out`` + ``proj_out``.
 
-Their composition is the whole transformer (checked at export: exporters/main.py). The split is FLUX's:
-diffusers 0.39's First Block Cache hook does not run on SD3's transformer (registry/cache.py says why), so
-there is nothing to reproduce there. Every part traces with the same streaming exporter as the whole (meta
-device, weights written one tensor at a time), each graph holding only its part's weights.
+Their composition is the whole transformer (checked at export: exporters/main.py). SD 3's transformer is
+split the same way, with the same graph and tensor names, for MagCache (diffusers' hook puts its head on the
+first of ``transformer_blocks`` and its tail on the last, as on FLUX): no rotary embedding; its output layers
+also unpatchify, so ``transformer_out`` takes the whole graph's latent ``sample`` too, for its height and
+width only. Every part traces with the same streaming exporter as the whole (meta device, weights written one
+tensor at a time), each graph holding only its part's weights.
 """
 
 from __future__ import annotations
@@ -26,26 +28,44 @@ import numpy as np
 
 from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS
 
-from .components import LATENT_CASES, Component, _randn, _stable_seed, _wrapper, flux_transformer, unet, unet_forward
+from .components import (
+    LATENT_CASES,
+    TEXT_SEQ,
+    Component,
+    _randn,
+    _stable_seed,
+    _wrapper,
+    flux_transformer,
+    sd3_transformer,
+    unet,
+    unet_forward,
+)
 
 GRAPHS = (*SPLIT_GRAPHS, *DEEPCACHE_GRAPHS)
 # the denoiser class → (the whole graph's name, its output, the split graphs in the order they run)
 SPLITS = {
     "FluxTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
+    "SD3Transformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
     "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
 }
 SPLIT_CLASSES = tuple(SPLITS)
+# what the first graph hands the remaining blocks besides the hidden and encoder states (SD 3: no rotary)
+SHARED = ("temb", "rotary_cos", "rotary_sin")
+
+
+def _sd3(model) -> bool:
+    return type(model).__name__ == "SD3Transformer2DModel"
 
 
 def _blocks(model) -> list:
-    return [*model.transformer_blocks, *model.single_transformer_blocks]
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
 
 
-def _run_blocks(blocks, hidden, encoder, temb, cos, sin):
+def _run_blocks(blocks, hidden, encoder, temb, cos=None, sin=None):
+    # SD 3's JointTransformerBlock takes no rotary embedding; FLUX's blocks need it
+    rotary = {} if cos is None else {"image_rotary_emb": (cos, sin)}
     for block in blocks:
-        encoder, hidden = block(
-            hidden_states=hidden, encoder_hidden_states=encoder, temb=temb, image_rotary_emb=(cos, sin)
-        )
+        encoder, hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, temb=temb, **rotary)
     return hidden, encoder
 
 
@@ -68,13 +88,33 @@ def _first_block_forward(guidance: bool):
     return forward
 
 
-def _blocks_forward(model, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin):
-    hidden, _ = _run_blocks(_blocks(model)[1:], hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin)
+def _sd3_first_block_forward(model, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+    # SD3Transformer2DModel.forward up to its first block, line for line
+    hidden = model.pos_embed(hidden_states)
+    temb = model.time_text_embed(timestep, pooled_projections)
+    encoder = model.context_embedder(encoder_hidden_states)
+    out_hidden, out_encoder = _run_blocks(_blocks(model)[:1], hidden, encoder, temb)
+    return hidden, out_hidden, out_encoder, temb
+
+
+def _blocks_forward(model, hidden_states, encoder_hidden_states, temb, *rotary):
+    hidden, _ = _run_blocks(_blocks(model)[1:], hidden_states, encoder_hidden_states, temb, *rotary)
     return (hidden,)
 
 
 def _out_forward(model, hidden_states, temb):
     return (model.proj_out(model.norm_out(hidden_states, temb)),)
+
+
+def _sd3_out_forward(model, hidden_states, temb, sample):
+    # SD3Transformer2DModel.forward after its blocks, line for line: the output layers, then unpatchify to
+    # the latent's size (``sample``: the whole graph's input, read for its height and width only)
+    hidden = model.proj_out(model.norm_out(hidden_states, temb))
+    patch, channels = model.config.patch_size, model.out_channels
+    height, width = sample.shape[-2] // patch, sample.shape[-1] // patch
+    hidden = hidden.reshape(hidden.shape[0], height, width, patch, patch, channels)
+    hidden = hidden.permute(0, 5, 1, 3, 2, 4)  # einsum("nhwpqc->nchpwq")
+    return (hidden.reshape(hidden.shape[0], channels, height * patch, width * patch),)
 
 
 def _dims(module) -> tuple[int, int]:
@@ -86,15 +126,21 @@ def _inner_inputs(module, case: str, *, encoder: bool) -> dict[str, np.ndarray]:
     """Test inputs of the inner graphs: the first block's outputs at the plain graph's case shapes."""
     batch, h, w = LATENT_CASES[case]
     width, head = _dims(module)
-    rng = np.random.default_rng(_stable_seed("flux-split", case))
-    image, text = (h // 2) * (w // 2), 256 if case == "a" else 24
+    sd3 = _sd3(module)
+    rng = np.random.default_rng(_stable_seed("sd3-split" if sd3 else "flux-split", case))
+    patch = module.config.patch_size if sd3 else 2  # FLUX's latents come packed 2x2
+    image = (h // patch) * (w // patch)
+    # the whole graph's text length: SD 3's CLIP + T5 tokens, FLUX's T5 tokens
+    text = TEXT_SEQ[case] + (256 if case == "a" else 16) if sd3 else (256 if case == "a" else 24)
     feeds = {"hidden_states": _randn(rng, batch, image, width)}
     if encoder:
         feeds["encoder_hidden_states"] = _randn(rng, batch, text, width)
     feeds["temb"] = _randn(rng, batch, width)
-    if encoder:
+    if encoder and not sd3:
         angles = rng.uniform(-np.pi, np.pi, size=(text + image, head)).astype(np.float32)
         feeds["rotary_cos"], feeds["rotary_sin"] = np.cos(angles), np.sin(angles)
+    if not encoder and sd3:  # the output layers' latent, for its size
+        feeds["sample"] = _randn(rng, batch, module.out_channels, h, w)
     return feeds
 
 
@@ -105,15 +151,30 @@ def graphs(module, **unet_options) -> list[Component]:
         return unet_graphs(module, **unet_options)
     if cls not in SPLIT_CLASSES:
         raise TypeError(f"no step-cache graphs for {cls}")
-    whole = flux_transformer(module)
-    guidance = bool(module.config.guidance_embeds)
+    sd3 = _sd3(module)
     blocks = _blocks(module)
-    image = {0: "batch_size", 1: "packed_height_width"}
+    if len(blocks) < 2:
+        raise TypeError("the step-cache split needs a transformer of two blocks or more")
+    kind = "sd3" if sd3 else "flux"
+    image = {0: "batch_size", 1: "image_tokens" if sd3 else "packed_height_width"}
     text = {0: "batch_size", 1: "sequence_length"}
-    rotary = {0: "rotary_length"}
+    rotary = {} if sd3 else {"rotary_cos": {0: "rotary_length"}, "rotary_sin": {0: "rotary_length"}}
+    if sd3:
+        whole = sd3_transformer(module)
+        forward = _sd3_first_block_forward
+        prologue = (module.pos_embed, module.time_text_embed, module.context_embedder)
+        latent = {0: "batch_size", 2: "height", 3: "width"}
+        out_inputs = {"hidden_states": image, "temb": {0: "batch_size"}, "sample": latent}
+        out_outputs, out_forward = {"out_hidden_states": latent}, _sd3_out_forward
+    else:
+        whole = flux_transformer(module)
+        forward = _first_block_forward(bool(module.config.guidance_embeds))
+        prologue = (module.x_embedder, module.time_text_embed, module.context_embedder, module.pos_embed)
+        out_inputs = {"hidden_states": image, "temb": {0: "batch_size"}}
+        out_outputs, out_forward = {"out_hidden_states": image}, _out_forward
     first = Component(
         name="transformer_first_block",
-        kind="flux-transformer-first-block",
+        kind=f"{kind}-transformer-first-block",
         module=module,
         inputs=whole.inputs,
         outputs={
@@ -121,25 +182,18 @@ def graphs(module, **unet_options) -> list[Component]:
             "first_block_hidden_states": image,
             "first_block_encoder_hidden_states": text,
             "temb": {0: "batch_size"},
-            "rotary_cos": rotary,
-            "rotary_sin": rotary,
+            **rotary,
         },
         make_inputs=whole.make_inputs,
-        wrapper=_wrapper(_first_block_forward(guidance))(module).eval(),
-        parts=(module.x_embedder, module.time_text_embed, module.context_embedder, module.pos_embed, blocks[0]),
+        wrapper=_wrapper(forward)(module).eval(),
+        parts=(*prologue, blocks[0]),
         rebuild=lambda other: graphs(other)[0],
     )
     rest = Component(
         name="transformer_blocks",
-        kind="flux-transformer-blocks",
+        kind=f"{kind}-transformer-blocks",
         module=module,
-        inputs={
-            "hidden_states": image,
-            "encoder_hidden_states": text,
-            "temb": {0: "batch_size"},
-            "rotary_cos": rotary,
-            "rotary_sin": rotary,
-        },
+        inputs={"hidden_states": image, "encoder_hidden_states": text, "temb": {0: "batch_size"}, **rotary},
         outputs={"out_hidden_states": image},
         make_inputs=lambda case: _inner_inputs(module, case, encoder=True),
         wrapper=_wrapper(_blocks_forward)(module).eval(),
@@ -148,12 +202,12 @@ def graphs(module, **unet_options) -> list[Component]:
     )
     out = Component(
         name="transformer_out",
-        kind="flux-transformer-out",
+        kind=f"{kind}-transformer-out",
         module=module,
-        inputs={"hidden_states": image, "temb": {0: "batch_size"}},
-        outputs={"out_hidden_states": image},
+        inputs=out_inputs,
+        outputs=out_outputs,
         make_inputs=lambda case: _inner_inputs(module, case, encoder=False),
-        wrapper=_wrapper(_out_forward)(module).eval(),
+        wrapper=_wrapper(out_forward)(module).eval(),
         parts=(module.norm_out, module.proj_out),
         rebuild=lambda other: graphs(other)[2],
     )
@@ -162,13 +216,14 @@ def graphs(module, **unet_options) -> list[Component]:
 
 def blocks_feeds(first: dict, hidden: np.ndarray) -> dict[str, np.ndarray]:
     """The remaining blocks' inputs from the first graph's outputs."""
-    return {
-        "hidden_states": hidden,
-        "encoder_hidden_states": first["first_block_encoder_hidden_states"],
-        "temb": first["temb"],
-        "rotary_cos": first["rotary_cos"],
-        "rotary_sin": first["rotary_sin"],
-    }
+    shared = {name: first[name] for name in SHARED if name in first}
+    return {"hidden_states": hidden, "encoder_hidden_states": first["first_block_encoder_hidden_states"], **shared}
+
+
+def out_feeds(first: dict, hidden: np.ndarray, feeds: dict) -> dict[str, np.ndarray]:
+    """The output layers' inputs: the blocks' hidden states, the first graph's temb and (SD 3, which
+    unpatchifies) the whole graph's latent, for its size; FLUX's output layers take no ``sample``."""
+    return {"hidden_states": hidden, "temb": first["temb"], "sample": feeds["hidden_states"]}
 
 
 def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -179,7 +234,7 @@ def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return run("unet_shallow", {**feeds, "deep_features": deep})["out_sample"]
     first = run("transformer_first_block", feeds)
     hidden = run("transformer_blocks", blocks_feeds(first, first["first_block_hidden_states"]))["out_hidden_states"]
-    return run("transformer_out", {"hidden_states": hidden, "temb": first["temb"]})["out_hidden_states"]
+    return run("transformer_out", out_feeds(first, hidden, feeds))["out_hidden_states"]
 
 
 # --- DeepCache: the UNet as its deep part and its shallow branch ---------------------------------------------

@@ -8,7 +8,11 @@ reasons and the plan can say how many steps run the whole denoiser.
 
 - ``fbcache``: diffusers 0.39's First Block Cache; decides each step from the first block's residual, so
   the plan gives a range.
-- ``magcache``: diffusers 0.39's MagCache with its FLUX magnitude ratios; a fixed schedule.
+- ``magcache``: diffusers 0.39's MagCache; a fixed schedule from magnitude ratios. FLUX's are MagCache's
+  published calibration (diffusers' FLUX_MAG_RATIOS); for SD 3 none is published (MagCache's repository
+  calibrates FLUX, Qwen-Image, Wan, HunyuanVideo and others, not SD 3), so SD 3 takes ``mag_ratios=[...]`` or
+  ``mag_ratios=flux`` explicitly, as diffusers' MagCacheConfig does, and ``calibrate=true`` measures them
+  on the user's model as diffusers' calibration does (every step computed, the ratios reported).
 - ``deepcache``: the deepcache package's DeepCacheSDHelper, branch 0, for the UNets; a fixed schedule (every
   ``cache_interval``-th timestep index from the first, as the helper counts them: a scheduler that repeats a
   timestep, PNDM's second, repeats its index too, so the engine's count can differ by one from the plan's).
@@ -38,6 +42,11 @@ FLUX_MAG_RATIOS = (
     0.95703, 0.93359, 0.89062,
 )  # fmt: skip
 
+# the magnitude ratios MagCache's authors published, per family (diffusers 0.39 ships FLUX's only; the
+# MagCache repository, Zehong-Ma/MagCache, and its ComfyUI nodes have none for SD 3 / 3.5)
+PUBLISHED_MAG_RATIOS = {"flux": ("flux", FLUX_MAG_RATIOS)}
+NAMED_MAG_RATIOS = {name: ratios for name, ratios in PUBLISHED_MAG_RATIOS.values()}
+
 # why each mode is refused for SD 3 (checked on a tiny SD3Transformer2DModel with diffusers 0.39: it is no
 # CacheMixin, so no enable_cache; StableDiffusion3Pipeline sets no cache context, which the First Block Cache and
 # TaylorSeer hooks need; given one, both fail on the last block, built context_pre_only, which returns None for
@@ -45,10 +54,6 @@ FLUX_MAG_RATIOS = (
 SD3_NO_REFERENCE = (
     "diffusers 0.39's {hook} does not run on SD3's transformer (its pipeline sets no cache context, and given one "
     "the hook fails on the last block, which returns no encoder states), so there is no reference to reproduce"
-)
-SD3_MAGCACHE = (
-    "diffusers 0.39's MagCache hook runs on SD3's transformer, but it ships magnitude ratios for FLUX only and the "
-    "engine's split graphs are FLUX's: not built for SD3"
 )
 
 
@@ -78,12 +83,19 @@ MODES = {
         ),
         Mode(
             name="magcache",
-            reference="diffusers 0.39 MagCacheConfig / apply_mag_cache, mag_ratios = FLUX_MAG_RATIOS",
-            # num_inference_steps: None = the run's steps (the reference asks the caller to set it so)
-            fields={"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "num_inference_steps": None},
-            families=("flux",),
+            reference="diffusers 0.39 MagCacheConfig / apply_mag_cache",
+            # num_inference_steps: None = the run's steps (the reference asks the caller to set it so);
+            # mag_ratios: None = the family's published ones (FLUX's), else "flux" or a tuple of numbers
+            fields={
+                "threshold": 0.06,
+                "max_skip_steps": 3,
+                "retention_ratio": 0.2,
+                "num_inference_steps": None,
+                "mag_ratios": None,
+                "calibrate": False,
+            },
+            families=("flux", "sd3"),
             graphs="split",
-            why_not={"sd3": SD3_MAGCACHE},
             optional_ints=("num_inference_steps",),
         ),
         Mode(
@@ -126,8 +138,19 @@ class CacheSpec:
 
     def label(self) -> str:
         """``fbcache:threshold=0.05`` — what the PNG and the profile record, and what parses back to this."""
-        shown = [(k, v) for k, v in self.params if v is not None]
+        shown = [(k, v) for k, v in self.params if v is not None and not (k == "calibrate" and v is False)]
         return f"{self.mode}:" + ",".join(f"{k}={_text(v)}" for k, v in shown)
+
+    def ratios_note(self) -> str | None:
+        """Which magnitude ratios a MagCache run uses, for the plan: None for the other modes."""
+        if self.mode != "magcache":
+            return None
+        ratios = self.options["mag_ratios"]
+        if self.options["calibrate"]:
+            return "calibrating: every step runs in full and the magnitude ratios are measured and reported"
+        if ratios is None or ratios == "flux":
+            return "magnitude ratios: FLUX.1-dev's (MagCache's published calibration, diffusers' FLUX_MAG_RATIOS)"
+        return f"magnitude ratios: the {len(ratios)} given"
 
     def resolved(self, steps_run: int) -> CacheSpec:
         """The spec with the run's own values filled in: MagCache's num_inference_steps (None: the run's)."""
@@ -151,7 +174,38 @@ class CacheSpec:
 def _text(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ",".join(_text(v) for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _items(rest: str) -> list[str]:
+    """``key=value`` items split on the commas outside brackets (``mag_ratios=[1.0, 1.02, ...]`` is one)."""
+    items, depth, current = [], 0, ""
+    for char in rest:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth <= 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item.strip() for item in [*items, current] if item.strip()]
+
+
+def _ratios(mode: Mode, text: str):
+    """``mag_ratios``: a published set by name (flux) or a list of numbers, as diffusers' calibration prints it."""
+    if text.lower() in NAMED_MAG_RATIOS:
+        return text.lower()
+    bad = f"--cache {mode.name}: mag_ratios={text} is not "
+    if not (text.startswith("[") and text.endswith("]")):
+        raise InputError(bad + f"{' or '.join(NAMED_MAG_RATIOS)} or a list of numbers like [1.0,1.02,0.98]")
+    try:
+        values = tuple(float(v) for v in text[1:-1].replace(" ", "").split(",") if v)
+    except ValueError:
+        raise InputError(bad + "a list of numbers like [1.0,1.02,0.98]") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise InputError(bad + "a list of positive finite numbers")
+    return values
 
 
 def _value(mode: Mode, key: str, text: str, default):
@@ -195,14 +249,15 @@ def parse(text: str | None) -> CacheSpec | None:
     if mode is None:
         raise InputError(f"--cache {name!r} is not a cache mode; use one of {', '.join(MODES)} (or off)")
     values = dict(mode.fields)
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    for item in _items(rest):
         key, eq, raw = item.partition("=")
         key = key.strip()
         if not eq or not raw.strip():
             raise InputError(f"--cache {name}: {item!r} is not key=value; e.g. --cache {_example(mode)}")
         if key not in mode.fields:
             raise InputError(f"--cache {name} has no key {key!r}; its keys: {', '.join(mode.fields)}")
-        values[key] = _value(mode, key, raw.strip(), mode.fields[key])
+        value = raw.strip()
+        values[key] = _ratios(mode, value) if key == "mag_ratios" else _value(mode, key, value, mode.fields[key])
     if name == "deepcache" and values["cache_branch_id"] != 0:
         raise InputError(
             f"--cache deepcache:cache_branch_id={values['cache_branch_id']} caches at another depth of the UNet than "
@@ -238,6 +293,16 @@ def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
     if family not in mode.families:
         why = mode.why_not.get(family, f"the engine runs {mode.name} on {', '.join(mode.families)} only")
         raise InputError(f"--cache {mode.name} is not available for {family}: {why}; run without --cache")
+    options = spec.options
+    if spec.mode == "magcache" and options["mag_ratios"] is None and not options["calibrate"]:
+        if family not in PUBLISHED_MAG_RATIOS:
+            raise InputError(
+                f"--cache magcache needs magnitude ratios for {model.name}, and none are published for {family} "
+                f"(diffusers ships FLUX's only): measure this model's once with --cache magcache:calibrate=true and "
+                f"pass the printed ones as mag_ratios=[...], or use FLUX.1-dev's with mag_ratios=flux"
+            )
+    if spec.mode == "magcache" and options["calibrate"]:
+        return  # computes every step on purpose: it measures the ratios
     schedule = spec.resolved(steps_run).schedule(steps_run)
     if (schedule is not None and all(schedule)) or steps_run <= 1:
         raise InputError(
@@ -269,10 +334,12 @@ def taylorseer_schedule(options: dict, steps: int) -> list[bool]:
     ]
 
 
-def mag_ratios(count: int) -> np.ndarray:
-    """FLUX_MAG_RATIOS as MagCacheConfig holds them for ``count`` steps: float32, nearest_interp'd when the
-    length differs (torch.round is round-half-even, as numpy's)."""
-    ratios = np.asarray(FLUX_MAG_RATIOS, dtype=np.float32)
+def mag_ratios(count: int, given=None) -> np.ndarray:
+    """The ratios (``given``: None or "flux" for FLUX_MAG_RATIOS, else a tuple) as MagCacheConfig holds them
+    for ``count`` steps: float32, nearest_interp'd when the length differs (torch.round is round-half-even,
+    as numpy's)."""
+    given = NAMED_MAG_RATIOS[given or "flux"] if given is None or isinstance(given, str) else given
+    ratios = np.asarray(given, dtype=np.float32)
     if count == len(ratios):
         return ratios
     if count == 1:
@@ -286,7 +353,9 @@ def magcache_schedule(options: dict, steps: int) -> list[bool]:
     """MagCacheHeadHook's decisions for calls 0 .. steps-1 (float32 accumulators, as the hook's tensors are);
     the hook resets itself after ``num_inference_steps`` calls, and so does this."""
     total = options["num_inference_steps"] or steps
-    ratios = mag_ratios(total)
+    if options["calibrate"]:  # the reference never skips while it calibrates
+        return [True] * steps
+    ratios = mag_ratios(total, options["mag_ratios"])
     threshold = np.float32(options["threshold"])
     retention = int(options["retention_ratio"] * total + 0.5)
     decisions = []

@@ -32,10 +32,16 @@ def assert_close(ours, expected):
     assert expected.std() > 5  # a flat image would match anything flat
 
 
+def sd3_export(exported_tiny):
+    """The tiny SD 3 with its step-cache split (one export for this file: the plain runs use its whole graph,
+    as an export without the split would, and the MagCache runs its split)."""
+    return exported_tiny("sd3", cache_graphs=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("width, height, steps, no_t5", [(64, 64, 3, False), (64, 48, 2, False), (64, 64, 2, True)])
 def test_sd3_matches_diffusers(exported_tiny, width, height, steps, no_t5):
-    pipe = engine.load_pipeline(exported_tiny("sd3"), threads=1, skip=("text_encoder_3",) if no_t5 else ())
+    pipe = engine.load_pipeline(sd3_export(exported_tiny), threads=1, skip=("text_encoder_3",) if no_t5 else ())
     noise = np.random.default_rng(5).standard_normal(pipe.family.latent_shape(width, height), dtype=np.float32)
     ours = pipe.generate(
         prompt=PROMPT, steps=steps, guidance=7.0, width=width, height=height, seed=0, latents=noise
@@ -77,3 +83,87 @@ def test_flux_matches_diffusers(exported_tiny, name, guidance, t5_length, width,
         max_sequence_length=t5_length,
     )
     assert_close(ours, expected)
+
+
+# --- SD 3 with MagCache against diffusers' hook on StableDiffusion3Pipeline ---------------------------------
+
+
+def _sd3_magcache_reference(noise, steps, config):
+    """diffusers' image with ``apply_mag_cache(transformer, config)``, its last step's latents, which calls ran
+    the last block (a pre-hook on its norm1 fires only when the hook lets it compute: one call a step, CFG's
+    two halves batched), and what the calibration printed (``calibrate=True``)."""
+    import contextlib
+    import io
+
+    from diffusers.hooks import apply_mag_cache
+
+    from tests.test_step_cache import _step_verdicts
+
+    ref = tiny.build("sd3")
+    apply_mag_cache(ref.transformer, config)
+    events: list[str] = []
+    ref.transformer.register_forward_pre_hook(lambda *_: events.append("step"))
+    ref.transformer.transformer_blocks[-1].norm1.register_forward_pre_hook(lambda *_: events.append("rest"))
+    printed, latents = io.StringIO(), []
+
+    def keep(pipe, index, t, tensors):
+        latents.append(tensors["latents"].numpy().copy())
+        return tensors
+
+    with contextlib.redirect_stdout(printed):
+        image = run_reference(
+            ref, torch.from_numpy(noise), num_inference_steps=steps, guidance_scale=7.0, width=64, height=48,
+            max_sequence_length=256, callback_on_step_end=keep,
+        )  # fmt: skip
+    return image, latents[-1], _step_verdicts(events, "cached"), printed.getvalue()
+
+
+@pytest.mark.slow
+def test_sd3_magcache_matches_diffusers_hook_and_its_calibration(exported_tiny):
+    """MagCache on SD 3 against diffusers 0.39's hook on StableDiffusion3Pipeline, from the same noise: the same
+    steps computed, the same image within 2/255 and the same latents within 1e-4, with FLUX's ratios (none
+    are published for SD 3; the defaults run on FLUX in tests/test_step_cache.py, so other values here:
+    computed, computed, cached, cached, computed, cached, cached, computed). Then ``calibrate=true``: every step
+    computed, and the ratios diffusers' calibration prints, within 1e-4; that run is also the uncached one,
+    whose latents are ~0.03 from the cached reference's (the tiny model's blocks move its image little: the
+    cache changes it by ~3/255), so the latent comparison can fail."""
+    import ast
+
+    from diffusers.hooks import MagCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    from registry import cache as step_cache
+
+    steps = 8
+    pipe = engine.load_pipeline(sd3_export(exported_tiny), threads=1)
+    noise = np.random.default_rng(5).standard_normal(pipe.family.latent_shape(64, 48), dtype=np.float32)
+    common = dict(prompt=PROMPT, steps=steps, guidance=7.0, width=64, height=48, seed=0, latents=noise)
+
+    spec = step_cache.parse("magcache:threshold=0.1,max_skip_steps=2,mag_ratios=flux").resolved(steps)
+    result = pipe.generate(**common, cache=spec)
+    options = {k: v for k, v in spec.options.items() if k != "mag_ratios"}
+    expected, latents, verdicts, _ = _sd3_magcache_reference(
+        noise, steps, MagCacheConfig(**options, mag_ratios=FLUX_MAG_RATIOS)
+    )
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert ours == verdicts and "cached" in ours and ours.count("computed") >= 3
+    assert ours == ["computed" if c else "cached" for c in spec.schedule(steps)]  # what the plan announced
+    assert_close(result.image, expected)
+    error = np.abs(result.latents - latents).max()
+    assert error < 1e-4
+    assert result.parameters["cache"] == spec.label() and "mag_ratios=flux" in spec.label()
+    assert result.parameters["cache_computed_steps"] == f"{ours.count('computed')} of {steps}"
+
+    spec = step_cache.parse("magcache:calibrate=true").resolved(steps)
+    calibrated = pipe.generate(**common, cache=spec)
+    expected, _, verdicts, printed = _sd3_magcache_reference(
+        noise, steps, MagCacheConfig(num_inference_steps=steps, calibrate=True)
+    )
+    assert [s["cache"] for s in calibrated.profile["steps"]] == verdicts == ["computed"] * steps
+    assert_close(calibrated.image, expected)
+    assert np.abs(calibrated.latents - latents).max() > 50 * error  # uncached vs the cached reference
+    theirs = ast.literal_eval(printed.strip().splitlines()[-1])
+    measured = ast.literal_eval(calibrated.parameters["cache_mag_ratios"])
+    assert len(measured) == len(theirs) == steps and len(set(theirs)) > 2
+    np.testing.assert_allclose(measured, theirs, atol=1e-4)
+    assert step_cache.parse(f"magcache:mag_ratios={calibrated.parameters['cache_mag_ratios']}").options["mag_ratios"]

@@ -57,7 +57,7 @@ def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
     mag = {f.name: f.default for f in fields(MagCacheConfig)}
     ours = step_cache.MODES["magcache"].fields
     # num_inference_steps: the reference's 28 is a placeholder its caller must set to the run's steps; ours is
-    # the run's by default (None); mag_ratios are FLUX's, calibrate is not offered
+    # the run's by default (None); mag_ratios None: the family's published ones (FLUX's; none for SD 3)
     assert {k: v for k, v in ours.items() if k != "num_inference_steps"} == {
         k: mag[k] for k in ours if k != "num_inference_steps"
     }
@@ -78,12 +78,30 @@ def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
         ("taylorseer:cache_interval=3", "predicts every attention module's output"),
         ("magcache:max_skip_steps=x", "max_skip_steps=x is not a whole number"),
         ("deepcache:cache_branch_id=1", "caches at another depth of the UNet"),
+        ("magcache:mag_ratios=sd3", "mag_ratios=sd3 is not flux or a list of numbers"),
+        ("magcache:mag_ratios=[1.0,x]", "is not a list of numbers like"),
+        ("magcache:mag_ratios=[1.0,0]", "is not a list of positive finite numbers"),
     ],
 )
 def test_bad_cache_options_are_one_line_errors(text, needle):
     with pytest.raises(InputError) as err:
         step_cache.parse(text)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_magcache_ratios_for_sd3_are_explicit_and_the_plan_says_which():
+    """None are published for SD 3: refused without them (as diffusers' MagCacheConfig is), FLUX's by name, a
+    calibration's list (commas inside the brackets), or calibrate=true (every step computed)."""
+    with pytest.raises(InputError, match="none are published for sd3.*calibrate=true.*mag_ratios=flux"):
+        _plan("sd3-medium", "magcache")
+    flux = _plan("sd3-medium", "magcache:mag_ratios=flux")  # 20 steps, FLUX's ratios interpolated as the hook does
+    assert flux.full_evaluations == (10, 10) and "FLUX.1-dev's" in flux.cache.ratios_note()
+    assert _plan("flux-dev", "magcache").cache.ratios_note() == flux.cache.ratios_note()
+    given = _plan("sd3-medium", "magcache:threshold=0.1,mag_ratios=[1.0, 1.05,0.99,0.97]")
+    assert given.cache.options["mag_ratios"] == (1.0, 1.05, 0.99, 0.97) and given.cache.options["threshold"] == 0.1
+    assert step_cache.parse(given.cache.label()) == given.cache and "the 4 given" in given.cache.ratios_note()
+    calibrate = _plan("sd3-medium", "magcache:calibrate=true")
+    assert calibrate.full_evaluations == (20, 20) and "calibrating" in calibrate.cache.ratios_note()
 
 
 def test_the_plan_counts_full_evaluations():
@@ -112,9 +130,9 @@ def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
 def test_the_sd3_refusals_are_what_diffusers_does_on_sd3():
     """The reasons registry/cache.py gives for SD 3, checked on diffusers 0.39 itself (a tiny
     SD3Transformer2DModel with a cache context set, as a pipeline that set one would): First Block Cache and
-    TaylorSeer-Lite fail on the last block's missing encoder states; MagCache runs (refused for want of SD 3
-    magnitude ratios and split graphs, not of a reference). If diffusers starts running them, this fails and
-    the refusals need revisiting."""
+    TaylorSeer-Lite fail on the last block's missing encoder states; MagCache runs (offered for SD 3, with
+    explicit ratios: tests/test_engine_parity_flow.py). If diffusers starts running them, this fails and the
+    refusals need revisiting."""
     import torch
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, SD3Transformer2DModel, TaylorSeerCacheConfig
     from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache
@@ -145,7 +163,7 @@ def test_the_sd3_refusals_are_what_diffusers_does_on_sd3():
     lite = run(apply_taylorseer_cache, TaylorSeerCacheConfig(use_lite_mode=True, disable_cache_before_step=1))
     assert lite is not None and "NoneType" in lite
     assert run(apply_mag_cache, MagCacheConfig(num_inference_steps=4, mag_ratios=np.ones(4))) is None
-    for text, needle in (("magcache", "MagCache hook runs on SD3"), ("taylorseer:use_lite_mode=true", "lite mode")):
+    for text, needle in (("fbcache", "First Block Cache does not run"), ("taylorseer:use_lite_mode=true", "lite mode")):
         with pytest.raises(InputError, match=needle):
             _plan("sd3-medium", text)
 
@@ -191,6 +209,9 @@ def test_a_cached_run_needs_the_split_graphs():
 
     with pytest.raises(EngineError, match="export it again with --cache-graphs"):
         cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", list(range(30)))
+    split = dict.fromkeys(step_cache.SPLIT_GRAPHS, object())  # and SD 3's MagCache its ratios, given or measured
+    with pytest.raises(EngineError, match="needs mag_ratios"):
+        cached_denoiser(step_cache.parse("magcache"), split, "sd3-medium", list(range(20)), family="sd3")
 
 
 # --- against diffusers (exports real graphs) --------------------------------------------------------------
@@ -253,8 +274,8 @@ def _reference_config(spec):
     options = spec.options
     if spec.mode == "fbcache":
         return FirstBlockCacheConfig(**options)
-    if spec.mode == "magcache":
-        return MagCacheConfig(**options, mag_ratios=FLUX_MAG_RATIOS)
+    if spec.mode == "magcache":  # our default ratios on FLUX: FLUX_MAG_RATIOS
+        return MagCacheConfig(**{k: v for k, v in options.items() if k != "mag_ratios"}, mag_ratios=FLUX_MAG_RATIOS)
     return TaylorSeerCacheConfig(**options, taylor_factors_dtype=torch.float32)
 
 
@@ -331,12 +352,12 @@ def test_cache_off_runs_the_whole_graph_as_before(split_export):
 
 
 @pytest.mark.slow
-def test_cache_graphs_are_refused_for_sd3(tmp_path):
+def test_cache_graphs_are_refused_where_no_mode_needs_them(tmp_path):
     import exporters
 
-    with pytest.raises(exporters.ExportError, match="export without --cache-graphs"):
-        exporters.export("tiny:sd3", out=tmp_path / "sd3", cache_graphs=True, progress=None)
-    assert not (tmp_path / "sd3").exists()
+    with pytest.raises(exporters.ExportError, match="qwen-image has no cache mode .* export without --cache-graphs"):
+        exporters.export("tiny:qwen-image", out=tmp_path / "qwen", cache_graphs=True, progress=None)
+    assert not (tmp_path / "qwen").exists()
 
 
 # --- DeepCache against the deepcache package's DeepCacheSDHelper (UNets) ---------------------------------
