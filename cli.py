@@ -191,12 +191,13 @@ def print_plan(target: Target, steps, decision, guidance, width, height, seed, t
     if cache is not None:
         low, high = full
         run = decision.steps_run
+        denoiser = "UNet" if target.family.denoiser == "unet" else "transformer"
         if low == high:
             plan = cache.resolved(run).schedule(run)
             which = ",".join(str(i + 1) for i, computed in enumerate(plan) if computed)
-            text = f"{low} of the {run} steps run the whole transformer (steps {which})"
+            text = f"{low} of the {run} steps run the whole {denoiser} (steps {which})"
         else:
-            text = f"decided each step: {low} to {high} of the {run} steps run the whole transformer"
+            text = f"decided each step: {low} to {high} of the {run} steps run the whole {denoiser}"
         note = cache.ratios_note()
         click.echo(f"Cache:    {cache.label()} — {text}" + (f"; {note}" if note else ""))
     click.echo(f"Estimate: {_estimate(target, decision.steps_run, width, height, threads, full)}")

@@ -112,6 +112,22 @@ def test_the_plan_counts_full_evaluations():
 
 
 @pytest.mark.parametrize(
+    "model_id, cache, line",
+    [
+        ("sd15", "deepcache:cache_interval=3", "7 of the 20 steps run the whole UNet (steps 1,4,7,10,13,16,19)"),
+        ("flux-dev", "fbcache", "decided each step: 1 to 30 of the 30 steps run the whole transformer"),
+    ],
+)
+def test_the_plan_line_names_the_denoiser_and_its_full_steps(model_id, cache, line, capsys):
+    import cli
+
+    plan = _plan(model_id, cache)
+    target = cli.resolve_model(model_id)
+    cli.print_plan(target, plan.steps, plan.decision, plan.guidance, 512, 512, 1, 2, cache=plan.cache)
+    assert line in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
     "model_id, steps, needle",
     [
         ("flux-schnell", None, "refused for FLUX.1-schnell: a few-step distilled model"),
