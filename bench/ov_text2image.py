@@ -1,18 +1,26 @@
-"""``python bench/ov_text2image.py IR_FOLDER STEPS SIZE``: OpenVINO GenAI's ``Text2ImagePipeline`` with its defaults.
+"""``python bench/ov_text2image.py IR_FOLDER --steps 20 --size 512``: OpenVINO GenAI's ``Text2ImagePipeline``.
 
 Run with a venv that has ``openvino-genai`` (not the project's: docs/benchmarks.md, "Step caching", has the
 install and the ``optimum-cli export openvino`` that writes the IR from a diffusers folder). Loads the pipeline
-on CPU with its default config (the CPU plugin's default inference precision: bf16 on CPUs with AVX-512 BF16),
-warms it up with 2 steps, then times STEPS steps at SIZE² from seed 0 and prints one JSON line: the time to
-image, the load time, the peak RSS and the load average; the image is saved beside the folder as ``.npy``.
+on CPU with its default config: the CPU plugin's default inference precision (bf16 on CPUs with AVX-512 BF16)
+unless ``--precision f32``, ``--threads`` as ``INFERENCE_NUM_THREADS``, and the generation config the pipeline
+chose for the model (steps and guidance given here; its ``taylorseer_config`` is printed and left as it is).
+Warms up with 2 steps, then times STEPS steps at SIZE² and appends one JSON line to ``--results``: the time to
+image (prompt, steps, decode: ``generate`` returns the decoded image), the load time, the median UNet call,
+the peak RSS (``ru_maxrss``) and the load average.
+
+The initial noise is ``bench.step_cache``'s (``np.random.default_rng(seed).standard_normal``, the latent shape):
+with ``--against IMAGE.npy`` (a Stepwise image from the same noise, ``bench.step_cache --save-images``) the row
+also has the PSNR between the two engines' images, which says both ran the same model and schedule.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import resource
-import sys
 import time
 
 import numpy as np
@@ -20,36 +28,88 @@ import numpy as np
 PROMPT = "a red apple on a wooden table, studio light"  # bench/step_cache.py's
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 def main() -> None:
     import openvino as ov
     import openvino_genai
 
-    folder, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    class NumpyNoise(openvino_genai.Generator):
+        """The latents bench.step_cache feeds Stepwise: one draw of the whole shape from numpy's seeded PCG64."""
+
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.seed = seed
+
+        def next(self) -> float:
+            raise NotImplementedError("the pipeline asks only for whole tensors")
+
+        def randn_tensor(self, shape: ov.Shape) -> ov.Tensor:
+            noise = np.random.default_rng(self.seed).standard_normal(tuple(shape), dtype=np.float32)
+            return ov.Tensor(noise)
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="an OpenVINO IR folder written by optimum-cli export openvino")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="INFERENCE_NUM_THREADS (default: the plugin's)")
+    parser.add_argument("--precision", default=None, help="INFERENCE_PRECISION_HINT (default: the plugin's)")
+    parser.add_argument("--against", default=None, help="a uint8 image .npy from bench.step_cache --save-images")
+    parser.add_argument("--label", default="openvino-genai default")
+    parser.add_argument("--results", default=None, help="JSON lines to append to")
+    args = parser.parse_args()
+
+    properties = {}
+    if args.threads:
+        properties["INFERENCE_NUM_THREADS"] = args.threads
+    if args.precision:
+        properties["INFERENCE_PRECISION_HINT"] = args.precision
     start = time.perf_counter()
-    pipe = openvino_genai.Text2ImagePipeline(folder, "CPU")
+    pipe = openvino_genai.Text2ImagePipeline(args.folder, "CPU", **properties)
     load = time.perf_counter() - start
     config = pipe.get_generation_config()
-    precision = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
-    print(f"defaults: {config.num_inference_steps} steps, taylorseer_config {config.taylorseer_config}, {precision}")
-    common = dict(width=size, height=size, guidance_scale=7.5, rng_seed=0)
-    pipe.generate(PROMPT, num_inference_steps=2, **common)
+    precision = args.precision or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    print(
+        f"pipeline defaults: {config.num_inference_steps} steps, guidance {config.guidance_scale}, "
+        f"taylorseer_config {config.taylorseer_config}; inference precision {precision}",
+        flush=True,
+    )
+    common = dict(width=args.size, height=args.size, guidance_scale=args.guidance)
+    pipe.generate(PROMPT, num_inference_steps=2, generator=NumpyNoise(args.seed), **common)
     start = time.perf_counter()
-    image = pipe.generate(PROMPT, num_inference_steps=steps, **common)
+    result = pipe.generate(PROMPT, num_inference_steps=args.steps, generator=NumpyNoise(args.seed), **common)
     seconds = time.perf_counter() - start
+    unet_ms = [d / 1000 for d in pipe.get_performance_metrics().raw_metrics.unet_inference_durations]
+    image = np.array(result.data)[0]
     row = {
         "engine": f"openvino-genai {openvino_genai.__version__}",
-        "folder": folder,
-        "size": size,
-        "steps": steps,
-        "precision": str(precision),
+        "label": args.label,
+        "folder": args.folder,
+        "size": args.size,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "taylorseer_config": str(config.taylorseer_config),
+        "precision": precision,
+        "threads": args.threads,
         "load_s": round(load, 1),
         "time_to_image_s": round(seconds, 2),
+        "unet_calls": len(unet_ms),
+        "median_unet_call_s": round(float(np.median(unet_ms)) / 1000, 3) if unet_ms else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if args.against:
+        row["psnr_vs_stepwise_db"] = round(psnr(image, np.load(args.against)), 2)
     print(json.dumps(row), flush=True)
-    np.save(folder.rstrip("/") + f"-image-{steps}.npy", np.array(image.data))
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="an export (with --cache-graphs for the split modes)")
-    parser.add_argument("--modes", nargs="+", default=["fbcache", "magcache", "taylorseer:use_lite_mode=true"])
+    parser.add_argument("--modes", nargs="*", default=["fbcache", "magcache", "taylorseer:use_lite_mode=true"])
     parser.add_argument("--steps", type=int, default=None, help="default: the registry model's default")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--guidance", type=float, default=None)
@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         "--policy", choices=("resident", "phased"), default="resident", help="phased: one denoiser form in memory"
     )
     parser.add_argument("--results", type=Path, default=None, help="JSON lines to append to")
+    parser.add_argument(
+        "--no-repeat-off", action="store_true", help="skip the bracketing uncached run (when another run brackets it)"
+    )
+    parser.add_argument("--save-images", type=Path, default=None, help="a folder for each run's image (uint8 .npy)")
     args = parser.parse_args(argv)
 
     import registry
@@ -74,12 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     guidance = args.guidance if args.guidance is not None else (model.guidance if model else 5.0)
     w = h = args.size
     modes = [step_cache.parse(text).resolved(steps) for text in args.modes]
-    specs = [None, *modes, None]
+    specs = [None, *modes] + ([] if args.no_repeat_off else [None])
     noise = np.random.default_rng(args.seed).standard_normal(pipe.family.latent_shape(w, h), dtype=np.float32)
     common = dict(prompt=PROMPT, guidance=guidance, width=w, height=h, seed=args.seed, latents=noise)
 
-    print(f"warming up ({len(specs) - 1} runs of 2 steps) …", flush=True)
-    for spec in specs[:-1]:  # every session created and run once before timing
+    print(f"warming up ({len(modes) + 1} runs of 2 steps) …", flush=True)
+    for spec in [None, *modes]:  # every session created and run once before timing
         pipe.generate(steps=2, cache=None if spec is None else spec.resolved(2), **common)
 
     rows, base = [], None
@@ -115,13 +119,17 @@ def main(argv: list[str] | None = None) -> None:
             row["psnr_image_db"] = round(psnr(result.image, base.image, 255.0), 2)
             peak = float(np.max(np.abs(base.latents)))
             row["psnr_latents_db"] = round(psnr(result.latents, base.latents, peak), 2)
+        if args.save_images:
+            args.save_images.mkdir(parents=True, exist_ok=True)
+            name = "".join(c if c.isalnum() else "-" for c in label)
+            np.save(args.save_images / f"run{number}-{name}.npy", result.image)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.results:
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    off = (rows[0]["time_to_image_s"] + rows[-1]["time_to_image_s"]) / 2
+    off = float(np.mean([row["time_to_image_s"] for row, spec in zip(rows, specs, strict=True) if spec is None]))
     print()
     print("| cache | full steps | time to image | speed-up | full step | PSNR image | PSNR latents | load | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
