@@ -3,8 +3,9 @@
 Run with a venv that has ``openvino-genai`` (not the project's: docs/benchmarks.md, "Step caching", has the
 install and the ``optimum-cli export openvino`` that writes the IR from a diffusers folder). Loads the pipeline
 on CPU with its default config: the CPU plugin's default inference precision (bf16 on CPUs with AVX-512 BF16)
-unless ``--precision f32``, ``--threads`` as ``INFERENCE_NUM_THREADS``, and the generation config the pipeline
-chose for the model (steps and guidance given here; its ``taylorseer_config`` is printed and left as it is).
+unless ``--precision f32``, ``--threads`` as ``INFERENCE_NUM_THREADS``, dynamic shapes unless ``--reshape``, and
+the generation config the pipeline chose for the model (steps and guidance given here; its ``taylorseer_config``
+is printed and left as it is).
 Warms up with 2 steps, then times STEPS steps at SIZE² and appends one JSON line to ``--results``: the time to
 image (prompt, steps, decode: ``generate`` returns the decoded image), the load time, the median UNet call,
 the peak RSS (``ru_maxrss``) and the load average.
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="INFERENCE_NUM_THREADS (default: the plugin's)")
     parser.add_argument("--precision", default=None, help="INFERENCE_PRECISION_HINT (default: the plugin's)")
+    parser.add_argument(
+        "--reshape", action="store_true", help="static shapes (pipe.reshape before compile): not the default"
+    )
     parser.add_argument("--against", default=None, help="a uint8 image .npy from bench.step_cache --save-images")
     parser.add_argument("--label", default="openvino-genai default")
     parser.add_argument("--results", default=None, help="JSON lines to append to")
@@ -70,7 +74,12 @@ def main() -> None:
     if args.precision:
         properties["INFERENCE_PRECISION_HINT"] = args.precision
     start = time.perf_counter()
-    pipe = openvino_genai.Text2ImagePipeline(args.folder, "CPU", **properties)
+    if args.reshape:  # OpenVINO GenAI's documented opt-in: compile the models for one batch, size and guidance
+        pipe = openvino_genai.Text2ImagePipeline(args.folder)
+        pipe.reshape(1, args.size, args.size, args.guidance)
+        pipe.compile("CPU", **properties)
+    else:
+        pipe = openvino_genai.Text2ImagePipeline(args.folder, "CPU", **properties)
     load = time.perf_counter() - start
     config = pipe.get_generation_config()
     precision = args.precision or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
@@ -96,6 +105,7 @@ def main() -> None:
         "taylorseer_config": str(config.taylorseer_config),
         "precision": precision,
         "threads": args.threads,
+        "static_shapes": args.reshape,
         "load_s": round(load, 1),
         "time_to_image_s": round(seconds, 2),
         "unet_calls": len(unet_ms),
