@@ -5,8 +5,9 @@ and once with each ``--cache`` mode; every session a mode runs is created and wa
 any timing, so the times are the generations' own: prompt, steps and decode (``total_ms`` of the profile,
 which leaves session creation out). For each mode: how many steps ran the whole denoiser, the time to image,
 the speed-up over no cache, the median full step, and how far the image is from the uncached one (PSNR of
-the 8-bit images, and of the final latents). The uncached run is repeated after the modes (``off (again)``) and
-the speed-ups are against the mean of the two, so a machine whose load changed during the run shows as two
+the 8-bit images, and of the final latents). The uncached run is repeated after the modes (``off (again)``;
+``--no-repeat-off`` skips it where runs around this one bracket it) and the speed-ups are against the mean of
+the two, so a machine whose load changed during the run shows as two
 different ``off`` times rather than as a speed-up. Each row also records the machine's load average when the
 run ended and the process's peak RSS so far (``ru_maxrss``: it only grows, so the first row that needs more
 memory shows it). ``--policy phased`` loads each phase's graphs for the generation and releases them after
