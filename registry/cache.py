@@ -304,6 +304,11 @@ def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
     if spec.mode == "magcache" and options["calibrate"]:
         return  # computes every step on purpose: it measures the ratios
     schedule = spec.resolved(steps_run).schedule(steps_run)
+    if spec.mode == "deepcache" and options["cache_interval"] == 1:  # no run is long enough to cache anything
+        raise InputError(
+            f"--cache {spec.label()} runs the whole UNet at every step (cache_interval=1, the helper's default), "
+            f"so it caches nothing; give cache_interval=3 (or more), or drop --cache"
+        )
     if (schedule is not None and all(schedule)) or steps_run <= 1:
         raise InputError(
             f"--cache {spec.label()} computes every one of {steps_run} steps in full (its warm-up covers the run), "

@@ -143,6 +143,15 @@ def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_deepcache_at_its_default_interval_is_refused_whatever_the_steps():
+    """DeepCacheSDHelper's default cache_interval=1 computes every step: no run length helps, so the fix named
+    is the interval (the generic refusal would say "run more steps")."""
+    for steps in (20, 50):  # the default and the policy's most
+        with pytest.raises(InputError, match=r"cache_interval=1.*caches nothing; give cache_interval=3"):
+            _plan("sd15", "deepcache", steps=steps)
+    assert _plan("sd15", "deepcache:cache_interval=2", steps=20).full_evaluations == (10, 10)
+
+
 def test_the_sd3_refusals_are_what_diffusers_does_on_sd3():
     """The reasons registry/cache.py gives for SD 3, checked on diffusers 0.39 itself (a tiny
     SD3Transformer2DModel with a cache context set, as a pipeline that set one would): First Block Cache and
