@@ -26,9 +26,9 @@ import numpy as np
 from registry.cache import (
     DEEPCACHE_GRAPHS,
     MODES,
-    PUBLISHED_MAG_RATIOS,
     SPLIT_GRAPHS,
     CacheSpec,
+    lacks_mag_ratios,
     taylor_coefficient,
 )
 
@@ -247,9 +247,8 @@ def cached_denoiser(
     if spec.mode == "fbcache":
         return FirstBlockCache(graphs, spec.options["threshold"])
     if spec.mode == "magcache":
-        options = spec.options
-        if options["mag_ratios"] is None and not options["calibrate"] and family not in PUBLISHED_MAG_RATIOS:
-            # registry.cache.check refuses this before a run; a direct generate() call reaches here
+        # registry.cache.check refuses this before a run; a direct generate() call reaches here
+        if lacks_mag_ratios(spec, family):
             raise EngineError(
                 f"--cache magcache on {model} needs mag_ratios=[...] (or mag_ratios=flux, or calibrate=true): "
                 f"no magnitude ratios are published for {family}"

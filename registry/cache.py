@@ -278,6 +278,17 @@ def _example(mode: Mode) -> str:
     return f"{mode.name}:" + ",".join(f"{k}={_text(v)}" for k, v in shown)
 
 
+def lacks_mag_ratios(spec: CacheSpec, family: str) -> bool:
+    """A MagCache run with no ratios given or measured, on a family with none published (SD 3)."""
+    options = spec.options
+    return (
+        spec.mode == "magcache"
+        and options["mag_ratios"] is None
+        and not options["calibrate"]
+        and family not in PUBLISHED_MAG_RATIOS
+    )
+
+
 def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
     """Refuse a cache a model cannot use, with the reason: a few-step distilled model (each of its few steps
     changes the image a lot: nothing to reuse), a family the mode does not run on, a run no longer than the
@@ -294,13 +305,12 @@ def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
         why = mode.why_not.get(family, f"the engine runs {mode.name} on {', '.join(mode.families)} only")
         raise InputError(f"--cache {mode.name} is not available for {family}: {why}; run without --cache")
     options = spec.options
-    if spec.mode == "magcache" and options["mag_ratios"] is None and not options["calibrate"]:
-        if family not in PUBLISHED_MAG_RATIOS:
-            raise InputError(
-                f"--cache magcache needs magnitude ratios for {model.name}, and none are published for {family} "
-                f"(diffusers ships FLUX's only): measure this model's once with --cache magcache:calibrate=true and "
-                f"pass the printed ones as mag_ratios=[...], or use FLUX.1-dev's with mag_ratios=flux"
-            )
+    if lacks_mag_ratios(spec, family):
+        raise InputError(
+            f"--cache magcache needs magnitude ratios for {model.name}, and none are published for {family} "
+            f"(diffusers ships FLUX's only): measure this model's once with --cache magcache:calibrate=true and "
+            f"pass the printed ones as mag_ratios=[...], or use FLUX.1-dev's with mag_ratios=flux"
+        )
     if spec.mode == "magcache" and options["calibrate"]:
         return  # computes every step on purpose: it measures the ratios
     schedule = spec.resolved(steps_run).schedule(steps_run)
