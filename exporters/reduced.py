@@ -140,7 +140,6 @@ def materialize(cls, config, checkpoint, remap=None, *, on_demand: bool = False)
     ``on_demand``: the parameters stay on the meta device and each module reads its own from the checkpoint
     (fp32) for the length of its forward, so the fp32 results are unchanged while at most one module's weights
     are held: IF-I-XL's reduced-depth UNet is 2.4 B parameters, 9.5 GB in fp32 (4.8 GB even held as bf16)."""
-    import torch
 
     module, buffers = streaming.build(cls, config, meta_buffers=False)
     names = streaming.aliases(module)
@@ -150,9 +149,7 @@ def materialize(cls, config, checkpoint, remap=None, *, on_demand: bool = False)
     state = {}
     for name in module.state_dict():
         if name not in buffers:  # parameters; buffers keep their constructed values, as the streamed graph
-            value = streaming.fetch(name, checkpoint, buffers, names, remap)
-            # a checkpoint read returns a fresh array: no copy (a 2.2 GB embedding table would be held twice)
-            state[name] = torch.from_numpy(value if value.flags.writeable else value.copy())
+            state[name] = _tensor(streaming.fetch(name, checkpoint, buffers, names, remap))
     module.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in module.named_parameters() if p.is_meta]
     if left:
@@ -170,14 +167,13 @@ def _read_while_running(module, checkpoint, buffers: dict, names: dict, remap) -
         if not own:
             continue
         for name in own.values():  # a missing tensor is found before anything runs
-            if not any((remap(c) if remap else c) in checkpoint for c in names.get(name, [name])):
+            if streaming.checkpoint_key(name, checkpoint, names, remap) is None:
                 raise KeyError(f"the checkpoint has no tensor {name!r}")
         empty = {n: sub._parameters[n] for n in own}
 
         def read(mod, args, own=own):
             for n, name in own.items():
-                value = streaming.fetch(name, checkpoint, buffers, names, remap)
-                tensor = torch.from_numpy(value if value.flags.writeable else value.copy())
+                tensor = _tensor(streaming.fetch(name, checkpoint, buffers, names, remap))
                 mod._parameters[n] = torch.nn.Parameter(tensor, requires_grad=False)
 
         def drop(mod, args, output, empty=empty):
@@ -185,6 +181,14 @@ def _read_while_running(module, checkpoint, buffers: dict, names: dict, remap) -
 
         sub.register_forward_pre_hook(read)
         sub.register_forward_hook(drop)
+
+
+def _tensor(value):
+    """A checkpoint read as a torch tensor: a fresh array is not copied (a 2.2 GB embedding table would be held
+    twice); a read-only one (a tiny module's own weights) is."""
+    import torch
+
+    return torch.from_numpy(value if value.flags.writeable else value.copy())
 
 
 @contextlib.contextmanager

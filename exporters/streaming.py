@@ -214,17 +214,26 @@ def fetch(name: str, checkpoint, buffers: dict, names: dict[str, list[str]], rem
     """The fp32 numpy value of state-dict entry ``name`` (``remap``: reduced-depth name → checkpoint name)."""
     if name in buffers:
         return _numpy(buffers[name])
+    key = checkpoint_key(name, checkpoint, names, remap)
+    if key is None:
+        raise KeyError(f"the checkpoint has no tensor {name!r}")
+    return checkpoint.array(key)
+
+
+def checkpoint_key(name: str, checkpoint, names: dict[str, list[str]], remap=None) -> str | None:
+    """The checkpoint's name for state-dict entry ``name`` (any of its aliases, remapped), None if it has none."""
     for candidate in names.get(name, [name]):
         key = remap(candidate) if remap else candidate
         if key in checkpoint:
-            return checkpoint.array(key)
-    raise KeyError(f"the checkpoint has no tensor {name!r}")
+            return key
+    return None
 
 
 def release_freed_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing). Reading a
-    checkpoint tensor by tensor, widening and narrowing, leaves the heap fragmented: without it IF-I-XL's
-    reduced-depth validation kept ~2.6 GB of freed PyTorch memory while ONNX Runtime then ran its graph."""
+    checkpoint tensor by tensor leaves the heap fragmented: without it IF-I-XL's reduced-depth validation kept
+    ~2.6 GB of freed PyTorch memory while ONNX Runtime then ran its graph (measured with the reference's weights
+    held in bf16, before they were read while running)."""
     import ctypes
 
     try:
