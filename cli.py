@@ -805,8 +805,8 @@ def generate(
         profile=profile,
         profile_json=profile_json,
         vae_tiling=vae_tiling,
-        steps_2=plan.decision_2.steps if plan.decision_2 is not None else None,
-        steps_3=plan.decision_3.steps if plan.decision_3 is not None else None,
+        steps_2=plan.stage_steps.get("steps_2"),
+        steps_3=plan.stage_steps.get("steps_3"),
         cache=plan.cache,
     )
 

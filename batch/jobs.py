@@ -26,13 +26,17 @@ from registry.files import atomic_write_text
 from registry.policy import InputError
 
 # steps_2 / steps_3: a cascade's later stages (DeepFloyd IF), as generate's --steps-2 / --steps-3
-KEYS = ("prompt", "negative", "seed", "steps", "guidance", "size", "width", "height", "scheduler", "cache", "steps_2")
-KEYS += ("steps_3",)
+KEYS = (
+    *("prompt", "negative", "seed", "steps", "guidance", "size", "width", "height", "scheduler", "cache"),
+    *("steps_2", "steps_3"),
+)
 RESULTS = "results.jsonl"
 EXAMPLE = '{"prompt": "a red apple", "seed": 1}'
 # The request fields an entry of results.jsonl must match for its job to count as finished.
-REQUEST = ("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler", "cache", "model")
-REQUEST += ("steps_2", "steps_3")
+REQUEST = (
+    *("prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler", "cache", "model"),
+    *("steps_2", "steps_3"),
+)
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,8 @@ def plan_item(target, raw: dict, *, force: bool = False) -> dict:
         "height": plan.height,
         "scheduler": scheduler,
         "cache": plan.cache.label() if plan.cache else None,
-        "steps_2": plan.decision_2.steps if plan.decision_2 else None,
-        "steps_3": plan.decision_3.steps if plan.decision_3 else None,
+        "steps_2": plan.stage_steps.get("steps_2"),
+        "steps_3": plan.stage_steps.get("steps_3"),
         "warning": plan.warning or "",
     }
 

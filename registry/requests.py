@@ -52,6 +52,12 @@ class Plan:
         return self.decision.steps
 
     @property
+    def stage_steps(self) -> dict[str, int]:
+        """A cascade's later stages' steps as generate takes them (``steps_2``, ``steps_3``), for those it has."""
+        stages = {"steps_2": self.decision_2, "steps_3": self.decision_3}
+        return {name: decision.steps for name, decision in stages.items() if decision is not None}
+
+    @property
     def warning(self) -> str | None:
         """The policy's advice when the steps are outside the recommended range (run anyway), else None."""
         decisions = (self.decision, self.decision_2, self.decision_3)

@@ -257,10 +257,8 @@ class ModelWorker:
                 interrupted = True
                 break
             job.index, job.step, job.step_ms, job.latents = i, 0, [], None
-            stages = (("steps_2", plan.decision_2), ("steps_3", plan.decision_3))
-            cascade = {name: decision.steps for name, decision in stages if decision is not None}
             result = pipe.generate(
-                **cascade,
+                **plan.stage_steps,
                 prompt=plan.prompt,
                 negative_prompt=plan.negative,
                 steps=plan.steps,
