@@ -152,7 +152,8 @@ class MagCache(_Scheduled):
 
 class TaylorSeerLite(_Scheduled):
     """diffusers 0.39's TaylorSeer in lite mode (hooks/taylorseer_cache.py, use_lite_mode=True): on a predicted
-    call every block is skipped and ``proj_out`` — whose output is the FLUX transformer's output — returns its
+    call every block is skipped and ``proj_out`` — whose output is FLUX's transformer output, and SD 3's before
+    the unpatchify, a permutation that commutes with the prediction's elementwise arithmetic — returns its
     Taylor prediction from the factors of the computed calls (divided differences up to ``max_order``), so the
     whole graph runs on computed calls only. Factors stay float32 (the reference's default is bf16; the parity
     test runs it with float32 factors)."""

@@ -47,14 +47,9 @@ FLUX_MAG_RATIOS = (
 PUBLISHED_MAG_RATIOS = {"flux": ("flux", FLUX_MAG_RATIOS)}
 NAMED_MAG_RATIOS = {name: ratios for name, ratios in PUBLISHED_MAG_RATIOS.values()}
 
-# why each mode is refused for SD 3 (checked on a tiny SD3Transformer2DModel with diffusers 0.39: it is no
-# CacheMixin, so no enable_cache; StableDiffusion3Pipeline sets no cache context, which the First Block Cache and
-# TaylorSeer hooks need; given one, both fail on the last block, built context_pre_only, which returns None for
-# the encoder states: first_block_cache.py:176 subtracts from it, taylorseer_cache.py:134 reads its dtype)
-SD3_NO_REFERENCE = (
-    "diffusers 0.39's {hook} does not run on SD3's transformer (its pipeline sets no cache context, and given one "
-    "the hook fails on the last block, which returns no encoder states), so there is no reference to reproduce"
-)
+# SD 3: diffusers 0.39 runs these hooks on SD3Transformer2DModel only with a cache context set (its pipeline
+# sets none) and, for First Block Cache and TaylorSeer, with the last block returning its (discarded) encoder
+# states rather than None; the parity tests reproduce diffusers' hooks on SD 3 so (test_engine_parity_flow.py)
 
 
 @dataclass(frozen=True)
@@ -77,9 +72,8 @@ MODES = {
             name="fbcache",
             reference="diffusers 0.39 FirstBlockCacheConfig / apply_first_block_cache",
             fields={"threshold": 0.05},
-            families=("flux",),
+            families=("flux", "sd3"),
             graphs="split",
-            why_not={"sd3": SD3_NO_REFERENCE.format(hook="First Block Cache")},
         ),
         Mode(
             name="magcache",
@@ -108,9 +102,8 @@ MODES = {
                 "max_order": 1,
                 "use_lite_mode": False,
             },
-            families=("flux",),
+            families=("flux", "sd3"),
             graphs="whole",
-            why_not={"sd3": SD3_NO_REFERENCE.format(hook="TaylorSeer (lite mode)")},
             optional_ints=("disable_cache_after_step",),
             label_skipped="predicted",
         ),

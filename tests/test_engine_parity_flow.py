@@ -167,3 +167,95 @@ def test_sd3_magcache_matches_diffusers_hook_and_its_calibration(exported_tiny):
     assert len(measured) == len(theirs) == steps and len(set(theirs)) > 2
     np.testing.assert_allclose(measured, theirs, atol=1e-4)
     assert step_cache.parse(f"magcache:mag_ratios={calibrated.parameters['cache_mag_ratios']}").options["mag_ratios"]
+
+
+# --- SD 3 with First Block Cache and TaylorSeer-Lite against diffusers' hooks ---------------------------------
+
+
+def _returns_encoder_states(block) -> None:
+    """SD3's last block (built context_pre_only) returns None for the encoder states, which the transformer
+    then discards; diffusers 0.39's First Block Cache and TaylorSeer hooks read every output of the block they
+    wrap, and fail on None (test_step_cache.py checks that). Returning zeros of the input's shape instead
+    changes no number the transformer uses, and lets diffusers' own hooks run: the reference."""
+    run = block.forward
+
+    def forward(*args, **kwargs):
+        encoder, hidden = run(*args, **kwargs)
+        return (torch.zeros_like(kwargs["encoder_hidden_states"]) if encoder is None else encoder), hidden
+
+    block.forward = forward
+
+
+def _sd3_hook_reference(noise, steps, apply, config):
+    """diffusers' StableDiffusion3Pipeline with ``apply(transformer, config)``, under one cache context (the
+    pipeline sets none; these hooks need one), and which calls ran the last block (its norm1 fires only then)."""
+    from diffusers.hooks import HookRegistry
+
+    from tests.test_step_cache import _step_verdicts
+
+    ref = tiny.build("sd3")
+    _returns_encoder_states(ref.transformer.transformer_blocks[-1])
+    apply(ref.transformer, config)
+    HookRegistry.check_if_exists_or_initialize(ref.transformer)._set_context("cond")
+    events: list[str] = []
+    ref.transformer.register_forward_pre_hook(lambda *_: events.append("step"))
+    ref.transformer.transformer_blocks[-1].norm1.register_forward_pre_hook(lambda *_: events.append("rest"))
+    latents = []
+
+    def keep(pipe, index, t, tensors):
+        latents.append(tensors["latents"].numpy().copy())
+        return tensors
+
+    image = run_reference(
+        ref, torch.from_numpy(noise), num_inference_steps=steps, guidance_scale=7.0, width=64, height=48,
+        max_sequence_length=256, callback_on_step_end=keep,
+    )  # fmt: skip
+    return image, latents[-1], _step_verdicts(events, "skipped")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    ["taylorseer:use_lite_mode=true,cache_interval=2,disable_cache_before_step=2", "fbcache:threshold=0.4"],
+)
+def test_sd3_fbcache_and_taylorseer_lite_match_diffusers_hooks(exported_tiny, text):
+    """First Block Cache and TaylorSeer-Lite on SD 3 against diffusers 0.39's hooks on StableDiffusion3Pipeline
+    (the last block returning zeros for the encoder states it drops, see _returns_encoder_states), from the
+    same noise: the same steps computed, the image within 2/255, the final latents within 1e-4; and the cached
+    run's latents are farther than that from the uncached ones, so the comparison can fail."""
+    import torch as _torch
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        TaylorSeerCacheConfig,
+        apply_first_block_cache,
+        apply_taylorseer_cache,
+    )
+
+    from registry import cache as step_cache
+
+    steps = 8
+    pipe = engine.load_pipeline(sd3_export(exported_tiny), threads=1)
+    noise = np.random.default_rng(5).standard_normal(pipe.family.latent_shape(64, 48), dtype=np.float32)
+    common = dict(prompt=PROMPT, steps=steps, guidance=7.0, width=64, height=48, seed=0, latents=noise)
+    spec = step_cache.parse(text).resolved(steps)
+    result = pipe.generate(**common, cache=spec)
+    if spec.mode == "fbcache":
+        apply, config = apply_first_block_cache, FirstBlockCacheConfig(**spec.options)
+    else:
+        apply, config = (
+            apply_taylorseer_cache,
+            TaylorSeerCacheConfig(**spec.options, taylor_factors_dtype=_torch.float32),
+        )
+    expected, latents, verdicts = _sd3_hook_reference(noise, steps, apply, config)
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert [v if v == "computed" else "skipped" for v in ours] == verdicts
+    assert ours.count("computed") >= 3 and len(set(ours)) == 2
+    schedule = spec.schedule(steps)
+    if schedule is not None:  # what the plan announced is what ran
+        assert ours == ["computed" if c else step_cache.MODES[spec.mode].label_skipped for c in schedule]
+    assert_close(result.image, expected)
+    error = np.abs(result.latents - latents).max()
+    assert error < 1e-4
+    uncached = pipe.generate(**common).latents
+    assert np.abs(uncached - latents).max() > 50 * max(error, 1e-6)
+    assert result.parameters["cache"] == spec.label()

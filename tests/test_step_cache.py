@@ -133,8 +133,7 @@ def test_the_plan_line_names_the_denoiser_and_its_full_steps(model_id, cache, li
         ("flux-schnell", None, "refused for FLUX.1-schnell: a few-step distilled model"),
         ("sdxl-turbo", None, "few-step distilled"),
         ("lcm", None, "few-step distilled"),
-        ("sd3-medium", None, "not available for sd3: diffusers 0.39's First Block Cache does not run on SD3's"),
-        ("sd15", None, "not available for sd15: the engine runs fbcache on flux only"),
+        ("sd15", None, "not available for sd15: the engine runs fbcache on flux, sd3 only"),
     ],
 )
 def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
@@ -152,12 +151,12 @@ def test_deepcache_at_its_default_interval_is_refused_whatever_the_steps():
     assert _plan("sd15", "deepcache:cache_interval=2", steps=20).full_evaluations == (10, 10)
 
 
-def test_the_sd3_refusals_are_what_diffusers_does_on_sd3():
-    """The reasons registry/cache.py gives for SD 3, checked on diffusers 0.39 itself (a tiny
-    SD3Transformer2DModel with a cache context set, as a pipeline that set one would): First Block Cache and
-    TaylorSeer-Lite fail on the last block's missing encoder states; MagCache runs (offered for SD 3, with
-    explicit ratios: tests/test_engine_parity_flow.py). If diffusers starts running them, this fails and the
-    refusals need revisiting."""
+def test_diffusers_hooks_need_sd3s_last_block_to_return_encoder_states():
+    """Why the SD 3 references in tests/test_engine_parity_flow.py make the last block return zeros for the
+    encoder states it drops (_returns_encoder_states): diffusers 0.39's First Block Cache and TaylorSeer-Lite
+    hooks, run on a tiny SD3Transformer2DModel as it is (a cache context set, as a pipeline that set one would),
+    fail on the last block's None; MagCache runs as it is. If diffusers starts running them, this fails and the
+    references can drop the change. The engine offers all three on SD 3."""
     import torch
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, SD3Transformer2DModel, TaylorSeerCacheConfig
     from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache
@@ -188,9 +187,8 @@ def test_the_sd3_refusals_are_what_diffusers_does_on_sd3():
     lite = run(apply_taylorseer_cache, TaylorSeerCacheConfig(use_lite_mode=True, disable_cache_before_step=1))
     assert lite is not None and "NoneType" in lite
     assert run(apply_mag_cache, MagCacheConfig(num_inference_steps=4, mag_ratios=np.ones(4))) is None
-    for text, needle in (("fbcache", "First Block Cache does not run"), ("taylorseer:use_lite_mode=true", "lite mode")):
-        with pytest.raises(InputError, match=needle):
-            _plan("sd3-medium", text)
+    for text in ("fbcache", "taylorseer:use_lite_mode=true", "magcache:mag_ratios=flux"):
+        assert _plan("sd3-medium", text).cache.mode == text.partition(":")[0]
 
 
 def test_a_run_no_longer_than_the_warm_up_is_refused_even_forced():
