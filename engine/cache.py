@@ -221,6 +221,32 @@ class DeepCache:
         return self.shallow(outputs=["out_sample"], **feeds, deep_features=self.features)
 
 
+class PerContext:
+    """One cache per cache context, as diffusers' hooks keep one state per ``cache_context`` the pipeline sets
+    (hooks/hooks.py StateManager): a denoiser that calls the transformer once per context each step, in a
+    fixed order (Qwen-Image's true CFG: the prompt in "cond", then the negative in "uncond"), has each call
+    served by its context's own cache, which counts its own calls. ``steps``: one verdict per step, the
+    contexts' when they agree, else each context's joined by "/" in call order (``computed/cached``)."""
+
+    def __init__(self, make, contexts: tuple[str, ...]):
+        self.contexts = tuple(contexts)
+        self.caches = [make() for _ in self.contexts]
+        self.calls = 0
+        self.steps: list[str] = []
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        out = self.caches[self.calls % len(self.caches)](outputs, **feeds)
+        self.calls += 1
+        if self.calls % len(self.caches) == 0:  # every context has run this step
+            verdicts = [cache.steps[-1] for cache in self.caches]
+            self.steps.append(verdicts[0] if len(set(verdicts)) == 1 else "/".join(verdicts))
+        return out
+
+    def report(self) -> dict[str, str]:
+        """The first context's (the prompt's) report: a MagCache calibration measures the ratios there."""
+        return getattr(self.caches[0], "report", dict)()
+
+
 GRAPHS = {"split": SPLIT_GRAPHS, "deepcache": DEEPCACHE_GRAPHS, "whole": ()}
 
 
@@ -230,11 +256,22 @@ def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
 
 
 def cached_denoiser(
-    spec: CacheSpec, graphs: dict, model: str, timesteps, whole: str = "transformer", family: str | None = None
+    spec: CacheSpec,
+    graphs: dict,
+    model: str,
+    timesteps,
+    whole: str = "transformer",
+    family: str | None = None,
+    contexts: tuple[str, ...] = ("cond",),
 ):
     """The stand-in for the denoiser graph that ``spec`` runs over ``timesteps`` (the ones this run steps
     through, from the scheduler's full list for deepcache's lookup), fresh for one generation. ``family``:
-    the model's, for MagCache's default ratios (published for FLUX only)."""
+    the model's, for MagCache's default ratios. ``contexts``: the denoiser's calls each step (the
+    architecture's cache_contexts): more than one, and each gets a cache of its own (PerContext)."""
+    if len(contexts) > 1:
+        return PerContext(
+            lambda: cached_denoiser(spec, graphs, model, timesteps, whole, family, contexts[:1]), contexts
+        )
     missing = [name for name in graphs_needed(spec) if name not in graphs]
     if missing:
         raise EngineError(

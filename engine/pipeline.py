@@ -301,7 +301,13 @@ class Pipeline:
                 cache = cache.resolved(len(sched.timesteps) - start)
                 timesteps = sched.timesteps if cache.mode == "deepcache" else sched.timesteps[start:]
                 graph = caching.cached_denoiser(
-                    cache, graphs, self.model_label, timesteps, arch.denoiser_component, self.manifest.family
+                    cache,
+                    graphs,
+                    self.model_label,
+                    timesteps,
+                    arch.denoiser_component,
+                    self.manifest.family,
+                    contexts=arch.cache_contexts(cond),
                 )
                 prof.watch_cache(graph.steps)
             denoise = arch.denoiser(graph, cond, extra, guidance)

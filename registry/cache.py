@@ -102,7 +102,7 @@ MODES = {
                 "max_order": 1,
                 "use_lite_mode": False,
             },
-            families=("flux", "sd3"),
+            families=("flux", "sd3", "qwen-image"),
             graphs="whole",
             optional_ints=("disable_cache_after_step",),
             label_skipped="predicted",

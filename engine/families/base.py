@@ -105,6 +105,12 @@ class Architecture:
         return {}
 
     # --- the denoiser
+    def cache_contexts(self, cond: dict) -> tuple[str, ...]:
+        """The denoiser's calls each step, in the order ``denoiser`` makes them, named as the cache context
+        diffusers' pipeline sets around each (a step cache keeps one state per context, as its hooks do): one
+        call, batched CFG included, unless a family runs its texts one call each."""
+        return ("cond",)
+
     def denoiser(self, graph, cond: dict, extra: dict, guidance: float) -> Denoise:
         """The graph wrapped as ``denoise(x, t)`` → the prediction the scheduler steps with."""
         raise NotImplementedError

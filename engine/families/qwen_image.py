@@ -183,6 +183,10 @@ class QwenImageArchitecture(Architecture):
         return extra
 
     # --- the denoiser
+    def cache_contexts(self, cond) -> tuple[str, ...]:
+        # QwenImagePipeline runs the prompt in cache_context("cond"), the negative in cache_context("uncond")
+        return ("cond", "uncond") if "negative_embeds" in cond else ("cond",)
+
     def denoiser(self, graph, cond, extra, guidance):
         def run(x, t, embeds, rotary):
             return graph(
