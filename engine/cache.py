@@ -38,15 +38,17 @@ FIRST, BLOCKS, OUT = SPLIT_GRAPHS
 COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
 
 
-def _remaining_blocks(blocks, first: dict) -> np.ndarray:
+def _remaining_blocks(blocks, first: dict, feeds: dict) -> np.ndarray:
     """The blocks after the first, run on what the first graph returned (FLUX's rotary embedding too; SD 3
-    has none): their output hidden states."""
+    has none) and on the whole graph's rotary tables (Qwen-Image's are its inputs): their output hidden states."""
     shared = {name: first[name] for name in ("temb", "rotary_cos", "rotary_sin") if name in first}
+    tables = {name: value for name, value in feeds.items() if "_freqs_" in name}
     return blocks(
         outputs=["out_hidden_states"],
         hidden_states=first["first_block_hidden_states"],
         encoder_hidden_states=first["first_block_encoder_hidden_states"],
         **shared,
+        **tables,
     )["out_hidden_states"]
 
 
@@ -79,7 +81,7 @@ class FirstBlockCache:
         hidden = first["first_block_hidden_states"]
         residual = hidden - first["first_block_input"]
         if self._compute(residual):
-            blocks = _remaining_blocks(self.blocks, first)
+            blocks = _remaining_blocks(self.blocks, first, feeds)
             self.blocks_residual = blocks - hidden
             self.first_residual = residual
             self.steps.append(COMPUTED)
@@ -138,7 +140,7 @@ class MagCache(_Scheduled):
         first = self.first(**feeds)
         entering = first["first_block_input"]
         if compute:
-            hidden = _remaining_blocks(self.blocks, first)
+            hidden = _remaining_blocks(self.blocks, first, feeds)
             residual = hidden - entering
             if self.calibrate:
                 self._measure(residual)
@@ -281,7 +283,7 @@ def cached_denoiser(
     if spec.mode == "deepcache":
         return DeepCache(graphs, spec, timesteps)
     steps = len(timesteps)
-    spec = spec.resolved(steps)
+    spec = spec.resolved(steps, family)
     if spec.mode == "fbcache":
         return FirstBlockCache(graphs, spec.options["threshold"])
     if spec.mode == "magcache":

@@ -298,7 +298,7 @@ class Pipeline:
             if cache is None:
                 graph = graphs[arch.denoiser_component]
             else:  # the graphs composed as the whole, deciding each step what runs (engine/cache.py)
-                cache = cache.resolved(len(sched.timesteps) - start)
+                cache = cache.resolved(len(sched.timesteps) - start, self.manifest.family)
                 timesteps = sched.timesteps if cache.mode == "deepcache" else sched.timesteps[start:]
                 graph = caching.cached_denoiser(
                     cache,

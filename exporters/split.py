@@ -1,6 +1,9 @@
 """The denoiser as the graphs a step cache needs (``stepwise export --cache-graphs``), beside the whole graph.
 
-FLUX's transformer (fbcache, magcache) and SD 3's (magcache) are split in three; a UNet (deepcache) in two, below.
+FLUX's and Qwen-Image's transformers (fbcache, magcache) and SD 3's (magcache) are split in three; a UNet
+(deepcache) in two, below. Qwen-Image's split is written in exporters/qwen_image/transformer.py (its forward's
+knowledge stays there), with the same graph and tensor names; its rotary tables are inputs of the whole graph,
+which the first and the remaining blocks' graphs take under the same names.
 
 First Block Cache (diffusers.hooks.first_block_cache) runs the transformer's first block every step, and
 the remaining blocks only when the first block's residual changed enough; otherwise it adds the residual the
@@ -46,6 +49,7 @@ GRAPHS = (*SPLIT_GRAPHS, *DEEPCACHE_GRAPHS)
 SPLITS = {
     "FluxTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
     "SD3Transformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
+    "QwenImageTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),  # qwen_image/transformer.py
     "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
 }
 SPLIT_CLASSES = tuple(SPLITS)
@@ -151,6 +155,10 @@ def graphs(module, **unet_options) -> list[Component]:
         return unet_graphs(module, **unet_options)
     if cls not in SPLIT_CLASSES:
         raise TypeError(f"no step-cache graphs for {cls}")
+    if cls == "QwenImageTransformer2DModel":  # the family's knowledge stays in its package
+        from .qwen_image.transformer import split_components
+
+        return split_components(module)
     sd3 = _sd3(module)
     blocks = _blocks(module)
     if len(blocks) < 2:
@@ -214,10 +222,17 @@ def graphs(module, **unet_options) -> list[Component]:
     return [first, rest, out]
 
 
-def blocks_feeds(first: dict, hidden: np.ndarray) -> dict[str, np.ndarray]:
-    """The remaining blocks' inputs from the first graph's outputs."""
+def blocks_feeds(first: dict, hidden: np.ndarray, feeds: dict) -> dict[str, np.ndarray]:
+    """The remaining blocks' inputs from the first graph's outputs, and the whole graph's rotary tables
+    (Qwen-Image's, which the blocks graph takes under their names; FLUX's come from the first graph)."""
     shared = {name: first[name] for name in SHARED if name in first}
-    return {"hidden_states": hidden, "encoder_hidden_states": first["first_block_encoder_hidden_states"], **shared}
+    tables = {name: value for name, value in feeds.items() if "_freqs_" in name}
+    return {
+        "hidden_states": hidden,
+        "encoder_hidden_states": first["first_block_encoder_hidden_states"],
+        **shared,
+        **tables,
+    }
 
 
 def out_feeds(first: dict, hidden: np.ndarray, feeds: dict) -> dict[str, np.ndarray]:
@@ -233,7 +248,9 @@ def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> np.ndarray:
         deep = run("unet_deep", feeds)["deep_features"]
         return run("unet_shallow", {**feeds, "deep_features": deep})["out_sample"]
     first = run("transformer_first_block", feeds)
-    hidden = run("transformer_blocks", blocks_feeds(first, first["first_block_hidden_states"]))["out_hidden_states"]
+    hidden = run("transformer_blocks", blocks_feeds(first, first["first_block_hidden_states"], feeds))[
+        "out_hidden_states"
+    ]
     return run("transformer_out", out_feeds(first, hidden, feeds))["out_hidden_states"]
 
 

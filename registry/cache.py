@@ -42,10 +42,35 @@ FLUX_MAG_RATIOS = (
     0.95703, 0.93359, 0.89062,
 )  # fmt: skip
 
-# the magnitude ratios MagCache's authors published, per family (diffusers 0.39 ships FLUX's only; the
-# MagCache repository, Zehong-Ma/MagCache, and its ComfyUI nodes have none for SD 3 / 3.5)
-PUBLISHED_MAG_RATIOS = {"flux": ("flux", FLUX_MAG_RATIOS)}
+# MagCache's published calibration for Qwen-Image (50 steps, true CFG), verbatim from the authors' repository:
+# Zehong-Ma/MagCache, MagCache4QwenImage/magcache_generate.py (commit 566c3a16), ``mag_ratios = [...]``. Their
+# forward counts both CFG calls, so the list interleaves the prompt's and the negative's ratio of each step
+# after the first (the two are equal at every step) and their code puts [1.0, 1.0] in front
+QWEN_IMAGE_MAG_RATIOS_INTERLEAVED = (
+    1.64062, 1.64062, 1.45312, 1.45312, 1.1875, 1.1875, 1.17188, 1.17188, 1.05469, 1.05469, 1.21094, 1.21094,
+    1.10938, 1.10938, 1.11719, 1.11719, 1.13281, 1.13281, 1.11719, 1.11719, 1.07812, 1.07812, 1.07031, 1.07031,
+    1.08594, 1.08594, 1.08594, 1.08594, 1.07812, 1.07812, 1.03906, 1.03906, 1.04688, 1.04688, 1.07812, 1.07812,
+    1.07031, 1.07031, 1.03125, 1.03125, 1.07812, 1.07812, 1.04688, 1.04688, 1.04688, 1.04688, 1.04688, 1.04688,
+    1.03906, 1.03906, 1.01562, 1.01562, 1.03125, 1.03125, 1.02344, 1.02344, 1.02344, 1.02344, 1.02344, 1.02344,
+    1.03906, 1.03906, 1.0, 1.0, 1.01562, 1.01562, 1.0, 1.0, 0.99219, 0.99219, 1.00781, 1.00781, 0.98047, 0.98047,
+    0.95703, 0.95703, 0.96875, 0.96875, 0.99219, 0.99219, 0.92578, 0.92578, 0.92578, 0.92578, 0.90625, 0.90625,
+    0.85938, 0.85938, 0.80469, 0.80469, 0.87891, 0.87891, 0.75, 0.75, 0.60938, 0.60938, 0.55078, 0.55078,
+)  # fmt: skip
+# as diffusers' MagCacheConfig takes ratios (one per step, each CFG context counting its own steps): the first
+# step's 1.0, then the ratio of each later step
+QWEN_IMAGE_MAG_RATIOS = (1.0, *QWEN_IMAGE_MAG_RATIOS_INTERLEAVED[0::2])
+
+# the magnitude ratios MagCache's authors published, per family: name, ratios, what the plan says (diffusers 0.39
+# ships FLUX's only; the MagCache repository, Zehong-Ma/MagCache, and its ComfyUI nodes have none for SD 3 / 3.5)
+PUBLISHED_MAG_RATIOS = {
+    "flux": ("flux", FLUX_MAG_RATIOS),
+    "qwen-image": ("qwen-image", QWEN_IMAGE_MAG_RATIOS),
+}
 NAMED_MAG_RATIOS = {name: ratios for name, ratios in PUBLISHED_MAG_RATIOS.values()}
+MAG_RATIOS_NOTES = {
+    "flux": "FLUX.1-dev's (MagCache's published calibration, diffusers' FLUX_MAG_RATIOS)",
+    "qwen-image": "Qwen-Image's (MagCache's published calibration, 50 steps, MagCache4QwenImage)",
+}
 
 # SD 3: diffusers 0.39 runs these hooks on SD3Transformer2DModel only with a cache context set (its pipeline
 # sets none) and, for First Block Cache and TaylorSeer, with the last block returning its (discarded) encoder
@@ -72,7 +97,7 @@ MODES = {
             name="fbcache",
             reference="diffusers 0.39 FirstBlockCacheConfig / apply_first_block_cache",
             fields={"threshold": 0.05},
-            families=("flux", "sd3"),
+            families=("flux", "sd3", "qwen-image"),
             graphs="split",
         ),
         Mode(
@@ -88,7 +113,7 @@ MODES = {
                 "mag_ratios": None,
                 "calibrate": False,
             },
-            families=("flux", "sd3"),
+            families=("flux", "sd3", "qwen-image"),
             graphs="split",
             optional_ints=("num_inference_steps",),
         ),
@@ -141,17 +166,24 @@ class CacheSpec:
         ratios = self.options["mag_ratios"]
         if self.options["calibrate"]:
             return "calibrating: every step runs in full and the magnitude ratios are measured and reported"
-        if ratios is None or ratios == "flux":
-            return "magnitude ratios: FLUX.1-dev's (MagCache's published calibration, diffusers' FLUX_MAG_RATIOS)"
+        if ratios is None or isinstance(ratios, str):
+            return f"magnitude ratios: {MAG_RATIOS_NOTES[ratios or 'flux']}"
         return f"magnitude ratios: the {len(ratios)} given"
 
-    def resolved(self, steps_run: int) -> CacheSpec:
-        """The spec with the run's own values filled in: MagCache's num_inference_steps (None: the run's)."""
+    def resolved(self, steps_run: int, family: str | None = None) -> CacheSpec:
+        """The spec with the run's own values filled in: MagCache's num_inference_steps (None: the run's) and,
+        on a family whose published ratios are not FLUX's (the None default's), their name (``family``: the
+        model's; the label then records them)."""
+        spec = self
         if self.mode == "magcache" and self.options["num_inference_steps"] is None:
-            return CacheSpec(
-                self.mode, tuple((k, steps_run if k == "num_inference_steps" else v) for k, v in self.params)
-            )
-        return self
+            spec = spec._with("num_inference_steps", steps_run)
+        published = PUBLISHED_MAG_RATIOS.get(family)
+        if self.mode == "magcache" and self.options["mag_ratios"] is None and published and published[0] != "flux":
+            spec = spec._with("mag_ratios", published[0])
+        return spec
+
+    def _with(self, key: str, value) -> CacheSpec:
+        return CacheSpec(self.mode, tuple((k, value if k == key else v) for k, v in self.params))
 
     def schedule(self, steps: int) -> list[bool] | None:
         """Which of ``steps`` calls run the whole denoiser (True), for the modes that fix it in advance."""
@@ -306,7 +338,7 @@ def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
         )
     if spec.mode == "magcache" and options["calibrate"]:
         return  # computes every step on purpose: it measures the ratios
-    schedule = spec.resolved(steps_run).schedule(steps_run)
+    schedule = spec.resolved(steps_run, family).schedule(steps_run)
     if spec.mode == "deepcache" and options["cache_interval"] == 1:  # no run is long enough to cache anything
         raise InputError(
             f"--cache {spec.label()} runs the whole UNet at every step (cache_interval=1, the helper's default), "

@@ -169,7 +169,7 @@ def plan_request(
     decision_2, decision_3 = stage_decisions(model, steps_2, steps_3, stage_3=stage_3, force=force)
     spec = step_cache.parse(cache)
     step_cache.check(spec, model, family.name, decision.steps_run)
-    spec = spec.resolved(decision.steps_run) if spec is not None else None
+    spec = spec.resolved(decision.steps_run, family.name) if spec is not None else None
     given = seed is not None
     return Plan(
         prompt=prompt,

@@ -1,6 +1,12 @@
 """Qwen-Image end to end on the tiny pipeline: the engine's image against diffusers' QwenImagePipeline from the
-same initial latents (square and non-square, the default " " negative and a real one, and without CFG), and the
-4-bit export's image against the fp32 one's."""
+same initial latents (square and non-square, the default " " negative and a real one, and without CFG), the
+4-bit export's image against the fp32 one's, and step caching (``--cache``) against diffusers' own hooks.
+
+The cache's reference is the same pipeline with ``transformer.enable_cache(<the same config>)`` and true CFG on (a
+negative prompt, true_cfg_scale 4): QwenImagePipeline runs the prompt in ``cache_context("cond")`` and the negative
+in ``cache_context("uncond")``, and each hook keeps one state per context, so the engine keeps one cache per
+context (engine/cache.py PerContext). Checked: the same calls computed in each context, the image within 2/255.
+The fp32 export carries the step-cache split (--cache-graphs), so one export serves every test here."""
 
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ pytest.importorskip("onnxruntime")
 import engine  # noqa: E402
 import registry  # noqa: E402
 from exporters import tiny  # noqa: E402
+from registry import cache as step_cache  # noqa: E402
 from registry import manifest as manifest_io  # noqa: E402
 from tests.test_engine_parity import MAX_PIXEL_DIFF, diffusers_scheduler  # noqa: E402
 
 PROMPT = "a red apple on a table"
-FP32 = {"weights": "fp32", "text_encoder_weights": "fp32"}
+FP32 = {"weights": "fp32", "text_encoder_weights": "fp32", "cache_graphs": True}
 # the default formats (int4 transformer, int8 text encoder) against fp32 on the tiny model, 3 steps at 64x48:
 # measured 37.4 dB (with an int4 text encoder too)
 MIN_INT4_PSNR_DB = 20.0
@@ -43,12 +50,21 @@ def engine_image(folder, width, height, steps, guidance, negative, latents):
     return result
 
 
-def diffusers_image(width, height, steps, guidance, negative, latents):
-    """QwenImagePipeline's image: true CFG needs a negative prompt, " " when none is said (as the engine does)."""
+def diffusers_image(width, height, steps, guidance, negative, latents, cache=None, calls=None):
+    """QwenImagePipeline's image: true CFG needs a negative prompt, " " when none is said (as the engine does).
+    ``cache``: a diffusers cache config enabled on the transformer; ``calls`` then gets, per transformer call,
+    "computed" or "skipped": a pre-hook on the last block's attention fires only when the hook lets that block run
+    (First Block Cache and MagCache skip it, TaylorSeer-Lite's inactive blocks return zeros without running)."""
     from diffusers import QwenImagePipeline
 
     pipe = tiny.build("qwen-image")
     pipe.scheduler = diffusers_scheduler(registry.get("qwen-image").scheduler)
+    if cache is not None:
+        pipe.transformer.enable_cache(cache)
+        pipe.transformer.register_forward_pre_hook(lambda *_: calls.append("skipped"))
+        pipe.transformer.transformer_blocks[-1].attn.register_forward_pre_hook(
+            lambda *_: calls.__setitem__(-1, "computed")
+        )
     packed = QwenImagePipeline._pack_latents(torch.from_numpy(latents), 1, 16, height // 8, width // 8)
     with torch.no_grad():
         image = pipe(
@@ -102,3 +118,73 @@ def test_int4_export_is_the_default_and_close_to_fp32(exported_tiny):
     psnr = _psnr(fp32, int4)
     assert psnr >= MIN_INT4_PSNR_DB, f"int4 vs fp32: {psnr:.1f} dB"
     assert psnr < 60  # the formats differ: a test that compared fp32 with itself would pass at infinity
+
+
+# --- step caching against diffusers' hooks, true CFG on ------------------------------------------------------
+
+NEGATIVE = "blurry, dark"
+CONTEXTS = ("cond", "uncond")  # the order QwenImagePipeline calls them in each step
+
+
+def _reference_config(spec):
+    """diffusers' config of the same mode and values: TaylorSeer's factors in float32 (as the engine's), MagCache's
+    ratios the ones the spec names (resolved for Qwen-Image: MagCache's published Qwen-Image calibration)."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    options = spec.options
+    if spec.mode == "fbcache":
+        return FirstBlockCacheConfig(**options)
+    if spec.mode == "magcache":
+        ratios = step_cache.NAMED_MAG_RATIOS[options["mag_ratios"]]
+        return MagCacheConfig(**{**options, "mag_ratios": list(ratios)})
+    return TaylorSeerCacheConfig(**options, taylor_factors_dtype=torch.float32)
+
+
+def _per_context(verdicts: list[str]) -> dict[str, list[str]]:
+    """The engine's per-step verdicts (``computed``, or ``computed/cached`` where the contexts differ) per context."""
+    split = [v.split("/") if "/" in v else [v] * len(CONTEXTS) for v in verdicts]
+    return {name: ["computed" if s[i] == "computed" else "skipped" for s in split] for i, name in enumerate(CONTEXTS)}
+
+
+def check_cache_against_diffusers(folder, text, width=64, height=64, steps=8):
+    latents = _latents(width, height)
+    spec = step_cache.parse(text).resolved(steps, "qwen-image")
+    pipe = engine.load_pipeline(folder, threads=1)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=4.0, width=width, height=height)
+    result = pipe.generate(**common, seed=0, latents=latents, cache=spec)
+    calls: list[str] = []
+    expected = diffusers_image(width, height, steps, 4.0, NEGATIVE, latents, _reference_config(spec), calls)
+    reference = {name: calls[i :: len(CONTEXTS)] for i, name in enumerate(CONTEXTS)}
+    ours = [s["cache"] for s in result.profile["steps"]]
+    assert _per_context(ours) == reference  # the same calls computed, context by context
+    assert all(len(v) == steps and v.count("computed") >= 3 and "skipped" in v for v in reference.values())
+    diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
+    assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
+    assert expected.std() > 5
+    assert result.parameters["cache"] == spec.label()
+    assert result.parameters["cache_computed_steps"] == f"{ours.count('computed')} of {steps}"
+    schedule = spec.schedule(steps)
+    if schedule is not None:  # a fixed schedule, the same in both contexts: what the plan announced ran
+        assert ours == ["computed" if c else step_cache.MODES[spec.mode].label_skipped for c in schedule]
+    return ours
+
+
+@pytest.mark.slow
+def test_taylorseer_lite_matches_diffusers_hook_per_cfg_context(exported_tiny):
+    # second-order factors are checked on FLUX (tests/test_step_cache.py): the per-context states are what is new
+    text = "taylorseer:use_lite_mode=true,cache_interval=2,disable_cache_before_step=2"
+    assert "predicted" in check_cache_against_diffusers(exported_tiny("qwen-image", **FP32), text)
+
+
+@pytest.mark.slow
+def test_fbcache_matches_diffusers_hook_per_cfg_context(exported_tiny):
+    """threshold 0.4: this tiny model's relative changes at 64x64 (0.485, 0.431, 0.379, 0.49, 0.375, 0.368,
+    0.512 in "cond", within 3% of them in "uncond") sit at least 5% away from it, so rounding between ONNX
+    Runtime and PyTorch cannot flip a decision, and both verdicts occur."""
+    assert "cached" in check_cache_against_diffusers(exported_tiny("qwen-image", **FP32), "fbcache:threshold=0.4")
+
+
+@pytest.mark.slow
+def test_magcache_with_the_published_qwen_ratios_matches_diffusers_hook(exported_tiny):
+    ours = check_cache_against_diffusers(exported_tiny("qwen-image", **FP32), "magcache")
+    assert ours.count("cached") == 2  # MagCache4QwenImage's ratios at 8 steps: CCCC..CC

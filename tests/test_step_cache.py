@@ -78,7 +78,7 @@ def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
         ("taylorseer:cache_interval=3", "predicts every attention module's output"),
         ("magcache:max_skip_steps=x", "max_skip_steps=x is not a whole number"),
         ("deepcache:cache_branch_id=1", "caches at another depth of the UNet"),
-        ("magcache:mag_ratios=sd3", "mag_ratios=sd3 is not flux or a list of numbers"),
+        ("magcache:mag_ratios=sd3", "mag_ratios=sd3 is not flux or qwen-image or a list of numbers"),
         ("magcache:mag_ratios=[1.0,x]", "is not a list of numbers like"),
         ("magcache:mag_ratios=[1.0,0]", "is not a list of positive finite numbers"),
     ],
@@ -102,6 +102,20 @@ def test_magcache_ratios_for_sd3_are_explicit_and_the_plan_says_which():
     assert step_cache.parse(given.cache.label()) == given.cache and "the 4 given" in given.cache.ratios_note()
     calibrate = _plan("sd3-medium", "magcache:calibrate=true")
     assert calibrate.full_evaluations == (20, 20) and "calibrating" in calibrate.cache.ratios_note()
+
+
+def test_magcache_on_qwen_image_takes_magcaches_published_qwen_ratios():
+    """MagCache4QwenImage's list interleaves the two CFG calls' ratios, equal at every step: one per step is what
+    diffusers' MagCacheConfig takes for each context (after the first step's 1.0), 50 steps as calibrated."""
+    interleaved = step_cache.QWEN_IMAGE_MAG_RATIOS_INTERLEAVED
+    assert len(interleaved) == 98 and interleaved[0::2] == interleaved[1::2]
+    assert step_cache.QWEN_IMAGE_MAG_RATIOS == (1.0, *interleaved[0::2])
+    plan = _plan("qwen-image", "magcache", steps=50)
+    assert plan.cache.options["mag_ratios"] == "qwen-image" and "Qwen-Image's" in plan.cache.ratios_note()
+    assert step_cache.parse(plan.cache.label()) == plan.cache  # the label records them and parses back
+    low, high = plan.full_evaluations
+    assert low == high and 10 <= low < 50
+    assert _plan("qwen-image", "fbcache", steps=50).full_evaluations == (1, 50)
 
 
 def test_the_plan_counts_full_evaluations():
@@ -133,7 +147,7 @@ def test_the_plan_line_names_the_denoiser_and_its_full_steps(model_id, cache, li
         ("flux-schnell", None, "refused for FLUX.1-schnell: a few-step distilled model"),
         ("sdxl-turbo", None, "few-step distilled"),
         ("lcm", None, "few-step distilled"),
-        ("sd15", None, "not available for sd15: the engine runs fbcache on flux, sd3 only"),
+        ("sd15", None, "not available for sd15: the engine runs fbcache on flux, sd3, qwen-image only"),
     ],
 )
 def test_caching_is_refused_where_it_cannot_help(model_id, steps, needle):
@@ -378,9 +392,9 @@ def test_cache_off_runs_the_whole_graph_as_before(split_export):
 def test_cache_graphs_are_refused_where_no_mode_needs_them(tmp_path):
     import exporters
 
-    with pytest.raises(exporters.ExportError, match="qwen-image has no cache mode .* export without --cache-graphs"):
-        exporters.export("tiny:qwen-image", out=tmp_path / "qwen", cache_graphs=True, progress=None)
-    assert not (tmp_path / "qwen").exists()
+    with pytest.raises(exporters.ExportError, match="hidream has no cache mode .* export without --cache-graphs"):
+        exporters.export("tiny:hidream-i1", out=tmp_path / "hidream", cache_graphs=True, progress=None)
+    assert not (tmp_path / "hidream").exists()
 
 
 # --- DeepCache against the deepcache package's DeepCacheSDHelper (UNets) ---------------------------------

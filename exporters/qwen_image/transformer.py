@@ -59,16 +59,20 @@ def real_rotary():
         module.apply_rotary_emb_qwen = original
 
 
-def _forward(model, hidden_states, encoder_hidden_states, timestep, img_cos, img_sin, txt_cos, txt_sin):
-    """QwenImageTransformer2DModel.forward as QwenImagePipeline calls it (no mask: each prompt runs alone,
-    unpadded; no guidance embedding; no zero_cond_t), with the rotary tables given."""
+def _prologue(model, hidden_states, encoder_hidden_states, timestep):
+    """QwenImageTransformer2DModel.forward up to its blocks: the image and text projections and temb."""
     hidden_states = model.img_in(hidden_states)
     timestep = timestep.to(hidden_states.dtype)
     encoder_hidden_states = model.txt_in(model.txt_norm(encoder_hidden_states))
     temb = model.time_text_embed(timestep, hidden_states)
+    return hidden_states, encoder_hidden_states, temb
+
+
+def _run_blocks(blocks, hidden_states, encoder_hidden_states, temb, img_cos, img_sin, txt_cos, txt_sin):
+    """The forward's loop over ``blocks`` → (hidden states, encoder hidden states)."""
     rotary = ((img_cos, img_sin), (txt_cos, txt_sin))
     with real_rotary():
-        for block in model.transformer_blocks:
+        for block in blocks:
             encoder_hidden_states, hidden_states = block(
                 hidden_states=hidden_states,
                 encoder_hidden_states=encoder_hidden_states,
@@ -76,8 +80,19 @@ def _forward(model, hidden_states, encoder_hidden_states, timestep, img_cos, img
                 temb=temb,
                 image_rotary_emb=rotary,
             )
-    hidden_states = model.norm_out(hidden_states, temb)
-    return (model.proj_out(hidden_states),)
+    return hidden_states, encoder_hidden_states
+
+
+def _output_layers(model, hidden_states, temb):
+    return model.proj_out(model.norm_out(hidden_states, temb))
+
+
+def _forward(model, hidden_states, encoder_hidden_states, timestep, *tables):
+    """QwenImageTransformer2DModel.forward as QwenImagePipeline calls it (no mask: each prompt runs alone,
+    unpadded; no guidance embedding; no zero_cond_t), with the rotary tables given."""
+    hidden_states, encoder_hidden_states, temb = _prologue(model, hidden_states, encoder_hidden_states, timestep)
+    hidden_states, _ = _run_blocks(model.transformer_blocks, hidden_states, encoder_hidden_states, temb, *tables)
+    return (_output_layers(model, hidden_states, temb),)
 
 
 def check_supported(module) -> None:
@@ -150,3 +165,88 @@ def tiny_transformer(seed: int, joint_attention_dim: int):
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),  # sums to attention_head_dim
     ).eval()
+
+
+# --- the step-cache split (``stepwise export --cache-graphs``; exporters/split.py names the graphs) -----------
+#
+# diffusers' First Block Cache and MagCache hooks run on QwenImageTransformerBlock (hooks/_helpers.py registers
+# it: hidden states returned second, encoder states first), the head hook on transformer_blocks[0], the tail on
+# the last: the forward above in three graphs. The rotary tables are inputs of the whole graph: the first and
+# the remaining blocks' graphs take them under the same names.
+
+
+def _first_block_forward(model, hidden_states, encoder_hidden_states, timestep, *tables):
+    hidden, encoder, temb = _prologue(model, hidden_states, encoder_hidden_states, timestep)
+    out_hidden, out_encoder = _run_blocks(model.transformer_blocks[:1], hidden, encoder, temb, *tables)
+    return hidden, out_hidden, out_encoder, temb
+
+
+def _blocks_forward(model, hidden_states, encoder_hidden_states, temb, *tables):
+    hidden, _ = _run_blocks(model.transformer_blocks[1:], hidden_states, encoder_hidden_states, temb, *tables)
+    return (hidden,)
+
+
+def _out_forward(model, hidden_states, temb):
+    return (_output_layers(model, hidden_states, temb),)
+
+
+def split_components(module) -> list[Component]:
+    """The transformer as transformer_first_block, transformer_blocks and transformer_out, in the order they run."""
+    whole = transformer_component(module)
+    cfg = module.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    image, text = whole.inputs["hidden_states"], whole.inputs["encoder_hidden_states"]
+    tables = {k: v for k, v in whole.inputs.items() if "_freqs_" in k}
+    batch = {0: "batch_size"}
+
+    def inner_inputs(case: str, *, blocks: bool) -> dict[str, np.ndarray]:
+        """The inner graphs' test inputs at the whole graph's case shapes: random states, diffusers' tables."""
+        count, h, w = LATENT_CASES[case]
+        rng = np.random.default_rng(_stable_seed("qwen-image-split", case))
+        feeds = {"hidden_states": _randn(rng, count, (h // 2) * (w // 2), inner)}
+        if blocks:
+            feeds["encoder_hidden_states"] = _randn(rng, count, TEXT_TOKENS[case], inner)
+        feeds["temb"] = _randn(rng, count, inner)
+        return {**feeds, **(_tables(cfg, h // 2, w // 2, TEXT_TOKENS[case]) if blocks else {})}
+
+    blocks = list(module.transformer_blocks)
+    prologue = (module.img_in, module.txt_norm, module.txt_in, module.time_text_embed)
+    first = Component(
+        name="transformer_first_block",
+        kind="qwen-image-transformer-first-block",
+        module=module,
+        inputs=whole.inputs,
+        outputs={
+            "first_block_input": image,
+            "first_block_hidden_states": image,
+            "first_block_encoder_hidden_states": text,
+            "temb": batch,
+        },
+        make_inputs=whole.make_inputs,
+        wrapper=_wrapper(_first_block_forward)(module).eval(),
+        parts=(*prologue, blocks[0]),
+        rebuild=lambda other: split_components(other)[0],
+    )
+    rest = Component(
+        name="transformer_blocks",
+        kind="qwen-image-transformer-blocks",
+        module=module,
+        inputs={"hidden_states": image, "encoder_hidden_states": text, "temb": batch, **tables},
+        outputs={"out_hidden_states": image},
+        make_inputs=lambda case: inner_inputs(case, blocks=True),
+        wrapper=_wrapper(_blocks_forward)(module).eval(),
+        parts=tuple(blocks[1:]),
+        rebuild=lambda other: split_components(other)[1],
+    )
+    out = Component(
+        name="transformer_out",
+        kind="qwen-image-transformer-out",
+        module=module,
+        inputs={"hidden_states": image, "temb": batch},
+        outputs={"out_hidden_states": image},
+        make_inputs=lambda case: inner_inputs(case, blocks=False),
+        wrapper=_wrapper(_out_forward)(module).eval(),
+        parts=(module.norm_out, module.proj_out),
+        rebuild=lambda other: split_components(other)[2],
+    )
+    return [first, rest, out]
