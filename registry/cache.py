@@ -141,6 +141,24 @@ MODES["deepcache"] = Mode(
     families=("sd15", "sdxl"),
     graphs="deepcache",
 )
+# why each transformer mode is refused for HiDream (checked on a tiny HiDreamImageTransformer2DModel with
+# diffusers 0.39, tests/test_step_cache.py): it is no CacheMixin (no enable_cache), HiDreamImagePipeline sets no
+# cache context, its blocks lists (double_stream_blocks, single_stream_blocks) are not among the names the hooks
+# look for (hooks/_common.py) nor its blocks in TransformerBlockRegistry, and it has no proj_out (final_layer);
+# kept apart from the table above, added to each mode's why_not
+HIDREAM_NO_REFERENCE = {
+    "fbcache": "diffusers 0.39's First Block Cache does not run on HiDream's transformer (apply_first_block_cache "
+    "finds none of its block lists, double_stream_blocks and single_stream_blocks, and fails), so there is no "
+    "reference to reproduce",
+    "magcache": "diffusers 0.39's MagCache finds none of HiDream's block lists (double_stream_blocks, "
+    "single_stream_blocks), hooks nothing and runs every step in full, so there is no reference to reproduce",
+    "taylorseer": "diffusers 0.39's TaylorSeer (lite mode) predicts the transformer's proj_out, which HiDream's "
+    "lacks (its output layer is final_layer), and HiDreamImagePipeline sets no cache context, which the hook "
+    "needs, so there is no reference to reproduce",
+}
+for _mode, _why in HIDREAM_NO_REFERENCE.items():
+    MODES[_mode].why_not["hidream"] = _why
+
 # modes the issue names that the engine does not run yet: refused by name rather than as unknown
 NOT_BUILT: dict[str, str] = {}
 

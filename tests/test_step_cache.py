@@ -205,6 +205,53 @@ def test_diffusers_hooks_need_sd3s_last_block_to_return_encoder_states():
         assert _plan("sd3-medium", text).cache.mode == text.partition(":")[0]
 
 
+def test_the_hidream_refusals_are_what_diffusers_does_on_hidream():
+    """The reasons registry/cache.py gives for HiDream, checked on diffusers 0.39 itself (a tiny
+    HiDreamImageTransformer2DModel run as HiDreamImagePipeline runs it, with no cache context): First Block Cache
+    fails to apply (no block list it knows), MagCache hooks nothing (every step the unhooked model's output),
+    TaylorSeer-Lite hooks no output layer (there is no proj_out) and fails for want of a cache context. If
+    diffusers starts running them, this fails and the refusals need revisiting."""
+    import torch
+    from diffusers import FirstBlockCacheConfig, HiDreamImageTransformer2DModel, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache
+
+    from exporters.hidream.transformer import tiny_transformer
+
+    rng = np.random.default_rng(0)
+    inputs = {
+        "hidden_states": torch.from_numpy(rng.standard_normal((1, 16, 8, 8), dtype=np.float32)),
+        "encoder_hidden_states_t5": torch.from_numpy(rng.standard_normal((1, 10, 64), dtype=np.float32)),
+        "encoder_hidden_states_llama3": torch.from_numpy(rng.standard_normal((3, 1, 7, 48), dtype=np.float32)),
+        "pooled_embeds": torch.from_numpy(rng.standard_normal((1, 64), dtype=np.float32)),
+    }
+
+    def run(apply=None, config=None) -> list:
+        model = tiny_transformer(0, t5_dim=64, llama_dim=48, pooled_dim=64)
+        if apply is not None:
+            apply(model, config)
+        with torch.no_grad():
+            return [model(**inputs, timesteps=torch.tensor([t]), return_dict=False)[0] for t in (999.0, 600.0, 200.0)]
+
+    assert not hasattr(HiDreamImageTransformer2DModel, "enable_cache")
+    with pytest.raises(IndexError):  # no head block: remaining_blocks.pop(0) on an empty list
+        run(apply_first_block_cache, FirstBlockCacheConfig(threshold=0.5))
+    plain = run()
+    ratios = MagCacheConfig(num_inference_steps=3, mag_ratios=np.ones(3), threshold=10.0, retention_ratio=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(run(apply_mag_cache, ratios), plain, strict=True))  # no skip
+    model = tiny_transformer(0, t5_dim=64, llama_dim=48, pooled_dim=64)
+    assert "proj_out" not in dict(model.named_modules()) and hasattr(model, "final_layer")
+    with pytest.raises(ValueError, match="No context is set"):
+        run(apply_taylorseer_cache, TaylorSeerCacheConfig(use_lite_mode=True, disable_cache_before_step=1))
+    for text, needle in (
+        ("fbcache", "First Block Cache does not run on HiDream"),
+        ("magcache", "hooks nothing and runs every step in full"),
+        ("taylorseer:use_lite_mode=true", "which HiDream's lacks"),
+    ):
+        with pytest.raises(InputError, match=needle) as err:
+            _plan("hidream-i1", text)
+        assert "not available for hidream" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_run_no_longer_than_the_warm_up_is_refused_even_forced():
     model = registry.get("flux-dev")
     with pytest.raises(InputError, match="caches nothing"):
