@@ -8,8 +8,13 @@ reasons and the plan can say how many steps run the whole denoiser.
 
 - ``fbcache``: diffusers 0.39's First Block Cache; decides each step from the first block's residual, so
   the plan gives a range.
+- Qwen-Image (fbcache, magcache, taylorseer lite): its pipeline runs true CFG as two transformer calls in the
+  cache contexts "cond" and "uncond", and the hooks keep one state per context; so does the engine (one cache
+  per call of a step, engine/cache.py PerContext), each counting its own steps, so the schedules here hold
+  per context. HiDream: every transformer mode is refused with what diffusers lacks there (HIDREAM_NO_REFERENCE).
 - ``magcache``: diffusers 0.39's MagCache; a fixed schedule from magnitude ratios. FLUX's are MagCache's
-  published calibration (diffusers' FLUX_MAG_RATIOS); for SD 3 none is published (MagCache's repository
+  published calibration (diffusers' FLUX_MAG_RATIOS), Qwen-Image's the one in MagCache's repository
+  (MagCache4QwenImage, named ``qwen-image``); for SD 3 none is published (MagCache's repository
   calibrates FLUX, Qwen-Image, Wan, HunyuanVideo and others, not SD 3), so SD 3 takes ``mag_ratios=[...]`` or
   ``mag_ratios=flux`` explicitly, as diffusers' MagCacheConfig does, and ``calibrate=true`` measures them
   on the user's model as diffusers' calibration does (every step computed, the ratios reported).
