@@ -18,14 +18,15 @@ from pathlib import Path
 from . import streaming, validate
 
 # class → the repeated stacks: (config key, state-dict prefix of its blocks, blocks kept from the start,
-# whether the last block is kept too: SD3's last joint block is built differently, context_pre_only)
+# whether the last block is kept too: SD3's last joint block is built differently, context_pre_only; Qwen-Image's
+# so that the step-cache split's blocks graph, every block after the first, has a block at reduced depth)
 STACKS = {
     "FluxTransformer2DModel": [
         ("num_layers", "transformer_blocks", 1, False),
         ("num_single_layers", "single_transformer_blocks", 1, False),
     ],
     "SD3Transformer2DModel": [("num_layers", "transformer_blocks", 1, True)],
-    "QwenImageTransformer2DModel": [("num_layers", "transformer_blocks", 1, False)],
+    "QwenImageTransformer2DModel": [("num_layers", "transformer_blocks", 1, True)],
     "T5EncoderModel": [("num_layers", "encoder.block", 1, False)],
     "CLIPTextModel": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],
     "CLIPTextModelWithProjection": [("num_hidden_layers", "text_model.encoder.layers", 1, False)],

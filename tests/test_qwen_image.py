@@ -188,3 +188,21 @@ def test_fbcache_matches_diffusers_hook_per_cfg_context(exported_tiny):
 def test_magcache_with_the_published_qwen_ratios_matches_diffusers_hook(exported_tiny):
     ours = check_cache_against_diffusers(exported_tiny("qwen-image", **FP32), "magcache")
     assert ours.count("cached") == 2  # MagCache4QwenImage's ratios at 8 steps: CCCC..CC
+
+
+def test_the_reduced_depth_build_keeps_a_block_for_the_split():
+    """A full-size transformer's graphs are validated at reduced depth (exporters/reduced.py): the build keeps the
+    last block too, so the split's transformer_blocks graph (every block after the first) is not empty there
+    (checked by hand: a 4-block tiny export validated at [0, 3] of 4, each split graph within 5e-7)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from exporters import reduced, split, streaming
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        num_layers=6, attention_head_dim=16, num_attention_heads=1, joint_attention_dim=8, axes_dims_rope=(8, 4, 4)
+    )
+    config, _, what = reduced.plan(model)
+    assert "transformer_blocks [0, 5] of 6" in what
+    _, blocks, _ = split.graphs(streaming.build(type(model), config)[0])
+    assert len(blocks.parts) == 1
