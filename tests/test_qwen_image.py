@@ -206,3 +206,27 @@ def test_the_reduced_depth_build_keeps_a_block_for_the_split():
     assert "transformer_blocks [0, 5] of 6" in what
     _, blocks, _ = split.graphs(streaming.build(type(model), config)[0])
     assert len(blocks.parts) == 1
+
+
+@pytest.mark.slow
+def test_magcache_calibration_reports_the_prompts_ratios(exported_tiny, capsys):
+    """calibrate=true under true CFG: diffusers' hook measures (and prints) one list per context, the prompt's
+    first; the engine reports the prompt's, as mag_ratios=[...] takes them."""
+    import ast
+
+    from diffusers import MagCacheConfig
+
+    latents, steps = _latents(64, 64), 6
+    spec = step_cache.parse("magcache:calibrate=true").resolved(steps, "qwen-image")
+    pipe = engine.load_pipeline(exported_tiny("qwen-image", **FP32), threads=1)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=4.0, width=64, height=64)
+    result = pipe.generate(**common, seed=0, latents=latents, cache=spec)
+    capsys.readouterr()
+    diffusers_image(
+        64, 64, steps, 4.0, NEGATIVE, latents, MagCacheConfig(num_inference_steps=steps, calibrate=True), []
+    )
+    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines() if line.startswith("[1.0")]
+    assert len(printed) == 2 and printed[0] != printed[1]  # one per context: which one is reported matters
+    ours = step_cache.parse(f"magcache:mag_ratios={result.parameters['cache_mag_ratios']}").options["mag_ratios"]
+    np.testing.assert_allclose(ours, printed[0], rtol=0, atol=1e-4)  # printed to 5 decimals; seen within 1e-5
+    assert result.parameters["cache_computed_steps"] == f"{steps} of {steps}"
