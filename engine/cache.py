@@ -1,5 +1,5 @@
-"""Step caching in numpy, composed around the denoiser's graphs: the whole one, or its split
-(``stepwise export --cache-graphs``).
+"""Step caching in numpy, composed around the denoiser's graphs: the whole one, or the graphs
+``stepwise export --cache-graphs`` writes (its split; TaylorSeer's record and predict graphs).
 
 A cached denoiser stands in for the whole transformer graph: called like it (``graph(outputs, **feeds)``),
 it runs the graphs and decides, each call, what runs. The loop (engine/sampling.py) does not know: what it
@@ -27,6 +27,7 @@ from registry.cache import (
     DEEPCACHE_GRAPHS,
     MODES,
     SPLIT_GRAPHS,
+    TAYLOR_GRAPHS,
     CacheSpec,
     lacks_mag_ratios,
     taylor_coefficient,
@@ -35,6 +36,7 @@ from registry.cache import (
 from .errors import EngineError
 
 FIRST, BLOCKS, OUT = SPLIT_GRAPHS
+RECORD, PREDICT = TAYLOR_GRAPHS
 COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
 
 
@@ -152,6 +154,35 @@ class MagCache(_Scheduled):
         return _output_layers(self.out, hidden, first, feeds)
 
 
+class TaylorFactors:
+    """One module output's Taylor factors, as diffusers' TaylorSeerState keeps them (float32 here): a computed
+    call's output replaces the factors with it and its divided differences against the last ones, up to
+    ``max_order``; a predicted call sums ``factor × offset**order / order!`` over the orders it has."""
+
+    def __init__(self, max_order: int):
+        self.max_order = max_order
+        self.factors: dict[int, np.ndarray] = {}
+        self.last_update: int | None = None
+
+    def update(self, output: np.ndarray, step: int) -> None:
+        factors = {0: np.asarray(output, dtype=np.float32)}
+        if self.last_update is not None:
+            delta = np.float32(step - self.last_update)
+            for order in range(self.max_order):
+                previous = self.factors.get(order)
+                if previous is None:
+                    break
+                factors[order + 1] = (factors[order] - previous) / delta
+        self.factors, self.last_update = factors, step
+
+    def predict(self, step: int) -> np.ndarray:
+        offset = step - self.last_update
+        output = np.zeros_like(self.factors[0])
+        for order in range(len(self.factors)):
+            output = output + self.factors[order] * np.float32(taylor_coefficient(offset, order))
+        return output
+
+
 class TaylorSeerLite(_Scheduled):
     """diffusers 0.39's TaylorSeer in lite mode (hooks/taylorseer_cache.py, use_lite_mode=True): on a predicted
     call every block is skipped and ``proj_out`` — whose output is FLUX's transformer output, and SD 3's before
@@ -163,36 +194,46 @@ class TaylorSeerLite(_Scheduled):
     def __init__(self, graph, spec: CacheSpec, steps: int):
         super().__init__(spec, steps)
         self.graph = graph
-        self.max_order = int(spec.options["max_order"])
-        self.factors: dict[int, np.ndarray] = {}
-        self.last_update: int | None = None
-
-    def _update(self, output: np.ndarray, step: int) -> None:
-        factors = {0: output}
-        if self.last_update is not None:
-            delta = np.float32(step - self.last_update)
-            for order in range(self.max_order):
-                previous = self.factors.get(order)
-                if previous is None:
-                    break
-                factors[order + 1] = (factors[order] - previous) / delta
-        self.factors, self.last_update = factors, step
-
-    def _predict(self, step: int) -> np.ndarray:
-        offset = step - self.last_update
-        output = np.zeros_like(self.factors[0])
-        for order in range(len(self.factors)):
-            output = output + self.factors[order] * np.float32(taylor_coefficient(offset, order))
-        return output
+        self.output = TaylorFactors(int(spec.options["max_order"]))
 
     def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
         step = len(self.steps)
         if self._compute():
             output = self.graph(outputs=["out_hidden_states"], **feeds)["out_hidden_states"]
-            self._update(output, step)
+            self.output.update(output, step)
             self.steps.append(COMPUTED)
         else:
-            output = self._predict(step)
+            output = self.output.predict(step)
+            self.steps.append(PREDICTED)
+        return {"out_hidden_states": output}
+
+
+class TaylorSeer(_Scheduled):
+    """diffusers 0.39's TaylorSeer in its default mode: every block's attention module (the hook's
+    ``^transformer_blocks.*attn`` and ``^single_transformer_blocks.*attn``) keeps Taylor factors of its outputs.
+    A computed call runs the record graph — the whole transformer, returning those outputs too — and updates
+    every module's factors; a predicted call runs the predict graph — the transformer with each attention
+    module's output given — on their predictions, so everything but attention runs every call. Each hook
+    counts its own calls, all alike: one schedule. Factors stay float32 (see ``TaylorSeerLite``)."""
+
+    def __init__(self, graphs: dict, spec: CacheSpec, steps: int):
+        super().__init__(spec, steps)
+        self.record, self.predict = graphs[RECORD], graphs[PREDICT]
+        self.names = [name for name in self.record.outputs if name != "out_hidden_states"]
+        order = int(spec.options["max_order"])
+        self.factors = {name: TaylorFactors(order) for name in self.names}
+
+    def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
+        step = len(self.steps)
+        if self._compute():
+            recorded = self.record(outputs=["out_hidden_states", *self.names], **feeds)
+            for name in self.names:
+                self.factors[name].update(recorded[name], step)
+            output = recorded["out_hidden_states"]
+            self.steps.append(COMPUTED)
+        else:
+            predicted = {name: factors.predict(step) for name, factors in self.factors.items()}
+            output = self.predict(outputs=["out_hidden_states"], **feeds, **predicted)["out_hidden_states"]
             self.steps.append(PREDICTED)
         return {"out_hidden_states": output}
 
@@ -249,12 +290,12 @@ class PerContext:
         return getattr(self.caches[0], "report", dict)()
 
 
-GRAPHS = {"split": SPLIT_GRAPHS, "deepcache": DEEPCACHE_GRAPHS, "whole": ()}
+GRAPHS = {"split": SPLIT_GRAPHS, "taylor": TAYLOR_GRAPHS, "deepcache": DEEPCACHE_GRAPHS, "whole": ()}
 
 
 def graphs_needed(spec: CacheSpec | None) -> tuple[str, ...]:
     """The graphs a generation with ``spec`` runs in place of the whole denoiser (none: the whole one)."""
-    return GRAPHS[MODES[spec.mode].graphs] if spec is not None else ()
+    return GRAPHS[MODES[spec.mode].given(spec.options).graphs] if spec is not None else ()
 
 
 def cached_denoiser(
@@ -275,6 +316,12 @@ def cached_denoiser(
             lambda: cached_denoiser(spec, graphs, model, timesteps, whole, family, contexts[:1]), contexts
         )
     missing = [name for name in graphs_needed(spec) if name not in graphs]
+    if missing and spec.mode == "taylorseer":
+        raise EngineError(
+            f"--cache taylorseer predicts every attention module's output inside the transformer, which needs the "
+            f"graphs {model} was exported without; export it again with --cache-graphs, or use "
+            f"taylorseer:use_lite_mode=true (the transformer's output predicted, the whole graph)"
+        )
     if missing:
         raise EngineError(
             f"--cache {spec.mode} runs the denoiser split in parts, which {model} was exported without; "
@@ -294,6 +341,8 @@ def cached_denoiser(
                 f"no magnitude ratios are published for {family}"
             )
         return MagCache(graphs, spec, steps)
-    if spec.mode == "taylorseer":
+    if spec.mode == "taylorseer" and spec.options["use_lite_mode"]:
         return TaylorSeerLite(graphs[whole], spec, steps)
+    if spec.mode == "taylorseer":
+        return TaylorSeer(graphs, spec, steps)
     raise EngineError(f"--cache {spec.mode} has no engine")

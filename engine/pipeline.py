@@ -91,7 +91,12 @@ class Pipeline:
         }
         self.memory = self._plan(width, height, guidance, image, vae_tiling, policy, available_mb)
         paths = {name: self.manifest.component_path(name) for names in self.phases.values() for name in names}
-        others = (arch.denoiser_component, *step_cache.SPLIT_GRAPHS, *step_cache.DEEPCACHE_GRAPHS)
+        others = (
+            arch.denoiser_component,
+            *step_cache.SPLIT_GRAPHS,
+            *step_cache.TAYLOR_GRAPHS,
+            *step_cache.DEEPCACHE_GRAPHS,
+        )
         lazy = [n for n in others if n in present and n not in paths]
         paths.update({name: self.manifest.component_path(name) for name in lazy})
         self.sessions = Sessions(

@@ -3,7 +3,9 @@
 FLUX's and Qwen-Image's transformers (fbcache, magcache) and SD 3's (magcache) are split in three; a UNet
 (deepcache) in two, below. Qwen-Image's split is written in exporters/qwen_image/transformer.py (its forward's
 knowledge stays there), with the same graph and tensor names; its rotary tables are inputs of the whole graph,
-which the first and the remaining blocks' graphs take under the same names.
+which the first and the remaining blocks' graphs take under the same names. For TaylorSeer's default mode
+FLUX's and SD 3's transformers are also written whole twice, recording or given every block's attention output
+(below); those two graphs read the whole graph's weights (exporters/shared_weights.py).
 
 First Block Cache (diffusers.hooks.first_block_cache) runs the transformer's first block every step, and
 the remaining blocks only when the first block's residual changed enough; otherwise it adds the residual the
@@ -27,9 +29,11 @@ tensor at a time), each graph holding only its part's weights.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS
+from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS, TAYLOR_GRAPHS
 
 from .components import (
     LATENT_CASES,
@@ -44,11 +48,11 @@ from .components import (
     unet_forward,
 )
 
-GRAPHS = (*SPLIT_GRAPHS, *DEEPCACHE_GRAPHS)
+GRAPHS = (*SPLIT_GRAPHS, *TAYLOR_GRAPHS, *DEEPCACHE_GRAPHS)
 # the denoiser class → (the whole graph's name, its output, the split graphs in the order they run)
 SPLITS = {
-    "FluxTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
-    "SD3Transformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),
+    "FluxTransformer2DModel": ("transformer", "out_hidden_states", (*SPLIT_GRAPHS, *TAYLOR_GRAPHS)),
+    "SD3Transformer2DModel": ("transformer", "out_hidden_states", (*SPLIT_GRAPHS, *TAYLOR_GRAPHS)),
     "QwenImageTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),  # qwen_image/transformer.py
     "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
 }
@@ -149,10 +153,16 @@ def _inner_inputs(module, case: str, *, encoder: bool) -> dict[str, np.ndarray]:
 
 
 def graphs(module, **unet_options) -> list[Component]:
-    """The Components of ``module``'s split, in the order they run (``unet_options``: components.unet's)."""
+    """The Components of ``module``'s split, in the order they run (``unet_options``: components.unet's), then
+    (transformers) TaylorSeer's record and predict graphs."""
     cls = type(module).__name__
     if cls == "UNet2DConditionModel":
         return unet_graphs(module, **unet_options)
+    return [*_split_graphs(module), *(taylor_graphs(module) if cls in TAYLOR_CLASSES else ())]
+
+
+def _split_graphs(module) -> list[Component]:
+    cls = type(module).__name__
     if cls not in SPLIT_CLASSES:
         raise TypeError(f"no step-cache graphs for {cls}")
     if cls == "QwenImageTransformer2DModel":  # the family's knowledge stays in its package
@@ -195,7 +205,7 @@ def graphs(module, **unet_options) -> list[Component]:
         make_inputs=whole.make_inputs,
         wrapper=_wrapper(forward)(module).eval(),
         parts=(*prologue, blocks[0]),
-        rebuild=lambda other: graphs(other)[0],
+        rebuild=lambda other: _split_graphs(other)[0],
     )
     rest = Component(
         name="transformer_blocks",
@@ -206,7 +216,7 @@ def graphs(module, **unet_options) -> list[Component]:
         make_inputs=lambda case: _inner_inputs(module, case, encoder=True),
         wrapper=_wrapper(_blocks_forward)(module).eval(),
         parts=tuple(blocks[1:]),
-        rebuild=lambda other: graphs(other)[1],
+        rebuild=lambda other: _split_graphs(other)[1],
     )
     out = Component(
         name="transformer_out",
@@ -217,7 +227,7 @@ def graphs(module, **unet_options) -> list[Component]:
         make_inputs=lambda case: _inner_inputs(module, case, encoder=False),
         wrapper=_wrapper(out_forward)(module).eval(),
         parts=(module.norm_out, module.proj_out),
-        rebuild=lambda other: graphs(other)[2],
+        rebuild=lambda other: _split_graphs(other)[2],
     )
     return [first, rest, out]
 
@@ -241,17 +251,216 @@ def out_feeds(first: dict, hidden: np.ndarray, feeds: dict) -> dict[str, np.ndar
     return {"hidden_states": hidden, "temb": first["temb"], "sample": feeds["hidden_states"]}
 
 
-def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The whole denoiser's output from its split graphs (``run(name, feeds) → dict``), every part run: what
-    the export checks against the whole graph."""
+def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The whole denoiser's output from its step-cache graphs (``run(name, feeds) → dict``), each way a cache
+    composes them, every part run: what the export checks against the whole graph. The split's three parts in
+    a row; TaylorSeer's record graph alone; its predict graph fed the attention outputs the record graph gave."""
     if cls == "UNet2DConditionModel":
         deep = run("unet_deep", feeds)["deep_features"]
-        return run("unet_shallow", {**feeds, "deep_features": deep})["out_sample"]
+        return {"split": run("unet_shallow", {**feeds, "deep_features": deep})["out_sample"]}
     first = run("transformer_first_block", feeds)
     hidden = run("transformer_blocks", blocks_feeds(first, first["first_block_hidden_states"], feeds))[
         "out_hidden_states"
     ]
-    return run("transformer_out", out_feeds(first, hidden, feeds))["out_hidden_states"]
+    split = run("transformer_out", out_feeds(first, hidden, feeds))["out_hidden_states"]
+    if cls not in TAYLOR_CLASSES:
+        return {"split": split}
+    recorded = run(RECORD, feeds)
+    predicted = run(PREDICT, {**feeds, **recorded})["out_hidden_states"]
+    return {"split": split, "taylorseer record": recorded["out_hidden_states"], "taylorseer predict": predicted}
+
+
+# --- TaylorSeer (default mode): the transformer recording, or given, every hooked attention module's output ---
+#
+# diffusers' TaylorSeer hooks every block's attention module (names fullmatching its identifiers): a computed
+# call runs them and updates each one's Taylor factors from its outputs; a predicted call has each return its
+# Taylor prediction instead, and the rest of the transformer (norms, modulation, feed-forwards, residuals,
+# output layers) runs on them as usual. So the transformer is written twice, from the diffusers model itself
+# with only its attention modules' forward replaced:
+#
+# - ``transformer_taylor_record``: the whole transformer → ``out_hidden_states`` and every hooked module's
+#   outputs (named ``<module>.output_<i>``: FLUX's joint blocks and SD 3's return the image's and the text's,
+#   FLUX's single blocks one over both);
+# - ``transformer_taylor_predict``: the whole transformer's inputs and those outputs as inputs →
+#   ``out_hidden_states``, no attention computed (their weights are not in it).
+
+RECORD, PREDICT = TAYLOR_GRAPHS
+TAYLOR_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")  # the transformers they are written for
+# graph → the whole graph whose data file holds all its weights (exporters/shared_weights.py links them)
+WEIGHTS_OF = {RECORD: "transformer", PREDICT: "transformer"}
+# diffusers.hooks.taylorseer_cache._TRANSFORMER_BLOCK_IDENTIFIERS (0.39): what its default mode hooks
+ATTENTION_PATTERNS = (
+    "^blocks.*attn",
+    "^transformer_blocks.*attn",
+    "^single_transformer_blocks.*attn",
+    "^temporal_transformer_blocks.*attn",
+)
+
+
+def attention_modules(model) -> list[tuple[str, object]]:
+    """The modules TaylorSeer's default mode hooks, by name, in the order the transformer calls them."""
+    return [
+        (name, sub)
+        for name, sub in model.named_modules()
+        if any(re.fullmatch(pattern, name) for pattern in ATTENTION_PATTERNS)
+    ]
+
+
+def _output_count(attn) -> int:
+    # a joint attention (context projections: FLUX's double blocks, SD 3's) returns the image's and the text's
+    return 2 if getattr(attn, "add_q_proj", None) is not None else 1
+
+
+def attention_outputs(model) -> dict[str, dict[int, str]]:
+    """Graph name → dynamic axes of every hooked module's outputs, in the order they are recorded."""
+    sd3 = _sd3(model)
+    image = {0: "batch_size", 1: "image_tokens" if sd3 else "packed_height_width"}
+    text, joint = {0: "batch_size", 1: "sequence_length"}, {0: "batch_size", 1: "rotary_length"}
+    out = {}
+    for name, attn in attention_modules(model):
+        count = _output_count(attn)
+        for index, axes in enumerate((image, text) if count == 2 else (joint,)):
+            out[f"{name}.output_{index}"] = axes
+    return out
+
+
+def _patched(model, replace):
+    """Each hooked module's forward replaced by ``replace(name, original_forward)`` for one call: a context."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def patched():
+        modules = attention_modules(model)
+        for name, attn in modules:
+            attn.forward = replace(name, attn.forward)
+        try:
+            yield
+        finally:
+            for _, attn in modules:
+                del attn.forward
+
+    return patched()
+
+
+def _whole_forward(names: list[str]):
+    # the whole graph's forward (components.flux_transformer / sd3_transformer): its inputs are the model's
+    # keyword arguments of the same names
+    def forward(model, *args):
+        return (model(**dict(zip(names, args, strict=True)), return_dict=False)[0],)
+
+    return forward
+
+
+def _record_forward(whole):
+    def forward(model, *args):
+        recorded: dict[str, tuple] = {}
+
+        def record(name, original):
+            def run(*a, **k):
+                out = original(*a, **k)
+                recorded[name] = (out,) if not isinstance(out, tuple) else out
+                return out
+
+            return run
+
+        with _patched(model, record):
+            (out,) = whole(model, *args)
+        values = [value for name, _ in attention_modules(model) for value in recorded[name]]
+        # "+ 0": a graph output of its own, not a value the attention fusion may rewrite and rename
+        return (out, *(value + 0.0 for value in values))
+
+    return forward
+
+
+def _predict_forward(whole, count: int):
+    def forward(model, *args):
+        given = list(args[len(args) - count :])
+        outputs = {}
+        for name, attn in attention_modules(model):
+            n = _output_count(attn)
+            outputs[name], given = tuple(given[:n]), given[n:]
+
+        def predict(name, _original):
+            def run(*_a, **_k):
+                return outputs[name] if len(outputs[name]) == 2 else outputs[name][0]
+
+            return run
+
+        with _patched(model, predict):
+            return whole(model, *args[: len(args) - count])
+
+    return forward
+
+
+class _OwnParameters:
+    """A module's own parameters (not its children's), for a Component's parameter count."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def parameters(self):
+        return self.module.parameters(recurse=False)
+
+
+def _attention_inputs(module, whole, case: str) -> dict[str, np.ndarray]:
+    """The predict graph's test inputs: the whole graph's, and attention outputs of their shapes (random: the
+    graph is compared with PyTorch on them; the export composes it with the record graph's real ones)."""
+    feeds = whole.make_inputs(case)
+    batch = feeds["hidden_states"].shape[0]
+    if _sd3(module):
+        patch = module.config.patch_size
+        image = (feeds["hidden_states"].shape[2] // patch) * (feeds["hidden_states"].shape[3] // patch)
+    else:
+        image = feeds["hidden_states"].shape[1]
+    text = feeds["encoder_hidden_states"].shape[1]
+    width = _dims(module)[0]
+    tokens = {
+        "image_tokens": image,
+        "packed_height_width": image,
+        "sequence_length": text,
+        "rotary_length": text + image,
+    }
+    rng = np.random.default_rng(_stable_seed("taylor-predict", case))
+    for name, axes in attention_outputs(module).items():
+        feeds[name] = _randn(rng, batch, tokens[axes[1]], width)
+    return feeds
+
+
+def taylor_graphs(module) -> list[Component]:
+    """TaylorSeer's record and predict graphs of a FLUX or SD 3 transformer."""
+    sd3 = _sd3(module)
+    whole = sd3_transformer(module) if sd3 else flux_transformer(module)
+    kind = "sd3" if sd3 else "flux"
+    attention = attention_outputs(module)
+    names = {name for name, _ in attention_modules(module)}
+    rest = [
+        _OwnParameters(sub)
+        for name, sub in module.named_modules()
+        if not any(name == hooked or name.startswith(hooked + ".") for hooked in names)
+    ]
+    forward = _whole_forward(list(whole.inputs))
+    record = Component(
+        name=RECORD,
+        kind=f"{kind}-transformer-taylor-record",
+        module=module,
+        inputs=whole.inputs,
+        outputs={**whole.outputs, **attention},
+        make_inputs=whole.make_inputs,
+        wrapper=_wrapper(_record_forward(forward))(module).eval(),
+        rebuild=lambda other: taylor_graphs(other)[0],
+    )
+    predict = Component(
+        name=PREDICT,
+        kind=f"{kind}-transformer-taylor-predict",
+        module=module,
+        inputs={**whole.inputs, **attention},
+        outputs=whole.outputs,
+        make_inputs=lambda case: _attention_inputs(module, whole, case),
+        wrapper=_wrapper(_predict_forward(forward, len(attention)))(module).eval(),
+        parts=tuple(rest),
+        rebuild=lambda other: taylor_graphs(other)[1],
+    )
+    return [record, predict]
 
 
 # --- DeepCache: the UNet as its deep part and its shallow branch ---------------------------------------------

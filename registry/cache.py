@@ -21,15 +21,16 @@ reasons and the plan can say how many steps run the whole denoiser.
 - ``deepcache``: the deepcache package's DeepCacheSDHelper, branch 0, for the UNets; a fixed schedule (every
   ``cache_interval``-th timestep index from the first, as the helper counts them: a scheduler that repeats a
   timestep, PNDM's second, repeats its index too, so the engine's count can differ by one from the plan's).
-- ``taylorseer`` with ``use_lite_mode=true``: diffusers 0.39's TaylorSeer-Lite; a fixed schedule. Its
-  default (non-lite) mode predicts every attention module's output inside every block, which no graph split
-  of Stepwise's exposes: it is refused with that reason rather than approximated.
+- ``taylorseer``: diffusers 0.39's TaylorSeer; a fixed schedule. Its default mode predicts every block's
+  attention output on a predicted step and runs the rest of the transformer on it (the record and predict
+  graphs of ``--cache-graphs``; FLUX and SD 3); ``use_lite_mode=true`` predicts the transformer's output and
+  runs nothing (the whole graph; FLUX, SD 3 and Qwen-Image).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from .policy import InputError
 
 # the transformer's graphs fbcache and magcache run (exporters/split.py writes them), in the order they run
 SPLIT_GRAPHS = ("transformer_first_block", "transformer_blocks", "transformer_out")
+# the transformer's graphs TaylorSeer's default mode runs (exporters/split.py): the whole one recording every
+# hooked attention module's outputs (computed calls), and the one taking them as inputs (predicted calls)
+TAYLOR_GRAPHS = ("transformer_taylor_record", "transformer_taylor_predict")
 # the UNet's graphs deepcache runs (exporters/split.py): the deep part and the shallow branch
 DEEPCACHE_GRAPHS = ("unet_deep", "unet_shallow")
 
@@ -82,17 +86,36 @@ MAG_RATIOS_NOTES = {
 # states rather than None; the parity tests reproduce diffusers' hooks on SD 3 so (test_engine_parity_flow.py)
 
 
+# where TaylorSeer's default mode (every block's attention output predicted) is not offered, and why
+TAYLORSEER_NOT_BUILT = {
+    "qwen-image": "its default mode predicts every block's attention output, through the record and predict graphs "
+    "that `stepwise export --cache-graphs` writes for FLUX and SD 3 only; use taylorseer:use_lite_mode=true",
+    "hidream": "diffusers 0.39's TaylorSeer hooks the attention modules of blocks listed as transformer_blocks, "
+    "single_transformer_blocks or blocks, and HiDream's are double_stream_blocks and single_stream_blocks: it "
+    "hooks nothing, so there is no reference to reproduce",
+}
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
     reference: str  # the implementation whose decisions and outputs the engine reproduces
     fields: dict  # field → default (the reference config's); the default's type is the field's type
     families: tuple[str, ...]  # where the engine runs it
-    graphs: str  # "split": exporters/split.py's graphs; "whole": the plain denoiser graph
+    graphs: str  # "split" / "taylor" / "deepcache": exporters/split.py's graphs; "whole": the plain denoiser graph
     why_not: dict = field(default_factory=dict)  # family → why the mode is not offered there
     optional_ints: tuple[str, ...] = ()  # fields whose default is None and whose value is a whole number
     label_computed: str = "computed"
     label_skipped: str = "cached"
+    # (field, value) → what differs for a run with that value (TaylorSeer's lite mode runs the whole graph)
+    when: dict = field(default_factory=dict)
+
+    def given(self, options: dict) -> Mode:
+        """The mode as a run with ``options`` has it (its graphs, where it runs)."""
+        changes = {
+            k: v for (key, value), change in self.when.items() if options.get(key) == value for k, v in change.items()
+        }
+        return replace(self, **changes) if changes else self
 
 
 MODES = {
@@ -124,7 +147,7 @@ MODES = {
         ),
         Mode(
             name="taylorseer",
-            reference="diffusers 0.39 TaylorSeerCacheConfig / apply_taylorseer_cache (use_lite_mode)",
+            reference="diffusers 0.39 TaylorSeerCacheConfig / apply_taylorseer_cache",
             fields={
                 "cache_interval": 5,
                 "disable_cache_before_step": 3,
@@ -133,9 +156,13 @@ MODES = {
                 "use_lite_mode": False,
             },
             families=("flux", "sd3", "qwen-image"),
-            graphs="whole",
+            graphs="taylor",
             optional_ints=("disable_cache_after_step",),
             label_skipped="predicted",
+            when={
+                ("use_lite_mode", True): {"graphs": "whole"},
+                ("use_lite_mode", False): {"families": ("flux", "sd3"), "why_not": TAYLORSEER_NOT_BUILT},
+            },
         ),
     )
 }
@@ -312,12 +339,6 @@ def parse(text: str | None) -> CacheSpec | None:
             f"the split `stepwise export --cache-graphs` writes (branch 0: the last up block's last layer); use "
             f"cache_branch_id=0"
         )
-    if name == "taylorseer" and not values["use_lite_mode"]:
-        raise InputError(
-            "--cache taylorseer without use_lite_mode predicts every attention module's output inside every "
-            "block (diffusers' default), which Stepwise's graphs do not expose; use --cache "
-            "taylorseer:use_lite_mode=true (the transformer's output predicted, blocks skipped)"
-        )
     return CacheSpec(name, tuple(values.items()))
 
 
@@ -343,7 +364,7 @@ def check(spec: CacheSpec | None, model, family: str, steps_run: int) -> None:
     mode's warm-up (nothing would be cached)."""
     if spec is None:
         return
-    mode = MODES[spec.mode]
+    mode = MODES[spec.mode].given(spec.options)
     if model.few_step:
         raise InputError(
             f"--cache is refused for {model.name}: a few-step distilled model changes the image a lot at each of "

@@ -41,6 +41,7 @@ def verify(manifest: Manifest, *, force: bool = False, progress=None) -> list[st
     folder = manifest.folder
     cache = {} if force else _load_cache(folder)
     hashed = []
+    seen = set()  # files hashed this time, by inode: a step-cache graph's weights are a hard link to the whole's
     for rel, expected in recorded_files(manifest):
         if not expected:
             continue  # an export from before hashes were recorded: the size check is all there is
@@ -48,6 +49,9 @@ def verify(manifest: Manifest, *, force: bool = False, progress=None) -> list[st
         st = file.stat()
         stamp = [st.st_size, st.st_mtime_ns, expected]
         if cache.get(rel) == stamp:
+            continue
+        if (st.st_dev, st.st_ino, *stamp) in seen:  # the same file, found to hold ``expected`` just now
+            cache[rel] = stamp
             continue
         if progress:
             progress(f"verifying {rel} ({st.st_size / 2**20:,.0f} MB)")
@@ -57,6 +61,7 @@ def verify(manifest: Manifest, *, force: bool = False, progress=None) -> list[st
                 f"export the model again"
             )
         cache[rel] = stamp
+        seen.add((st.st_dev, st.st_ino, *stamp))
         hashed.append(rel)
     if hashed:
         try:

@@ -75,7 +75,7 @@ def test_magcache_and_taylorseer_keys_and_defaults_are_the_references():
         ("fbcache:threshold=abc", "threshold=abc is not a number"),
         ("fbcache:threshold=-1", "is not a finite number of at least 0"),
         ("fbcache:threshold", "is not key=value"),
-        ("taylorseer:cache_interval=3", "predicts every attention module's output"),
+        ("taylorseer:max_order=0", "max_order=0 is not at least 1"),
         ("magcache:max_skip_steps=x", "max_skip_steps=x is not a whole number"),
         ("deepcache:cache_branch_id=1", "caches at another depth of the UNet"),
         ("magcache:mag_ratios=sd3", "mag_ratios=sd3 is not flux or qwen-image or a list of numbers"),
@@ -287,12 +287,32 @@ def test_the_png_records_the_cache(tmp_path):
     assert 'Cache: "magcache:threshold=0.06,max_skip_steps=3, 15 of 30 steps computed"' in text["parameters"]
 
 
+def test_taylorseer_runs_its_graphs_per_mode_and_its_default_mode_on_sd3():
+    """The default mode runs the record/predict graphs, on FLUX and SD 3 (diffusers' hook runs there given a
+    context: tests/test_engine_parity_flow.py); the lite mode the whole graph, on FLUX only. Both modes hook
+    what diffusers' hooks (the attention identifiers are diffusers')."""
+    from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+
+    from engine.cache import graphs_needed
+    from exporters.split import ATTENTION_PATTERNS
+
+    assert ATTENTION_PATTERNS == _TRANSFORMER_BLOCK_IDENTIFIERS
+    default = _plan("sd3-medium", "taylorseer")
+    assert default.full_evaluations == (7, 7)  # of 20 steps: 0, 1, 2 (warm-up), then 4, 9, 14, 19
+    assert graphs_needed(default.cache) == step_cache.TAYLOR_GRAPHS
+    assert graphs_needed(_plan("flux-dev", "taylorseer:use_lite_mode=true").cache) == ()  # the whole graph
+    assert graphs_needed(_plan("flux-dev", "taylorseer:max_order=2").cache) == step_cache.TAYLOR_GRAPHS
+
+
 def test_a_cached_run_needs_the_split_graphs():
     from engine.cache import cached_denoiser
     from engine.errors import EngineError
 
     with pytest.raises(EngineError, match="export it again with --cache-graphs"):
         cached_denoiser(step_cache.parse("magcache"), {"transformer": object()}, "flux-dev", list(range(30)))
+    split = dict.fromkeys(("transformer", *step_cache.SPLIT_GRAPHS), object())  # an export from before TaylorSeer's
+    with pytest.raises(EngineError, match="export it again with --cache-graphs, or use taylorseer:use_lite_mode"):
+        cached_denoiser(step_cache.parse("taylorseer"), split, "flux-dev", list(range(30)))
     split = dict.fromkeys(step_cache.SPLIT_GRAPHS, object())  # and SD 3's MagCache its ratios, given or measured
     with pytest.raises(EngineError, match="needs mag_ratios"):
         cached_denoiser(step_cache.parse("magcache"), split, "sd3-medium", list(range(20)), family="sd3")
@@ -318,10 +338,19 @@ def _step_verdicts(events: list[str], not_computed: str) -> list[str]:
     return verdicts
 
 
-def _diffusers_run(noise, width, height, steps, config=None):
-    """diffusers' image, and (with a cache config) which calls ran the last block: a forward pre-hook on a
-    submodule of the last block fires only when the hook lets that block compute (FBCache and MagCache skip
-    it, TaylorSeer-Lite's inactive blocks return zeros without running)."""
+def _last_block_ran(pipe):
+    return pipe.transformer.single_transformer_blocks[-1].norm
+
+
+def _last_attention_ran(pipe):
+    return pipe.transformer.single_transformer_blocks[-1].attn.to_q
+
+
+def _diffusers_run(noise, width, height, steps, config=None, probe=_last_block_ran):
+    """diffusers' image, which calls computed, and its final (packed) latents. With a cache config, a forward
+    pre-hook on ``probe(pipe)`` marks a call computed: it fires only when the hook lets that module run (the
+    last block's norm: FBCache and MagCache skip the block, TaylorSeer-Lite's inactive blocks return zeros
+    without running it; the last attention's to_q: TaylorSeer's default mode predicts the attention)."""
     import diffusers
     import torch
 
@@ -332,9 +361,15 @@ def _diffusers_run(noise, width, height, steps, config=None):
     if config is not None:
         pipe.transformer.enable_cache(config)
         pipe.transformer.register_forward_pre_hook(lambda *_: events.append("step"))
-        pipe.transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(lambda *_: events.append("rest"))
+        probe(pipe).register_forward_pre_hook(lambda *_: events.append("rest"))
     b, c, h, w = noise.shape
     packed = diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise), b, c, h, w)
+    latents = []
+
+    def keep(pipe, index, t, tensors):
+        latents.append(tensors["latents"].numpy().copy())
+        return tensors
+
     with torch.no_grad():
         image = pipe(
             PROMPT,
@@ -345,8 +380,9 @@ def _diffusers_run(noise, width, height, steps, config=None):
             width=width,
             height=height,
             max_sequence_length=512,
+            callback_on_step_end=keep,
         ).images[0]
-    return (image * 255).round().astype(np.uint8), _step_verdicts(events, "skipped")
+    return (image * 255).round().astype(np.uint8), _step_verdicts(events, "skipped"), latents[-1]
 
 
 def _reference_config(spec):
@@ -363,7 +399,10 @@ def _reference_config(spec):
     return TaylorSeerCacheConfig(**options, taylor_factors_dtype=torch.float32)
 
 
-def _check_against_diffusers(folder, text, width, height, steps=8):
+def _check_against_diffusers(folder, text, width, height, steps=8, probe=_last_block_ran, latents_atol=None):
+    import diffusers
+    import torch
+
     import engine
 
     pipe = engine.load_pipeline(folder, threads=1)
@@ -372,7 +411,7 @@ def _check_against_diffusers(folder, text, width, height, steps=8):
     result = pipe.generate(
         prompt=PROMPT, steps=steps, guidance=3.5, width=width, height=height, seed=0, latents=noise, cache=spec
     )
-    expected, verdicts = _diffusers_run(noise, width, height, steps, _reference_config(spec))
+    expected, verdicts, latents = _diffusers_run(noise, width, height, steps, _reference_config(spec), probe)
     ours = [s["cache"] for s in result.profile["steps"]]
     assert [v if v == "computed" else "skipped" for v in ours] == verdicts  # the same steps computed
     assert ours.count("computed") >= 3 and len(set(ours)) == 2
@@ -382,23 +421,51 @@ def _check_against_diffusers(folder, text, width, height, steps=8):
     diff = np.abs(result.image.astype(int) - expected.astype(int)).max()
     assert diff <= MAX_PIXEL_DIFF, f"max pixel difference {diff}/255"
     assert expected.std() > 5
+    if latents_atol is not None:  # diffusers' latents are packed 2x2; ours are unpacked
+        b, c, h, w = result.latents.shape
+        packed = diffusers.FluxPipeline._pack_latents(torch.from_numpy(result.latents), b, c, h, w).numpy()
+        error = np.abs(packed - latents).max()
+        assert error < latents_atol, f"final latents {error:.1e} from diffusers'"
     assert result.parameters["cache"] == spec.label()
     assert result.parameters["cache_computed_steps"] == f"{ours.count('computed')} of {steps}"
-    return ours
+    return ours, result
 
 
 @pytest.mark.slow
 def test_the_split_graphs_are_validated_composed_as_the_whole(split_export):
+    from registry.verify import verify
+
     manifest = registry.manifest.read(split_export)
     composed = manifest.data["cache_graphs"]["composed"]
     assert composed["max_abs_diff"] <= composed["tolerance"]
-    assert set(step_cache.SPLIT_GRAPHS) <= set(manifest.components)
+    assert set(composed["max_abs_diff_each"]) == {"split", "taylorseer record", "taylorseer predict"}
+    assert set(step_cache.SPLIT_GRAPHS + step_cache.TAYLOR_GRAPHS) <= set(manifest.components)
+    # TaylorSeer's graphs: every hooked attention module's outputs recorded, and taken by the predict graph,
+    # which holds no attention weights (the tiny FLUX: one joint block, two single ones)
+    record, predict = (manifest.components[name] for name in step_cache.TAYLOR_GRAPHS)
+    attention = [
+        "transformer_blocks.0.attn.output_0",
+        "transformer_blocks.0.attn.output_1",
+        "single_transformer_blocks.0.attn.output_0",
+        "single_transformer_blocks.1.attn.output_0",
+    ]
+    assert list(record["outputs"]) == ["out_hidden_states", *attention]
+    assert list(predict["inputs"])[-4:] == attention and list(predict["outputs"]) == ["out_hidden_states"]
+    assert predict["params"] < record["params"] == manifest.components["transformer"]["params"]
+    # and they read their weights from the whole graph's data file (hard-linked): no second copy on disk
+    whole = split_export / manifest.components["transformer"]["data_path"]
+    for entry in (record, predict):
+        assert entry["data_shared_with"] == "transformer" and entry["data_sha256"] == record["data_sha256"]
+        assert (split_export / entry["data_path"]).samefile(whole)
+    hashed = verify(manifest, force=True)  # the linked file is hashed once
+    assert manifest.components["transformer"]["data_path"] in hashed
+    assert record["data_path"] not in hashed and predict["data_path"] not in hashed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("width, height", [(64, 64), (64, 48)])
 def test_fbcache_matches_diffusers_hook(split_export, width, height):
-    ours = _check_against_diffusers(split_export, "fbcache:threshold=0.3", width, height)
+    ours, _ = _check_against_diffusers(split_export, "fbcache:threshold=0.3", width, height)
     assert "cached" in ours
 
 
@@ -417,8 +484,33 @@ def test_magcache_matches_diffusers_hook(split_export, text):
     ],
 )
 def test_taylorseer_lite_matches_diffusers_hook(split_export, text):
-    ours = _check_against_diffusers(split_export, text, 64, 64)
+    ours, _ = _check_against_diffusers(split_export, text, 64, 64)
     assert "predicted" in ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        "taylorseer:cache_interval=2,disable_cache_before_step=2",
+        "taylorseer:cache_interval=3,max_order=2",  # second-order factors
+    ],
+)
+def test_taylorseer_matches_diffusers_hook(split_export, text):
+    """The default mode: every attention module predicted on the hook's steps, the rest of the transformer
+    run on the predictions (the record and predict graphs), against diffusers' hook with float32 factors: the
+    same steps predicted, the image within 2/255, the final latents within 1e-4 (measured 2.5e-6). The tiny
+    model's attention moves its image little (the uncached image is 1/255 away), so the latents are what can
+    fail: the uncached run's are 3e-3 and 8e-3 from the cached ones."""
+    import engine
+
+    atol = 1e-4
+    ours, result = _check_against_diffusers(split_export, text, 64, 64, probe=_last_attention_ran, latents_atol=atol)
+    assert "predicted" in ours
+    pipe = engine.load_pipeline(split_export, threads=1)
+    noise = np.random.default_rng(6).standard_normal(pipe.family.latent_shape(64, 64), dtype=np.float32)
+    uncached = pipe.generate(prompt=PROMPT, steps=8, guidance=3.5, width=64, height=64, seed=0, latents=noise)
+    assert np.abs(uncached.latents - result.latents).max() > 10 * atol
 
 
 @pytest.mark.slow
@@ -431,7 +523,7 @@ def test_cache_off_runs_the_whole_graph_as_before(split_export):
     assert not set(step_cache.SPLIT_GRAPHS) & set(pipe.sessions.loaded())  # never created
     assert "cache" not in result.parameters and "cache_steps" not in result.profile
     assert all("cache" not in s for s in result.profile["steps"])
-    expected, _ = _diffusers_run(noise, 64, 64, 4)  # no hook
+    expected, _, _ = _diffusers_run(noise, 64, 64, 4)  # no hook
     assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= MAX_PIXEL_DIFF
 
 
