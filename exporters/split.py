@@ -365,9 +365,9 @@ def _record_forward(whole):
 
         with _patched(model, record):
             (out,) = whole(model, *args)
-        values = [value for name, _ in attention_modules(model) for value in recorded[name]]
-        # "+ 0": a graph output of its own, not a value the attention fusion may rewrite and rename
-        return (out, *(value + 0.0 for value in values))
+        # the values the blocks go on with, as graph outputs too (the attention fusion keeps a rewritten
+        # node's output name, graph outputs included: exporters/weights.replace_node)
+        return (out, *(value for name, _ in attention_modules(model) for value in recorded[name]))
 
     return forward
 

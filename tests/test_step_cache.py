@@ -596,3 +596,26 @@ def test_deepcache_matches_the_deepcache_helper(exported_tiny, name, model_id, g
     uncached = pipe.generate(**common).image  # the cache changed the image: the comparison above can fail
     assert np.abs(uncached.astype(int) - result.image.astype(int)).max() > 2 * MAX_PIXEL_DIFF  # sd15 16, sdxl 8
     assert result.parameters["cache"] == f"deepcache:cache_interval={interval},cache_branch_id=0"
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark  # an export of its own (~2 min on the shared machine): run with -m benchmark
+def test_taylorseer_graphs_on_the_full_size_path_int8(tmp_path, monkeypatch):
+    """The record and predict graphs as a full-size model's are written: validated on the reduced-depth build
+    (what a 12 B-parameter transformer gets), in int8, still reading the whole graph's (int8) weights, and run."""
+    import engine
+    import exporters
+    from exporters import streaming
+
+    monkeypatch.setattr(streaming, "FULL_VALIDATION_BYTES", 0)
+    out = exporters.export("tiny:flux-dev", out=tmp_path / "x", cache_graphs=True, weights="int8", progress=None)
+    manifest = registry.manifest.read(out)
+    for name in step_cache.TAYLOR_GRAPHS:
+        entry = manifest.components[name]
+        assert entry["validation"]["compared"].startswith("reduced depth: transformer_blocks [0] of 1")
+        assert entry["weights"]["format"] == "int8" and entry["data_shared_with"] == "transformer"
+    pipe = engine.load_pipeline(out, threads=1)
+    spec = step_cache.parse("taylorseer:cache_interval=2,disable_cache_before_step=2")
+    result = pipe.generate(prompt=PROMPT, steps=8, guidance=3.5, width=64, height=64, seed=0, cache=spec)
+    assert [s["cache"] for s in result.profile["steps"]] == ["computed" if c else "predicted" for c in spec.schedule(8)]
+    assert result.image.std() > 5
