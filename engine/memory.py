@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from registry.cache import TAYLOR_GRAPHS
 from registry.machine import available_memory_mb
 
 from .errors import EngineError
@@ -50,6 +51,9 @@ VAE_ENCODER_BUFFERS = 4.0  # of (1, block_out_channels[0], H, W): SD 1.5 2.9 at 
 TEXT_BUFFERS = 16  # of (1, tokens, hidden size); text encoders are small next to the rest
 ATTENTION_COPIES = 2.1  # score tensors alive at once: MatMul's and Softmax's (measured 2.02-2.08x one)
 HOST_IMAGE_COPIES = 4  # float32 (3, H, W) copies numpy makes around the VAE (decode, clip, transpose, tiles)
+# TaylorSeer's arrays per attention output (engine/cache.py) at max_order=1, the default: its two factors, a
+# call's outputs and, while a computed call updates them, the new difference; each order more adds one
+TAYLOR_COPIES = 4
 
 # An export without ``denoiser_attention`` (before it was recorded): the real models' largest values
 FALLBACK_ATTENTION = {
@@ -71,7 +75,9 @@ def _weights_bytes(manifest, name: str) -> int:
     on Qwen2.5-VL at full width, one and two layers: the text phase held ~0.8 GB of a 1.3 GB file."""
     entry = manifest.components.get(name) or {}
     lookup = int((entry.get("weights") or {}).get("bf16_embedding_bytes") or 0)
-    return max(manifest.weights_bytes([name]) - lookup, 0)
+    # a graph reading part of another's data file (TaylorSeer's predict graph: no attention weights)
+    unread = entry["data_bytes"] - entry["data_read_bytes"] if "data_read_bytes" in entry else 0
+    return max(manifest.weights_bytes([name]) - lookup - unread, 0)
 
 
 def _weights_factor(manifest, name: str) -> float:
@@ -152,7 +158,17 @@ def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int) -> fl
     else:
         linear = TRANSFORMER_BUFFERS * batch * tokens * layout["width"] * FLOAT / MB
     attention = 0.0 if _fused(manifest, name) or not stride else _attention_mb(batch, layout["heads"], tokens)
-    return linear + attention
+    return linear + attention + _taylor_factors_mb(manifest, name, batch, tokens, layout["width"])
+
+
+def _taylor_factors_mb(manifest, name: str, batch: int, tokens: int, width: int) -> float:
+    """TaylorSeer's numpy arrays beside the record graph (counted with it): each hooked attention module's
+    outputs span the tokens once (a joint block's image and text outputs, a single block's one over both)."""
+    if name != TAYLOR_GRAPHS[0]:
+        return 0.0
+    outputs = (manifest.components.get(name) or {}).get("outputs") or {}
+    modules = {output.rsplit(".output_", 1)[0] for output in outputs if ".output_" in output}
+    return TAYLOR_COPIES * len(modules) * batch * tokens * width * FLOAT / MB
 
 
 def _text_mb(manifest, name: str) -> float:

@@ -555,16 +555,13 @@ def _share_weights(folder: Path, entries: dict, name: str, entry: dict) -> dict:
     if whole not in entries or "data_path" not in entry or "data_path" not in entries[whole]:
         return entry
     path = folder / entry["path"]
-    if not shared_weights.share(path, folder / entries[whole]["path"]):
+    read = shared_weights.share(path, folder / entries[whole]["path"])
+    if read is None:
         return entry
     data = {key: entries[whole][key] for key in ("data_bytes", "data_sha256")}
-    return {
-        **entry,
-        "bytes": path.stat().st_size,
-        "sha256": manifest_io.sha256_of(path),
-        **data,
-        "data_shared_with": whole,
-    }
+    # data_read_bytes: what the memory estimate counts (the predict graph reads no attention weights)
+    shared = {"data_shared_with": whole, "data_read_bytes": read}
+    return {**entry, "bytes": path.stat().st_size, "sha256": manifest_io.sha256_of(path), **data, **shared}
 
 
 def _export_streamed(component, folder: Path, opset: int, say, rewrite: _Rewrite, src) -> dict:

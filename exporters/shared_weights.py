@@ -43,14 +43,15 @@ def _same_bytes(a: Path, a_offset: int, b: Path, b_offset: int, length: int) -> 
     return True
 
 
-def share(graph: Path, whole: Path) -> bool:
+def share(graph: Path, whole: Path) -> int | None:
     """Make ``graph`` read its weights from ``whole``'s data file (hard-linked beside it) when every one of them
-    is there under the same name with the same bytes; True if it now does, False if it keeps its own."""
+    is there under the same name with the same bytes: the bytes of that file it reads, or None when it keeps
+    its own file."""
     import onnx
 
     data, whole_data = graph.with_name(graph.name + DATA_SUFFIX), whole.with_name(whole.name + DATA_SUFFIX)
     if not data.is_file() or not whole_data.is_file():
-        return False
+        return None
     theirs = _external(onnx.load(str(whole), load_external_data=False))
     model = onnx.load(str(graph), load_external_data=False)
     offsets = {}
@@ -58,18 +59,18 @@ def share(graph: Path, whole: Path) -> bool:
         there = theirs.get(name, (None, {}))[1]
         length = int(info.get("length", -1))
         if info.get("location") != data.name or there.get("location") != whole_data.name:
-            return False
+            return None
         if length < 0 or int(there.get("length", -2)) != length:
-            return False
+            return None
         offset, at = int(info.get("offset", 0)), int(there.get("offset", 0))
         if not _same_bytes(data, offset, whole_data, at, length):
-            return False
+            return None
         offsets[name] = at
     link = graph.with_name(data.name + ".link")
     try:
         os.link(whole_data, link)
     except OSError:  # a file system without hard links: the graph keeps its copy
-        return False
+        return None
     for name, (tensor, _) in _external(model).items():
         del tensor.external_data[:]
         for key, value in (("location", data.name), ("offset", offsets[name]), ("length", _length(theirs[name][1]))):
@@ -77,7 +78,7 @@ def share(graph: Path, whole: Path) -> bool:
             entry.key, entry.value = key, str(value)
     onnx.save_model(model, str(graph))
     os.replace(link, data)
-    return True
+    return sum(_length(theirs[name][1]) for name in offsets)
 
 
 def _length(info: dict) -> int:

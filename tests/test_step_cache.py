@@ -509,6 +509,31 @@ def test_taylorseer_matches_diffusers_hook(split_export):
 
 
 @pytest.mark.slow
+def test_the_memory_estimate_counts_taylorseers_factors(split_export, monkeypatch):
+    """What the estimate adds for the record graph is TAYLOR_COPIES arrays of every attention output, measured
+    on the factors the engine held after a run (max_order=1: two arrays of each)."""
+    import engine
+    from engine import cache as caching
+    from engine import memory
+
+    made = []
+    original = caching.cached_denoiser
+    monkeypatch.setattr(caching, "cached_denoiser", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    pipe = engine.load_pipeline(split_export, threads=1)
+    pipe.generate(
+        prompt=PROMPT, steps=6, guidance=3.5, width=64, height=48, seed=0, cache=step_cache.parse("taylorseer")
+    )
+    held = sum(f.nbytes for factors in made[0].factors.values() for f in factors.factors.values())
+    record, whole = step_cache.TAYLOR_GRAPHS[0], "transformer"
+    added = memory.activation_mb(pipe.manifest, record, 64, 48, batch=1) - memory.activation_mb(
+        pipe.manifest, whole, 64, 48, batch=1
+    )
+    assert added * memory.MB == pytest.approx(memory.TAYLOR_COPIES / 2 * held, rel=1e-6)
+    # and the predict graph's weights are its own tensors only, not the whole data file it links
+    assert memory.weights_mb(pipe.manifest, [step_cache.TAYLOR_GRAPHS[1]]) < memory.weights_mb(pipe.manifest, [whole])
+
+
+@pytest.mark.slow
 def test_cache_off_runs_the_whole_graph_as_before(split_export):
     import engine
 
