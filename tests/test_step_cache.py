@@ -287,10 +287,10 @@ def test_the_png_records_the_cache(tmp_path):
     assert 'Cache: "magcache:threshold=0.06,max_skip_steps=3, 15 of 30 steps computed"' in text["parameters"]
 
 
-def test_taylorseer_runs_its_graphs_per_mode_and_its_default_mode_on_sd3():
-    """The default mode runs the record/predict graphs, on FLUX and SD 3 (diffusers' hook runs there given a
-    context: tests/test_engine_parity_flow.py); the lite mode the whole graph, on FLUX only. Both modes hook
-    what diffusers' hooks (the attention identifiers are diffusers')."""
+def test_taylorseer_runs_its_graphs_per_mode():
+    """The default mode runs the record/predict graphs, the lite mode the whole graph; both on FLUX and SD 3
+    (tests/test_engine_parity_flow.py). The attention modules the graphs record are those diffusers' hook
+    hooks (its identifiers)."""
     from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
     from engine.cache import graphs_needed
