@@ -242,10 +242,14 @@ def test_the_hidream_refusals_are_what_diffusers_does_on_hidream():
     assert "proj_out" not in dict(model.named_modules()) and hasattr(model, "final_layer")
     with pytest.raises(ValueError, match="No context is set"):
         run(apply_taylorseer_cache, TaylorSeerCacheConfig(use_lite_mode=True, disable_cache_before_step=1))
+    # TaylorSeer's default mode: no attention module under a block list it knows, nothing hooked, no skip
+    default = TaylorSeerCacheConfig(disable_cache_before_step=1, cache_interval=2)
+    assert all(torch.equal(a, b) for a, b in zip(run(apply_taylorseer_cache, default), plain, strict=True))
     for text, needle in (
         ("fbcache", "First Block Cache does not run on HiDream"),
         ("magcache", "hooks nothing and runs every step in full"),
         ("taylorseer:use_lite_mode=true", "which HiDream's lacks"),
+        ("taylorseer", "HiDream's are double_stream_blocks and single_stream_blocks: it hooks nothing"),
     ):
         with pytest.raises(InputError, match=needle) as err:
             _plan("hidream-i1", text)
@@ -285,6 +289,13 @@ def test_the_png_records_the_cache(tmp_path):
     text = Image.open(save_png(result, tmp_path / "a.png")).text
     assert text["cache"] == params["cache"] and text["cache_computed_steps"] == "15 of 30"
     assert 'Cache: "magcache:threshold=0.06,max_skip_steps=3, 15 of 30 steps computed"' in text["parameters"]
+
+
+def test_taylorseer_default_mode_is_not_built_for_qwen_image():
+    with pytest.raises(InputError, match="writes for FLUX and SD 3 only; use taylorseer:use_lite_mode=true") as err:
+        _plan("qwen-image", "taylorseer")
+    assert "\n" not in str(err.value)
+    assert _plan("qwen-image", "taylorseer:use_lite_mode=true").cache.mode == "taylorseer"
 
 
 def test_taylorseer_runs_its_graphs_per_mode():
