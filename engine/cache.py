@@ -218,22 +218,22 @@ class TaylorSeer(_Scheduled):
 
     def __init__(self, graphs: dict, spec: CacheSpec, steps: int):
         super().__init__(spec, steps)
-        self.record, self.predict = graphs[RECORD], graphs[PREDICT]
-        self.names = [name for name in self.record.outputs if name != "out_hidden_states"]
+        self.record_graph, self.predict_graph = graphs[RECORD], graphs[PREDICT]
+        self.names = [name for name in self.record_graph.outputs if name != "out_hidden_states"]
         order = int(spec.options["max_order"])
         self.factors = {name: TaylorFactors(order) for name in self.names}
 
     def __call__(self, outputs=None, **feeds) -> dict[str, np.ndarray]:
         step = len(self.steps)
         if self._compute():
-            recorded = self.record(outputs=["out_hidden_states", *self.names], **feeds)
+            recorded = self.record_graph(outputs=["out_hidden_states", *self.names], **feeds)
             for name in self.names:
                 self.factors[name].update(recorded[name], step)
             output = recorded["out_hidden_states"]
             self.steps.append(COMPUTED)
         else:
             predicted = {name: factors.predict(step) for name, factors in self.factors.items()}
-            output = self.predict(outputs=["out_hidden_states"], **feeds, **predicted)["out_hidden_states"]
+            output = self.predict_graph(outputs=["out_hidden_states"], **feeds, **predicted)["out_hidden_states"]
             self.steps.append(PREDICTED)
         return {"out_hidden_states": output}
 
