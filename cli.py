@@ -693,8 +693,9 @@ def _read_latents(latents_file):
     "cache",
     metavar="MODE[:KEY=VALUE,...]",
     help="Step caching: skip most of the denoiser on some steps, as the reference hook does (fbcache, magcache, "
-    "taylorseer, taylorseer:use_lite_mode=true on FLUX and SD 3, magcache on SD 3 with mag_ratios=[...]/flux or "
-    "calibrate=true; deepcache on SD 1.5/SDXL; README, 'Step caching'). Not for few-step models.",
+    "taylorseer:use_lite_mode=true on FLUX, SD 3 and Qwen-Image; taylorseer on FLUX and SD 3; magcache on SD 3 "
+    "with mag_ratios=[...]/flux or calibrate=true; deepcache on SD 1.5/SDXL; README, 'Step caching'). Not for "
+    "few-step models.",
 )
 @click.option("--profile", is_flag=True, help="Print a per-step latency table after the image is saved.")
 @click.option("--profile-json", type=click.Path(path_type=Path), help="Write the profile as JSON to this file.")
