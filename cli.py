@@ -693,7 +693,7 @@ def _read_latents(latents_file):
     "cache",
     metavar="MODE[:KEY=VALUE,...]",
     help="Step caching: skip most of the denoiser on some steps, as the reference hook does (fbcache, magcache, "
-    "taylorseer:use_lite_mode=true on FLUX, SD 3 and Qwen-Image; taylorseer on FLUX and SD 3; magcache on SD 3 "
+    "taylorseer (default or use_lite_mode=true) on FLUX, SD 3 and Qwen-Image; magcache on SD 3 "
     "with mag_ratios=[...]/flux or calibrate=true; deepcache on SD 1.5/SDXL; README, 'Step caching'). Not for "
     "few-step models.",
 )

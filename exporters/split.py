@@ -4,8 +4,9 @@ FLUX's and Qwen-Image's transformers (fbcache, magcache) and SD 3's (magcache) a
 (deepcache) in two, below. Qwen-Image's split is written in exporters/qwen_image/transformer.py (its forward's
 knowledge stays there), with the same graph and tensor names; its rotary tables are inputs of the whole graph,
 which the first and the remaining blocks' graphs take under the same names. For TaylorSeer's default mode
-FLUX's and SD 3's transformers are also written whole twice, recording or given every block's attention output
-(below); those two graphs read the whole graph's weights (exporters/shared_weights.py).
+FLUX's, SD 3's and Qwen-Image's transformers are also written whole twice, recording or given every block's
+attention output (below; Qwen-Image's around its own whole forward, in its package); those two graphs read the
+whole graph's weights (exporters/shared_weights.py).
 
 First Block Cache (diffusers.hooks.first_block_cache) runs the transformer's first block every step, and
 the remaining blocks only when the first block's residual changed enough; otherwise it adds the residual the
@@ -53,7 +54,8 @@ GRAPHS = (*SPLIT_GRAPHS, *TAYLOR_GRAPHS, *DEEPCACHE_GRAPHS)
 SPLITS = {
     "FluxTransformer2DModel": ("transformer", "out_hidden_states", (*SPLIT_GRAPHS, *TAYLOR_GRAPHS)),
     "SD3Transformer2DModel": ("transformer", "out_hidden_states", (*SPLIT_GRAPHS, *TAYLOR_GRAPHS)),
-    "QwenImageTransformer2DModel": ("transformer", "out_hidden_states", SPLIT_GRAPHS),  # qwen_image/transformer.py
+    # qwen_image/transformer.py writes its split and its TaylorSeer graphs
+    "QwenImageTransformer2DModel": ("transformer", "out_hidden_states", (*SPLIT_GRAPHS, *TAYLOR_GRAPHS)),
     "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
 }
 SPLIT_CLASSES = tuple(SPLITS)
@@ -279,13 +281,14 @@ def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
 # with only its attention modules' forward replaced:
 #
 # - ``transformer_taylor_record``: the whole transformer → ``out_hidden_states`` and every hooked module's
-#   outputs (named ``<module>.output_<i>``: FLUX's joint blocks and SD 3's return the image's and the text's,
-#   FLUX's single blocks one over both);
+#   outputs (named ``<module>.output_<i>``: FLUX's joint blocks, SD 3's and Qwen-Image's return the image's
+#   and the text's, FLUX's single blocks one over both);
 # - ``transformer_taylor_predict``: the whole transformer's inputs and those outputs as inputs →
 #   ``out_hidden_states``, no attention computed (their weights are not in it).
 
 RECORD, PREDICT = TAYLOR_GRAPHS
-TAYLOR_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")  # the transformers they are written for
+# the transformers they are written for (Qwen-Image's in exporters/qwen_image/transformer.py, with this code)
+TAYLOR_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel")
 # graph → the whole graph whose data file holds all its weights (exporters/shared_weights.py links them)
 WEIGHTS_OF = {RECORD: "transformer", PREDICT: "transformer"}
 # diffusers.hooks.taylorseer_cache._TRANSFORMER_BLOCK_IDENTIFIERS (0.39): what its default mode hooks
@@ -311,11 +314,12 @@ def _output_count(attn) -> int:
     return 2 if getattr(attn, "add_q_proj", None) is not None else 1
 
 
-def attention_outputs(model) -> dict[str, dict[int, str]]:
-    """Graph name → dynamic axes of every hooked module's outputs, in the order they are recorded."""
+def attention_outputs(model, image: dict | None = None, text: dict | None = None) -> dict[str, dict[int, str]]:
+    """Graph name → dynamic axes of every hooked module's outputs, in the order they are recorded (``image``,
+    ``text``: a joint attention's two outputs' axes, FLUX's and SD 3's unless given)."""
     sd3 = _sd3(model)
-    image = {0: "batch_size", 1: "image_tokens" if sd3 else "packed_height_width"}
-    text, joint = {0: "batch_size", 1: "sequence_length"}, {0: "batch_size", 1: "rotary_length"}
+    image = image or {0: "batch_size", 1: "image_tokens" if sd3 else "packed_height_width"}
+    text, joint = text or {0: "batch_size", 1: "sequence_length"}, {0: "batch_size", 1: "rotary_length"}
     out = {}
     for name, attn in attention_modules(model):
         count = _output_count(attn)
@@ -351,7 +355,12 @@ def _whole_forward(names: list[str]):
     return forward
 
 
-def _record_forward(whole):
+def _recorded(attention: dict) -> list[tuple[str, int]]:
+    """(module, output index) of each graph name ``<module>.output_<i>``, in order."""
+    return [(name, int(index)) for name, index in (key.rsplit(".output_", 1) for key in attention)]
+
+
+def _record_forward(whole, attention: dict):
     def forward(model, *args):
         recorded: dict[str, tuple] = {}
 
@@ -367,22 +376,29 @@ def _record_forward(whole):
             (out,) = whole(model, *args)
         # the values the blocks go on with, as graph outputs too (the attention fusion keeps a rewritten
         # node's output name, graph outputs included: exporters/weights.replace_node)
-        return (out, *(value for name, _ in attention_modules(model) for value in recorded[name]))
+        return (out, *(recorded[name][index] for name, index in _recorded(attention)))
 
     return forward
 
 
-def _predict_forward(whole, count: int):
+def _predict_forward(whole, attention: dict):
+    count = len(attention)
+
     def forward(model, *args):
-        given = list(args[len(args) - count :])
-        outputs = {}
-        for name, attn in attention_modules(model):
-            n = _output_count(attn)
-            outputs[name], given = tuple(given[:n]), given[n:]
+        import torch
+
+        given = dict(zip(_recorded(attention), args[len(args) - count :], strict=True))
+        counts = {name: _output_count(attn) for name, attn in attention_modules(model)}
 
         def predict(name, _original):
-            def run(*_a, **_k):
-                return outputs[name] if len(outputs[name]) == 2 else outputs[name][0]
+            def run(*_a, **k):
+                # an output the graph is not given feeds nothing the transformer returns (Qwen-Image's last
+                # joint attention's text output): zeros of its shape, the encoder states the module was called on
+                outputs = tuple(
+                    given[(name, i)] if (name, i) in given else torch.zeros_like(k["encoder_hidden_states"])
+                    for i in range(counts[name])
+                )
+                return outputs if len(outputs) == 2 else outputs[0]
 
             return run
 
@@ -402,7 +418,7 @@ class _OwnParameters:
         return self.module.parameters(recurse=False)
 
 
-def _attention_inputs(module, whole, case: str) -> dict[str, np.ndarray]:
+def _attention_inputs(module, whole, attention: dict, case: str) -> dict[str, np.ndarray]:
     """The predict graph's test inputs: the whole graph's, and attention outputs of their shapes (random: the
     graph is compared with PyTorch on them; the export composes it with the record graph's real ones)."""
     feeds = whole.make_inputs(case)
@@ -418,27 +434,25 @@ def _attention_inputs(module, whole, case: str) -> dict[str, np.ndarray]:
         "image_tokens": image,
         "packed_height_width": image,
         "sequence_length": text,
+        "text_tokens": text,  # Qwen-Image's
         "rotary_length": text + image,
     }
     rng = np.random.default_rng(_stable_seed("taylor-predict", case))
-    for name, axes in attention_outputs(module).items():
+    for name, axes in attention.items():
         feeds[name] = _randn(rng, batch, tokens[axes[1]], width)
     return feeds
 
 
-def taylor_graphs(module) -> list[Component]:
-    """TaylorSeer's record and predict graphs of a FLUX or SD 3 transformer."""
-    sd3 = _sd3(module)
-    whole = sd3_transformer(module) if sd3 else flux_transformer(module)
-    kind = "sd3" if sd3 else "flux"
-    attention = attention_outputs(module)
+def taylor_components(module, whole: Component, forward, kind: str, attention: dict, rebuild) -> list[Component]:
+    """TaylorSeer's record and predict graphs around ``whole`` (the whole transformer's Component; ``forward``:
+    its forward, ``forward(model, *inputs) → (output,)``); ``attention``: attention_outputs' axes;
+    ``rebuild(other)``: the two around another module (the reduced-depth build)."""
     names = {name for name, _ in attention_modules(module)}
     rest = [
         _OwnParameters(sub)
         for name, sub in module.named_modules()
         if not any(name == hooked or name.startswith(hooked + ".") for hooked in names)
     ]
-    forward = _whole_forward(list(whole.inputs))
     record = Component(
         name=RECORD,
         kind=f"{kind}-transformer-taylor-record",
@@ -446,8 +460,8 @@ def taylor_graphs(module) -> list[Component]:
         inputs=whole.inputs,
         outputs={**whole.outputs, **attention},
         make_inputs=whole.make_inputs,
-        wrapper=_wrapper(_record_forward(forward))(module).eval(),
-        rebuild=lambda other: taylor_graphs(other)[0],
+        wrapper=_wrapper(_record_forward(forward, attention))(module).eval(),
+        rebuild=lambda other: rebuild(other)[0],
     )
     predict = Component(
         name=PREDICT,
@@ -455,12 +469,25 @@ def taylor_graphs(module) -> list[Component]:
         module=module,
         inputs={**whole.inputs, **attention},
         outputs=whole.outputs,
-        make_inputs=lambda case: _attention_inputs(module, whole, case),
-        wrapper=_wrapper(_predict_forward(forward, len(attention)))(module).eval(),
+        make_inputs=lambda case: _attention_inputs(module, whole, attention, case),
+        wrapper=_wrapper(_predict_forward(forward, attention))(module).eval(),
         parts=tuple(rest),
-        rebuild=lambda other: taylor_graphs(other)[1],
+        rebuild=lambda other: rebuild(other)[1],
     )
     return [record, predict]
+
+
+def taylor_graphs(module) -> list[Component]:
+    """TaylorSeer's record and predict graphs of a FLUX or SD 3 transformer (Qwen-Image's: its package's)."""
+    if type(module).__name__ == "QwenImageTransformer2DModel":
+        from .qwen_image.transformer import taylor_components as qwen_taylor
+
+        return qwen_taylor(module)
+    sd3 = _sd3(module)
+    whole = sd3_transformer(module) if sd3 else flux_transformer(module)
+    kind = "sd3" if sd3 else "flux"
+    forward = _whole_forward(list(whole.inputs))
+    return taylor_components(module, whole, forward, kind, attention_outputs(module), taylor_graphs)
 
 
 # --- DeepCache: the UNet as its deep part and its shallow branch ---------------------------------------------

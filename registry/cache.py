@@ -8,10 +8,11 @@ reasons and the plan can say how many steps run the whole denoiser.
 
 - ``fbcache``: diffusers 0.39's First Block Cache; decides each step from the first block's residual, so
   the plan gives a range.
-- Qwen-Image (fbcache, magcache, taylorseer lite): its pipeline runs true CFG as two transformer calls in the
-  cache contexts "cond" and "uncond", and the hooks keep one state per context; so does the engine (one cache
-  per call of a step, engine/cache.py PerContext), each counting its own steps, so the schedules here hold
-  per context. HiDream: every transformer mode is refused with what diffusers lacks there (HIDREAM_NO_REFERENCE).
+- Qwen-Image (fbcache, magcache, taylorseer in either mode): its pipeline runs true CFG as two transformer
+  calls in the cache contexts "cond" and "uncond", and the hooks keep one state per context; so does the engine
+  (one cache per call of a step, engine/cache.py PerContext), each counting its own steps, so the schedules
+  here hold per context. HiDream: every transformer mode is refused with what diffusers lacks there
+  (HIDREAM_NO_REFERENCE).
 - ``magcache``: diffusers 0.39's MagCache; a fixed schedule from magnitude ratios. FLUX's are MagCache's
   published calibration (diffusers' FLUX_MAG_RATIOS), Qwen-Image's the one in MagCache's repository
   (MagCache4QwenImage, named ``qwen-image``); for SD 3 none is published (MagCache's repository
@@ -23,8 +24,8 @@ reasons and the plan can say how many steps run the whole denoiser.
   timestep, PNDM's second, repeats its index too, so the engine's count can differ by one from the plan's).
 - ``taylorseer``: diffusers 0.39's TaylorSeer; a fixed schedule. Its default mode predicts every block's
   attention output on a predicted step and runs the rest of the transformer on it (the record and predict
-  graphs of ``--cache-graphs``; FLUX and SD 3); ``use_lite_mode=true`` predicts the transformer's output and
-  runs nothing (the whole graph; FLUX, SD 3 and Qwen-Image).
+  graphs of ``--cache-graphs``); ``use_lite_mode=true`` predicts the transformer's output and runs nothing
+  (the whole graph); both on FLUX, SD 3 and Qwen-Image.
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ MAG_RATIOS_NOTES = {
 
 # where TaylorSeer's default mode (every block's attention output predicted) is not offered, and why
 TAYLORSEER_NOT_BUILT = {
-    "qwen-image": "its default mode predicts every block's attention output, through the record and predict graphs "
-    "that `stepwise export --cache-graphs` writes for FLUX and SD 3 only; use taylorseer:use_lite_mode=true",
     "hidream": "diffusers 0.39's TaylorSeer hooks the attention modules of blocks listed as transformer_blocks, "
     "single_transformer_blocks or blocks, and HiDream's are double_stream_blocks and single_stream_blocks: it "
     "hooks nothing, so there is no reference to reproduce",
@@ -161,7 +160,7 @@ MODES = {
             label_skipped="predicted",
             when={
                 ("use_lite_mode", True): {"graphs": "whole"},
-                ("use_lite_mode", False): {"families": ("flux", "sd3"), "why_not": TAYLORSEER_NOT_BUILT},
+                ("use_lite_mode", False): {"why_not": TAYLORSEER_NOT_BUILT},
             },
         ),
     )

@@ -6,7 +6,9 @@ The cache's reference is the same pipeline with ``transformer.enable_cache(<the 
 negative prompt, true_cfg_scale 4): QwenImagePipeline runs the prompt in ``cache_context("cond")`` and the negative
 in ``cache_context("uncond")``, and each hook keeps one state per context, so the engine keeps one cache per
 context (engine/cache.py PerContext). Checked: the same calls computed in each context, the image within 2/255.
-The fp32 export carries the step-cache split (--cache-graphs), so one export serves every test here."""
+TaylorSeer's default mode is checked so too, and its final latents within 1e-4 of diffusers'. The fp32 export
+carries the step-cache graphs (--cache-graphs: the split, and TaylorSeer's record and predict graphs), so one
+export serves every test here."""
 
 from __future__ import annotations
 
@@ -50,11 +52,19 @@ def engine_image(folder, width, height, steps, guidance, negative, latents):
     return result
 
 
-def diffusers_image(width, height, steps, guidance, negative, latents, cache=None, calls=None):
+def _last_attention(transformer):
+    return transformer.transformer_blocks[-1].attn
+
+
+def diffusers_image(
+    width, height, steps, guidance, negative, latents, cache=None, calls=None, probe=_last_attention, final=None
+):
     """QwenImagePipeline's image: true CFG needs a negative prompt, " " when none is said (as the engine does).
     ``cache``: a diffusers cache config enabled on the transformer; ``calls`` then gets, per transformer call,
-    "computed" or "skipped": a pre-hook on the last block's attention fires only when the hook lets that block run
-    (First Block Cache and MagCache skip it, TaylorSeer-Lite's inactive blocks return zeros without running)."""
+    "computed" or "skipped": a pre-hook on ``probe(transformer)``, by default the last block's attention, fires
+    only when the hook lets that block run (First Block Cache and MagCache skip it, TaylorSeer-Lite's inactive
+    blocks return zeros without running; TaylorSeer's default mode runs the block and predicts its attention, so
+    its probe is inside the attention). ``final``: gets the final (packed) latents."""
     from diffusers import QwenImagePipeline
 
     pipe = tiny.build("qwen-image")
@@ -62,10 +72,14 @@ def diffusers_image(width, height, steps, guidance, negative, latents, cache=Non
     if cache is not None:
         pipe.transformer.enable_cache(cache)
         pipe.transformer.register_forward_pre_hook(lambda *_: calls.append("skipped"))
-        pipe.transformer.transformer_blocks[-1].attn.register_forward_pre_hook(
-            lambda *_: calls.__setitem__(-1, "computed")
-        )
+        probe(pipe.transformer).register_forward_pre_hook(lambda *_: calls.__setitem__(-1, "computed"))
     packed = QwenImagePipeline._pack_latents(torch.from_numpy(latents), 1, 16, height // 8, width // 8)
+
+    def keep(pipe, index, t, tensors):
+        if final is not None:
+            final[:] = [tensors["latents"].numpy().copy()]
+        return tensors
+
     with torch.no_grad():
         image = pipe(
             PROMPT,
@@ -76,6 +90,7 @@ def diffusers_image(width, height, steps, guidance, negative, latents, cache=Non
             height=height,
             latents=packed,
             output_type="np",
+            callback_on_step_end=keep,
         ).images[0]
     return (image * 255).round().astype(np.uint8)
 
@@ -146,14 +161,18 @@ def _per_context(verdicts: list[str]) -> dict[str, list[str]]:
     return {name: ["computed" if s[i] == "computed" else "skipped" for s in split] for i, name in enumerate(CONTEXTS)}
 
 
-def check_cache_against_diffusers(folder, text, width=64, height=64, steps=8):
+def check_cache_against_diffusers(folder, text, width=64, height=64, steps=8, probe=_last_attention, final=None):
+    """``final``: gets the engine's final latents (packed as diffusers' are), then diffusers' own."""
     latents = _latents(width, height)
     spec = step_cache.parse(text).resolved(steps, "qwen-image")
     pipe = engine.load_pipeline(folder, threads=1)
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=4.0, width=width, height=height)
     result = pipe.generate(**common, seed=0, latents=latents, cache=spec)
-    calls: list[str] = []
-    expected = diffusers_image(width, height, steps, 4.0, NEGATIVE, latents, _reference_config(spec), calls)
+    calls, theirs = [], []
+    config = _reference_config(spec)
+    expected = diffusers_image(width, height, steps, 4.0, NEGATIVE, latents, config, calls, probe, theirs)
+    if final is not None:
+        final += [_packed(result.latents), *theirs]
     reference = {name: calls[i :: len(CONTEXTS)] for i, name in enumerate(CONTEXTS)}
     ours = [s["cache"] for s in result.profile["steps"]]
     assert _per_context(ours) == reference  # the same calls computed, context by context
@@ -174,6 +193,59 @@ def test_taylorseer_lite_matches_diffusers_hook_per_cfg_context(exported_tiny):
     # second-order factors are checked on FLUX (tests/test_step_cache.py): the per-context states are what is new
     text = "taylorseer:use_lite_mode=true,cache_interval=2,disable_cache_before_step=2"
     assert "predicted" in check_cache_against_diffusers(exported_tiny("qwen-image", **FP32), text)
+
+
+@pytest.mark.slow
+def test_taylorseers_graphs_are_composed_as_the_whole_and_share_its_weights(exported_tiny):
+    """The record and predict graphs (--cache-graphs): every hooked attention output recorded but the last block's
+    text output (it feeds nothing the transformer returns, and the whole graph has no weight for it), the predict
+    graph given them, composed against the whole at export; both read the whole graph's data file, hard-linked."""
+    folder = exported_tiny("qwen-image", **FP32)
+    manifest = manifest_io.read(folder)
+    composed = manifest.data["cache_graphs"]["composed"]
+    assert {"taylorseer record", "taylorseer predict"} <= set(composed["max_abs_diff_each"])
+    assert composed["max_abs_diff"] <= composed["tolerance"]
+    record, predict = (manifest.components[name] for name in step_cache.TAYLOR_GRAPHS)
+    attention = [
+        "transformer_blocks.0.attn.output_0",
+        "transformer_blocks.0.attn.output_1",
+        "transformer_blocks.1.attn.output_0",
+    ]  # the tiny transformer's two blocks
+    assert list(record["outputs"]) == ["out_hidden_states", *attention]
+    assert list(predict["inputs"])[-3:] == attention and list(predict["outputs"]) == ["out_hidden_states"]
+    assert predict["params"] < record["params"] == manifest.components["transformer"]["params"]
+    whole = folder / manifest.components["transformer"]["data_path"]
+    for entry in (record, predict):
+        assert entry["data_shared_with"] == "transformer" and (folder / entry["data_path"]).samefile(whole)
+
+
+def _packed(latents: np.ndarray) -> np.ndarray:
+    """The engine's (unpacked) latents packed 2x2 as QwenImagePipeline's are."""
+    from diffusers import QwenImagePipeline
+
+    b, c, h, w = latents.shape
+    return QwenImagePipeline._pack_latents(torch.from_numpy(latents), b, c, h, w).numpy()
+
+
+@pytest.mark.slow
+def test_taylorseer_matches_diffusers_hook_per_cfg_context(exported_tiny):
+    """The default mode: every block's attention output predicted on the hook's steps, the rest of the transformer
+    run on the predictions (the record and predict graphs), one TaylorSeer per CFG context, against diffusers' hook
+    with float32 factors: the same calls predicted in each context, the image within 2/255, the final latents
+    within 1e-4 (measured 1.4e-6). The tiny model's attention moves its image little, so the latents are what can
+    fail: the uncached run's are farther (measured 4.8e-3; the lite mode's 6.8e-2)."""
+    atol, final = 1e-4, []
+    folder = exported_tiny("qwen-image", **FP32)
+    text = "taylorseer:cache_interval=2,disable_cache_before_step=2"
+    ours = check_cache_against_diffusers(folder, text, probe=lambda t: t.transformer_blocks[-1].attn.to_q, final=final)
+    assert "predicted" in ours
+    cached, theirs = final
+    error = np.abs(cached - theirs).max()
+    assert error < atol, f"final latents {error:.1e} from diffusers'"
+    pipe = engine.load_pipeline(folder, threads=1)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=8, guidance=4.0, width=64, height=64)
+    uncached = _packed(pipe.generate(**common, seed=0, latents=_latents(64, 64)).latents)
+    assert np.abs(uncached - theirs).max() > 10 * atol
 
 
 @pytest.mark.slow
@@ -204,8 +276,10 @@ def test_the_reduced_depth_build_keeps_a_block_for_the_split():
     )
     config, _, what = reduced.plan(model)
     assert "transformer_blocks [0, 5] of 6" in what
-    _, blocks, _ = split.graphs(streaming.build(type(model), config)[0])
+    _, blocks, _, *taylor = split.graphs(streaming.build(type(model), config)[0])
     assert len(blocks.parts) == 1
+    # and TaylorSeer's graphs record the reduced build's attention outputs: its last block's is block 1's here
+    assert list(taylor[0].outputs)[-1] == "transformer_blocks.1.attn.output_0"
 
 
 @pytest.mark.slow

@@ -291,17 +291,19 @@ def test_the_png_records_the_cache(tmp_path):
     assert 'Cache: "magcache:threshold=0.06,max_skip_steps=3, 15 of 30 steps computed"' in text["parameters"]
 
 
-def test_taylorseer_default_mode_is_not_built_for_qwen_image():
-    with pytest.raises(InputError, match="writes for FLUX and SD 3 only; use taylorseer:use_lite_mode=true") as err:
-        _plan("qwen-image", "taylorseer")
-    assert "\n" not in str(err.value)
-    assert _plan("qwen-image", "taylorseer:use_lite_mode=true").cache.mode == "taylorseer"
+def test_taylorseer_default_mode_runs_its_graphs_on_qwen_image():
+    # its parity with diffusers' hook under true CFG: tests/test_qwen_image.py
+    from engine.cache import graphs_needed
+
+    default = _plan("qwen-image", "taylorseer")
+    assert graphs_needed(default.cache) == step_cache.TAYLOR_GRAPHS
+    assert graphs_needed(_plan("qwen-image", "taylorseer:use_lite_mode=true").cache) == ()
 
 
 def test_taylorseer_runs_its_graphs_per_mode():
-    """The default mode runs the record/predict graphs, the lite mode the whole graph; both on FLUX and SD 3
-    (tests/test_engine_parity_flow.py). The attention modules the graphs record are those diffusers' hook
-    hooks (its identifiers)."""
+    """The default mode runs the record/predict graphs, the lite mode the whole graph; both on FLUX, SD 3
+    (tests/test_engine_parity_flow.py) and Qwen-Image (tests/test_qwen_image.py). The attention modules the
+    graphs record are those diffusers' hook hooks (its identifiers)."""
     from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
     from engine.cache import graphs_needed

@@ -250,3 +250,25 @@ def split_components(module) -> list[Component]:
         rebuild=lambda other: split_components(other)[2],
     )
     return [first, rest, out]
+
+
+# --- TaylorSeer's default mode (``--cache-graphs``; exporters/split.py writes the two graphs) -------------------
+#
+# diffusers' TaylorSeer hooks ``^transformer_blocks.*attn``: each block's joint attention, which returns the
+# image's and the text's outputs. The record and predict graphs are the forward above with those modules'
+# forward replaced (split.taylor_components). The last block's text output feeds nothing the transformer
+# returns (its output layers read the image's states only), so it is not recorded: the whole graph holds no
+# weight for it (to_add_out), and the record graph would then need weights of its own instead of the whole
+# graph's; the hook's prediction of it changes no number either. The predict graph computes no attention, so
+# it reads no rotary table; it takes the whole graph's inputs all the same.
+
+
+def taylor_components(module) -> list[Component]:
+    """transformer_taylor_record and transformer_taylor_predict."""
+    from .. import split
+
+    whole = transformer_component(module)
+    image, text = whole.inputs["hidden_states"], whole.inputs["encoder_hidden_states"]
+    attention = split.attention_outputs(module, image, text)
+    del attention[f"transformer_blocks.{len(module.transformer_blocks) - 1}.attn.output_1"]
+    return split.taylor_components(module, whole, _forward, "qwen-image", attention, taylor_components)
