@@ -141,7 +141,7 @@ def _vae_mb(
     return _stages(attention, (VAE_DECODER_BUFFERS * conv, conv)) + host
 
 
-def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int) -> float:
+def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int, contexts: int = 1) -> float:
     kind = "unet" if name.startswith("unet") else "transformer"  # unet_deep, unet_shallow: a UNet's parts
     # a cascade's later UNets (unet_2: DeepFloyd IF's stage II) have their own layout (denoiser_attention_2)
     stage = name[len("unet") :] if kind == "unet" and name[len("unet_") :].isdigit() else ""
@@ -158,12 +158,14 @@ def _denoiser_mb(manifest, name: str, width: int, height: int, batch: int) -> fl
     else:
         linear = TRANSFORMER_BUFFERS * batch * tokens * layout["width"] * FLOAT / MB
     attention = 0.0 if _fused(manifest, name) or not stride else _attention_mb(batch, layout["heads"], tokens)
-    return linear + attention + _taylor_factors_mb(manifest, name, batch, tokens, layout["width"])
+    factors = _taylor_factors_mb(manifest, name, batch * contexts, tokens, layout["width"])
+    return linear + attention + factors
 
 
 def _taylor_factors_mb(manifest, name: str, batch: int, tokens: int, width: int) -> float:
     """TaylorSeer's numpy arrays beside the record graph (counted with it): each hooked attention module's
-    outputs span the tokens once (a joint block's image and text outputs, a single block's one over both)."""
+    outputs span the tokens once (a joint block's image and text outputs, a single block's one over both);
+    ``batch``: the rows of every context's factors together (Qwen-Image's CFG contexts keep one set each)."""
     if name != TAYLOR_GRAPHS[0]:
         return 0.0
     outputs = (manifest.components.get(name) or {}).get("outputs") or {}
@@ -188,16 +190,19 @@ def activation_mb(
     tiling: Tiling | None = None,
     vae=None,
     scale_factor: int | None = None,
+    contexts: int = 1,
 ) -> float:
     """What running component ``name`` once at ``width`` x ``height`` adds to the process, in MB: its arena's
     high-water mark (and the numpy arrays around the VAE). ``batch``: the denoiser's (2 with classifier-free
     guidance); ``tiling``: the VAE runs in these tiles; ``vae``: ``vae_layout(manifest)`` when known;
-    ``scale_factor``: the VAE's, when not the export's (a cascade's stage III: vae_decoder_3, x4)."""
+    ``scale_factor``: the VAE's, when not the export's (a cascade's stage III: vae_decoder_3, x4);
+    ``contexts``: the denoiser's calls a step that a step cache keeps a state for each (engine/cache.py
+    PerContext: Qwen-Image's true CFG, 2)."""
     if name.startswith("text_encoder"):
         return _text_mb(manifest, name)
     if name.startswith(("vae_decoder", "vae_encoder")):
         return _vae_mb(manifest, name.startswith("vae_encoder"), width, height, tiling, vae, scale_factor)
-    return _denoiser_mb(manifest, name, width, height, batch)
+    return _denoiser_mb(manifest, name, width, height, batch, contexts)
 
 
 # --- the plan ---------------------------------------------------------------------------------------------
@@ -239,12 +244,10 @@ class _Need:
         return self.resident if policy == RESIDENT else self.phased
 
 
-def _need(manifest, phases, width, height, batch, image, tiling, vae) -> _Need:
+def _need(manifest, phases, width, height, batch, image, tiling, vae, contexts=1) -> _Need:
     running = {name: phase != "image" or image for phase, names in phases.items() for name in names}
-    act = {
-        name: activation_mb(manifest, name, width, height, batch=batch, tiling=tiling, vae=vae) if runs else 0.0
-        for name, runs in running.items()
-    }
+    options = dict(batch=batch, tiling=tiling, vae=vae, contexts=contexts)
+    act = {name: activation_mb(manifest, name, width, height, **options) if on else 0.0 for name, on in running.items()}
     resident = OVERHEAD_MB + weights_mb(manifest, list(running)) + sum(act.values())
     phased = max(
         (
@@ -294,10 +297,12 @@ def plan_memory(
     batch: int = 2,
     image: bool = False,
     vae_tiling: bool | None = None,
+    contexts: int = 1,
 ) -> MemoryPlan:
     """Choose the policy and whether the VAE runs in tiles for one generation at ``width`` x ``height``
     (default: the model's size) with the denoiser's ``batch`` (2 with classifier-free guidance) and, with
-    ``image``, the VAE encoder; refuse one that fits under none. ``phases`` maps phase → its components.
+    ``image``, the VAE encoder; refuse one that fits under none. ``phases`` maps phase → its components;
+    ``contexts``: the denoiser's calls a step (activation_mb).
 
     ``policy`` None: resident when the whole model fits, else phased when its largest phase does.
     ``vae_tiling`` None: tiles only when nothing fits without them; True: always; False: never. Without
@@ -314,7 +319,7 @@ def plan_memory(
     options = [(p, t) for t in tilings for p in policies]  # untiled before tiled, resident before phased
 
     def need(w, h, tiled):
-        return _need(manifest, phases, w, h, batch, image, tiling if tiled else None, vae)
+        return _need(manifest, phases, w, h, batch, image, tiling if tiled else None, vae, contexts)
 
     needs = {t: need(width, height, t) for t in tilings}
     for chosen, tiled in options:

@@ -145,6 +145,7 @@ class Pipeline:
             batch=batch,
             image=image,
             vae_tiling=vae_tiling,
+            contexts=self.architecture.context_count(guidance),
         )
 
     def plan_memory(self, width, height, *, guidance=None, image=False, vae_tiling=None) -> MemoryPlan:

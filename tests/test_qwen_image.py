@@ -249,6 +249,32 @@ def test_taylorseer_matches_diffusers_hook_per_cfg_context(exported_tiny):
 
 
 @pytest.mark.slow
+def test_the_memory_estimate_counts_taylorseers_factors_per_cfg_context(exported_tiny, monkeypatch):
+    """Under true CFG each context keeps its own TaylorSeer (both hold factors after a run), so the plan counts
+    the factors once per context: with CFG it needs one context's factors more than without (the transformer's
+    batch is 1 either way)."""
+    from engine import cache as caching
+    from engine import memory
+
+    made = []
+    original = caching.cached_denoiser
+    monkeypatch.setattr(caching, "cached_denoiser", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    spec = step_cache.parse("taylorseer")
+    pipe = engine.load_pipeline(exported_tiny("qwen-image", **FP32), threads=1, cache=spec)
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, seed=0, latents=_latents(64, 64))
+    pipe.generate(**common, steps=5, guidance=4.0, cache=spec)
+    (per_context,) = [m for m in made if isinstance(m, caching.PerContext)]
+    assert [len(seer.factors) for seer in per_context.caches] == [3, 3]  # "cond" and "uncond": each its own
+    assert all(f.factors for seer in per_context.caches for f in seer.factors.values())
+    guided, plain = (pipe.plan_memory(64, 64, guidance=g).resident_mb for g in (4.0, 1.0))
+    record = step_cache.TAYLOR_GRAPHS[0]
+    one = memory.activation_mb(pipe.manifest, record, 64, 64, batch=1) - memory.activation_mb(
+        pipe.manifest, record, 64, 64, batch=1, contexts=0
+    )
+    assert one > 0 and guided - plain == pytest.approx(one, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_fbcache_matches_diffusers_hook_per_cfg_context(exported_tiny):
     """threshold 0.4: this tiny model's relative changes at 64x64 (0.485, 0.431, 0.379, 0.49, 0.375, 0.368,
     0.512 in "cond", within 3% of them in "uncond") sit at least 5% away from it, so rounding between ONNX

@@ -111,6 +111,11 @@ class Architecture:
         call, batched CFG included, unless a family runs its texts one call each."""
         return ("cond",)
 
+    def context_count(self, guidance: float | None) -> int:
+        """How many cache contexts (``cache_contexts``) a generation with ``guidance`` runs, before its
+        conditioning exists: the memory plan counts a step cache's state once per context."""
+        return 1
+
     def denoiser(self, graph, cond: dict, extra: dict, guidance: float) -> Denoise:
         """The graph wrapped as ``denoise(x, t)`` → the prediction the scheduler steps with."""
         raise NotImplementedError

@@ -187,6 +187,9 @@ class QwenImageArchitecture(Architecture):
         # QwenImagePipeline runs the prompt in cache_context("cond"), the negative in cache_context("uncond")
         return ("cond", "uncond") if "negative_embeds" in cond else ("cond",)
 
+    def context_count(self, guidance) -> int:
+        return 2 if guidance is None or self.uses_cfg(guidance) else 1  # the negative is encoded with CFG only
+
     def denoiser(self, graph, cond, extra, guidance):
         def run(x, t, embeds, rotary):
             return graph(
