@@ -122,6 +122,10 @@ def main() -> None:
     if is_sd3(args.folder):
         common.update(prompt_2=PROMPT, prompt_3=PROMPT, max_sequence_length=args.max_sequence_length)
     cache = config.taylorseer_config
+    if cache is not None:  # a copy: the property's object does not outlive the config's reset below
+        cache = openvino_genai.TaylorSeerCacheConfig(
+            cache.cache_interval, cache.disable_cache_before_step, cache.disable_cache_after_step
+        )
     config.taylorseer_config = None  # the 2-step warm-up only compiles: 2 steps are inside any cache's warm-up
     pipe.set_generation_config(config)
     pipe.generate(PROMPT, num_inference_steps=2, generator=NumpyNoise(args.seed), **common)
