@@ -45,13 +45,19 @@ def is_sd3(folder: str) -> bool:
 
 
 def taylorseer_config(openvino_genai, text: str):
-    """``off`` → None, ``default`` → TaylorSeerCacheConfig(), ``3,6,-2`` → TaylorSeerCacheConfig(3, 6, -2)."""
+    """``off`` → None, ``default`` → TaylorSeerCacheConfig(), ``3,6,-2`` → its fields set to 3, 6 and -2."""
     if text == "off":
         return None
     if text == "default":
         return openvino_genai.TaylorSeerCacheConfig()
     interval, before, after = (int(v) for v in text.split(","))
-    return openvino_genai.TaylorSeerCacheConfig(interval, before, after)
+    return new_taylorseer_config(openvino_genai, interval, before, after)
+
+
+def new_taylorseer_config(openvino_genai, interval: int, before: int, after: int):
+    config = openvino_genai.TaylorSeerCacheConfig()  # the Python binding's constructor takes no arguments
+    config.cache_interval, config.disable_cache_before_step, config.disable_cache_after_step = interval, before, after
+    return config
 
 
 def main() -> None:
@@ -123,8 +129,8 @@ def main() -> None:
         common.update(prompt_2=PROMPT, prompt_3=PROMPT, max_sequence_length=args.max_sequence_length)
     cache = config.taylorseer_config
     if cache is not None:  # a copy: the property's object does not outlive the config's reset below
-        cache = openvino_genai.TaylorSeerCacheConfig(
-            cache.cache_interval, cache.disable_cache_before_step, cache.disable_cache_after_step
+        cache = new_taylorseer_config(
+            openvino_genai, cache.cache_interval, cache.disable_cache_before_step, cache.disable_cache_after_step
         )
     config.taylorseer_config = None  # the 2-step warm-up only compiles: 2 steps are inside any cache's warm-up
     pipe.set_generation_config(config)
