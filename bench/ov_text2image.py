@@ -5,9 +5,13 @@ install and the ``optimum-cli export openvino`` that writes the IR from a diffus
 on CPU with its default config: the CPU plugin's default inference precision (bf16 on CPUs with AVX-512 BF16)
 unless ``--precision f32``, ``--threads`` as ``INFERENCE_NUM_THREADS``, dynamic shapes unless ``--reshape``, and
 the generation config the pipeline chose for the model (steps and guidance given here; its ``taylorseer_config``
-is printed and left as it is).
+is printed and left as it is unless ``--taylorseer``: ``off`` for none, ``default`` for
+``openvino_genai.TaylorSeerCacheConfig()``, or ``INTERVAL,BEFORE,AFTER``).
+SD 3 IR folders (``model_index.json`` names ``StableDiffusion3Pipeline``) get the prompt for all three encoders,
+as diffusers and Stepwise do, and T5's window of ``--max-sequence-length`` tokens (256: Stepwise's and diffusers').
 Warms up with 2 steps, then times STEPS steps at SIZE² and appends one JSON line to ``--results``: the time to
-image (prompt, steps, decode: ``generate`` returns the decoded image), the load time, the median UNet call,
+image (prompt, steps, decode: ``generate`` returns the decoded image), the load time, the count and median of
+the UNet's (SD 1.5) or transformer's (SD 3) calls as its perf metrics record them,
 the peak RSS (``ru_maxrss``) and the load average.
 
 The initial noise is ``bench.step_cache``'s (``np.random.default_rng(seed).standard_normal``, the latent shape):
@@ -23,6 +27,7 @@ import math
 import os
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +37,27 @@ PROMPT = "a red apple on a wooden table, studio light"  # bench/step_cache.py's
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def is_sd3(folder: str) -> bool:
+    index = Path(folder) / "model_index.json"
+    return index.exists() and "StableDiffusion3" in json.loads(index.read_text()).get("_class_name", "")
+
+
+def taylorseer_config(openvino_genai, text: str):
+    """``off`` → None, ``default`` → TaylorSeerCacheConfig(), ``3,6,-2`` → its fields set to 3, 6 and -2."""
+    if text == "off":
+        return None
+    if text == "default":
+        return openvino_genai.TaylorSeerCacheConfig()
+    interval, before, after = (int(v) for v in text.split(","))
+    return new_taylorseer_config(openvino_genai, interval, before, after)
+
+
+def new_taylorseer_config(openvino_genai, interval: int, before: int, after: int):
+    config = openvino_genai.TaylorSeerCacheConfig()  # the Python binding's constructor takes no arguments
+    config.cache_interval, config.disable_cache_before_step, config.disable_cache_after_step = interval, before, after
+    return config
 
 
 def main() -> None:
@@ -63,6 +89,12 @@ def main() -> None:
     parser.add_argument(
         "--reshape", action="store_true", help="static shapes (pipe.reshape before compile): not the default"
     )
+    parser.add_argument(
+        "--taylorseer",
+        default=None,
+        help="off, default (TaylorSeerCacheConfig()) or INTERVAL,BEFORE,AFTER (default: the pipeline's own config)",
+    )
+    parser.add_argument("--max-sequence-length", type=int, default=256, help="T5's window (SD 3 only)")
     parser.add_argument("--against", default=None, help="a uint8 image .npy from bench.step_cache --save-images")
     parser.add_argument("--label", default="openvino-genai default")
     parser.add_argument("--results", default=None, help="JSON lines to append to")
@@ -82,18 +114,35 @@ def main() -> None:
         pipe = openvino_genai.Text2ImagePipeline(args.folder, "CPU", **properties)
     load = time.perf_counter() - start
     config = pipe.get_generation_config()
+    pipeline_taylorseer = str(config.taylorseer_config)
+    if args.taylorseer is not None:
+        config.taylorseer_config = taylorseer_config(openvino_genai, args.taylorseer)
     precision = args.precision or ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
     print(
         f"pipeline defaults: {config.num_inference_steps} steps, guidance {config.guidance_scale}, "
-        f"taylorseer_config {config.taylorseer_config}; inference precision {precision}",
+        f"taylorseer_config {pipeline_taylorseer}; inference precision {precision}; "
+        f"this run's taylorseer_config {config.taylorseer_config}",
         flush=True,
     )
     common = dict(width=args.size, height=args.size, guidance_scale=args.guidance)
+    if is_sd3(args.folder):
+        common.update(prompt_2=PROMPT, prompt_3=PROMPT, max_sequence_length=args.max_sequence_length)
+    cache = config.taylorseer_config
+    if cache is not None:  # a copy: the property's object does not outlive the config's reset below
+        cache = new_taylorseer_config(
+            openvino_genai, cache.cache_interval, cache.disable_cache_before_step, cache.disable_cache_after_step
+        )
+    config.taylorseer_config = None  # the 2-step warm-up only compiles: 2 steps are inside any cache's warm-up
+    pipe.set_generation_config(config)
     pipe.generate(PROMPT, num_inference_steps=2, generator=NumpyNoise(args.seed), **common)
+    config.taylorseer_config = cache
+    pipe.set_generation_config(config)
     start = time.perf_counter()
     result = pipe.generate(PROMPT, num_inference_steps=args.steps, generator=NumpyNoise(args.seed), **common)
     seconds = time.perf_counter() - start
-    unet_ms = [d / 1000 for d in pipe.get_performance_metrics().raw_metrics.unet_inference_durations]
+    raw = pipe.get_performance_metrics().raw_metrics
+    # the UNet pipelines fill unet_inference_durations, the transformer ones transformer_inference_durations
+    unet_ms = [d / 1000 for d in raw.unet_inference_durations or raw.transformer_inference_durations]
     image = np.array(result.data)[0]
     row = {
         "engine": f"openvino-genai {openvino_genai.__version__}",
@@ -103,6 +152,7 @@ def main() -> None:
         "steps": args.steps,
         "guidance": args.guidance,
         "taylorseer_config": str(config.taylorseer_config),
+        "pipeline_taylorseer_config": pipeline_taylorseer,
         "precision": precision,
         "threads": args.threads,
         "static_shapes": args.reshape,
