@@ -29,7 +29,9 @@ from registry.cache import (
     SPLIT_GRAPHS,
     TAYLOR_GRAPHS,
     CacheSpec,
+    blocks_feeds,
     lacks_mag_ratios,
+    out_feeds,
     taylor_coefficient,
 )
 
@@ -41,23 +43,15 @@ COMPUTED, CACHED, PREDICTED = "computed", "cached", "predicted"
 
 
 def _remaining_blocks(blocks, first: dict, feeds: dict) -> np.ndarray:
-    """The blocks after the first, run on what the first graph returned (FLUX's rotary embedding too; SD 3
-    has none) and on the whole graph's rotary tables (Qwen-Image's are its inputs): their output hidden states."""
-    shared = {name: first[name] for name in ("temb", "rotary_cos", "rotary_sin") if name in first}
-    tables = {name: value for name, value in feeds.items() if "_freqs_" in name}
-    return blocks(
-        outputs=["out_hidden_states"],
-        hidden_states=first["first_block_hidden_states"],
-        encoder_hidden_states=first["first_block_encoder_hidden_states"],
-        **shared,
-        **tables,
-    )["out_hidden_states"]
+    """The blocks after the first, on what the first graph returned: their output hidden states."""
+    return blocks(outputs=["out_hidden_states"], **blocks_feeds(first, first["first_block_hidden_states"], feeds))[
+        "out_hidden_states"
+    ]
 
 
 def _output_layers(out, hidden: np.ndarray, first: dict, feeds: dict) -> dict[str, np.ndarray]:
-    """The output layers on the blocks' hidden states: the transformer's output. SD 3's also unpatchify, to
-    the size of the latent they are handed as ``sample`` (FLUX's graph has no such input: not fed)."""
-    return out(outputs=["out_hidden_states"], hidden_states=hidden, temb=first["temb"], sample=feeds["hidden_states"])
+    """The output layers on the blocks' hidden states: the transformer's output."""
+    return out(outputs=["out_hidden_states"], **out_feeds(first, hidden, feeds))
 
 
 class FirstBlockCache:

@@ -428,8 +428,7 @@ def _check_cache_graphs(pipeline, src, weights: str) -> None:
     if type(denoiser).__name__ not in split.SPLIT_CLASSES:
         raise ExportError(
             f"--cache-graphs splits the FLUX, SD 3 and Qwen-Image transformers and the SD 1.5/SDXL UNet for step "
-            f"caching; "
-            f"{src.family} has no cache mode that needs its denoiser split: export without --cache-graphs"
+            f"caching; {src.family} has no cache mode that needs its denoiser split: export without --cache-graphs"
         )
     if len(getattr(denoiser, "transformer_blocks", ())) + len(getattr(denoiser, "single_transformer_blocks", ())) == 1:
         raise ExportError(  # the split puts the first block in one graph and the rest in another

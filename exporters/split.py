@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS, TAYLOR_GRAPHS
+from registry.cache import DEEPCACHE_GRAPHS, SPLIT_GRAPHS, TAYLOR_GRAPHS, blocks_feeds, out_feeds
 
 from .components import (
     LATENT_CASES,
@@ -59,8 +59,6 @@ SPLITS = {
     "UNet2DConditionModel": ("unet", "out_sample", DEEPCACHE_GRAPHS),
 }
 SPLIT_CLASSES = tuple(SPLITS)
-# what the first graph hands the remaining blocks besides the hidden and encoder states (SD 3: no rotary)
-SHARED = ("temb", "rotary_cos", "rotary_sin")
 
 
 def _sd3(model) -> bool:
@@ -232,25 +230,6 @@ def _split_graphs(module) -> list[Component]:
         rebuild=lambda other: _split_graphs(other)[2],
     )
     return [first, rest, out]
-
-
-def blocks_feeds(first: dict, hidden: np.ndarray, feeds: dict) -> dict[str, np.ndarray]:
-    """The remaining blocks' inputs from the first graph's outputs, and the whole graph's rotary tables
-    (Qwen-Image's, which the blocks graph takes under their names; FLUX's come from the first graph)."""
-    shared = {name: first[name] for name in SHARED if name in first}
-    tables = {name: value for name, value in feeds.items() if "_freqs_" in name}
-    return {
-        "hidden_states": hidden,
-        "encoder_hidden_states": first["first_block_encoder_hidden_states"],
-        **shared,
-        **tables,
-    }
-
-
-def out_feeds(first: dict, hidden: np.ndarray, feeds: dict) -> dict[str, np.ndarray]:
-    """The output layers' inputs: the blocks' hidden states, the first graph's temb and (SD 3, which
-    unpatchifies) the whole graph's latent, for its size; FLUX's output layers take no ``sample``."""
-    return {"hidden_states": hidden, "temb": first["temb"], "sample": feeds["hidden_states"]}
 
 
 def compose(cls: str, run, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -39,6 +39,30 @@ from .policy import InputError
 
 # the transformer's graphs fbcache and magcache run (exporters/split.py writes them), in the order they run
 SPLIT_GRAPHS = ("transformer_first_block", "transformer_blocks", "transformer_out")
+# what the first graph hands the remaining blocks beside the hidden states (FLUX's rotary embedding; SD 3 has none)
+SPLIT_SHARED = ("temb", "rotary_cos", "rotary_sin")
+
+
+def blocks_feeds(first: dict, hidden, feeds: dict) -> dict:
+    """The remaining blocks' graph inputs: ``hidden``, the first graph's encoder states and SPLIT_SHARED outputs,
+    and the whole graph's rotary tables (Qwen-Image's ``*_freqs_*`` inputs, which the blocks graph takes under
+    their names). The engine's caches and the export's composition check feed the split with these."""
+    shared = {name: first[name] for name in SPLIT_SHARED if name in first}
+    tables = {name: value for name, value in feeds.items() if "_freqs_" in name}
+    return {
+        "hidden_states": hidden,
+        "encoder_hidden_states": first["first_block_encoder_hidden_states"],
+        **shared,
+        **tables,
+    }
+
+
+def out_feeds(first: dict, hidden, feeds: dict) -> dict:
+    """The output layers' graph inputs: the blocks' hidden states, the first graph's temb and (SD 3, which
+    unpatchifies) the whole graph's latent, for its size; FLUX's output layers take no ``sample`` (not fed)."""
+    return {"hidden_states": hidden, "temb": first["temb"], "sample": feeds["hidden_states"]}
+
+
 # the transformer's graphs TaylorSeer's default mode runs (exporters/split.py): the whole one recording every
 # hooked attention module's outputs (computed calls), and the one taking them as inputs (predicted calls)
 TAYLOR_GRAPHS = ("transformer_taylor_record", "transformer_taylor_predict")
