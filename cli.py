@@ -419,15 +419,16 @@ def _memory_column(memory: dict) -> str:
     "UNets only, static int8 convs calibrated on the model's own sampling + dynamic int8 MatMuls (~2x faster SD "
     "1.5 steps; loads the whole pipeline to calibrate: SD 1.5 ~17 GB); int4 = 4-bit Linear weights, UNet "
     "convolutions fp32. Folder and hub checkpoints are exported tensor by tensor (never loaded whole), except "
-    "with int8-static or --vae-weights int8.",
+    "with int8-static or a UNet model's --vae-weights int8.",
 )
 @click.option(
     "--vae-weights",
     type=click.Choice(["fp32", "int8"]),
     default="fp32",
     show_default=True,
-    help="VAE decoder precision: int8 = static int8 convs calibrated on the model's own samples (~0.5x the "
-    "decode time, ~35 dB against fp32). UNet models only; loads the whole pipeline in fp32 to calibrate.",
+    help="VAE decoder precision: int8 = static int8 convs (~0.5x the decode time, ~35 dB against fp32), "
+    "calibrated on a UNet model's own samples (loads the whole pipeline in fp32) or, for SD 3, SD 3.5, FLUX and "
+    "HiDream, on the VAE encoder's latents of synthetic images (streamed export, no more memory). Not Qwen-Image.",
 )
 @click.option(
     "--text-encoder-weights",

@@ -140,7 +140,10 @@ def main() -> None:
     start = time.perf_counter()
     result = pipe.generate(PROMPT, num_inference_steps=args.steps, generator=NumpyNoise(args.seed), **common)
     seconds = time.perf_counter() - start
-    raw = pipe.get_performance_metrics().raw_metrics
+    metrics = pipe.get_performance_metrics()
+    raw = metrics.raw_metrics
+    encoders = metrics.get_text_encoder_infer_duration()  # ms: one figure, or one per text encoder
+    encoders_ms = sum(encoders.values()) if isinstance(encoders, dict) else float(encoders)
     # the UNet pipelines fill unet_inference_durations, the transformer ones transformer_inference_durations
     unet_ms = [d / 1000 for d in raw.unet_inference_durations or raw.transformer_inference_durations]
     image = np.array(result.data)[0]
@@ -160,6 +163,8 @@ def main() -> None:
         "time_to_image_s": round(seconds, 2),
         "unet_calls": len(unet_ms),
         "median_unet_call_s": round(float(np.median(unet_ms)) / 1000, 3) if unet_ms else None,
+        "text_encoder_s": round(encoders_ms / 1000, 2),
+        "vae_decode_s": round(metrics.get_vae_decoder_infer_duration() / 1000, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

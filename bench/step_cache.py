@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
             "wall_s": round(wall, 2),
             "median_full_step_s": round(prof["median_full_step_ms"] / 1000, 3),
             "median_other_step_s": _median_other_step(prof),
+            # outside the steps, not cached: what decides a race between engines that cache alike
+            "text_encoder_s": round(prof["text_encoder_ms"] / 1000, 2),
+            "vae_decode_s": round(prof["vae_decode_ms"] / 1000, 2),
             "threads": args.threads,
             "policy": args.policy,
             "load_average_1m": round(os.getloadavg()[0], 2),

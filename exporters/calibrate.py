@@ -5,6 +5,10 @@ prompts (``output_type="latent"``, no decode) and the UNet's inputs are recorded
 (``--weights int8-static``); the final latents' decodes calibrate the VAE decoder (``--vae-weights int8``). The
 engine's loop produces the same numbers (tests/test_engine_parity.py), so these are the engine's trajectories,
 at the step count and guidance the model is used with.
+
+A transformer pipeline (SD 3, FLUX, HiDream) is never sampled in PyTorch: its denoiser is streamed, too big to
+hold. Its decoder is calibrated on what it was trained to decode instead, its own encoder's latents of images
+(``encoded_latents``): synthetic ones, as the export has no image data and no network.
 """
 
 from __future__ import annotations
@@ -112,3 +116,48 @@ def vae_decoder_trajectory(pipeline, latents: list[np.ndarray], seed: int = 101)
             image = vae.decode(torch.from_numpy(scaled), return_dict=False)[0]
         pairs.append(({"latent_sample": scaled}, {"sample": image.float().numpy().copy()}))
     return pairs
+
+
+def synthetic_images(count: int, side: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` (1, 3, side, side) images in [-1, 1] with what photographs have for a convolution's ranges:
+    smooth colour gradients, flat shapes with hard edges, fine texture and saturated colour."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    images = []
+    for _ in range(count):
+        image = np.empty((3, side, side), np.float32)
+        for c in range(3):  # a gradient and a few low-frequency waves per channel
+            field = rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy
+            for _ in range(3):
+                fx, fy, phase = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
+                field += 0.3 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+            image[c] = field
+        for _ in range(6):  # flat discs and rectangles
+            colour = rng.uniform(-1, 1, 3).astype(np.float32)[:, None]
+            cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.25)
+            if rng.random() < 0.5:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            else:
+                mask = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r * rng.uniform(0.3, 1.5))
+            image[:, mask] = colour
+        image += rng.normal(0, 0.05, image.shape).astype(np.float32)  # sensor-like grain
+        images.append(np.clip(image, -1, 1)[None])
+    return images
+
+
+def encoded_latents(pipeline, count: int = len(PROMPTS), seed: int = 0) -> list[np.ndarray]:
+    """The VAE encoder's latents (its distribution's mean, as diffusers' pipelines take it) of ``count``
+    synthetic images, in the pipeline's latent space — what ``vae_decoder_trajectory`` takes as final latents."""
+    import torch
+
+    vae = pipeline.vae
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    default = getattr(pipeline, "default_sample_size", None) or 64
+    side = min(int(default) * int(getattr(pipeline, "vae_scale_factor", 8)), MAX_SIDE)
+    latents = []
+    for image in synthetic_images(count, side, seed):
+        with torch.inference_mode():
+            mean = vae.encode(torch.from_numpy(image)).latent_dist.mean
+        latents.append(((mean.float().numpy() - shift) * scale).astype(np.float32))
+    return latents

@@ -207,19 +207,30 @@ def export(
             f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX, HiDream), Qwen2.5-VL "
             f"(Qwen-Image) and Llama-3.1 (HiDream), which {src.spec} does not have; export without it"
         )
-    if vae_weights != "fp32" and not unet_pipeline:
-        raise ExportError(
-            f"--vae-weights {vae_weights} is calibrated on a UNet pipeline's samples; {src.family} is not supported "
-            f"yet: export with --vae-weights fp32"
+    if vae_weights != "fp32" and not unet_pipeline and type(pipeline.vae).__name__ != "AutoencoderKL":
+        raise ExportError(  # the encoder-latent calibration below is AutoencoderKL's (2-D latents)
+            f"--vae-weights {vae_weights} quantizes an AutoencoderKL decoder; {src.family}'s VAE is a "
+            f"{type(pipeline.vae).__name__}: export with --vae-weights fp32"
         )
     calibrated = {"weights": weights == "int8-static", "vae-weights": vae_weights != "fp32"}
-    if any(calibrated.values()) and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels:
+    if (
+        unet_pipeline
+        and any(calibrated.values())
+        and pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels
+    ):
         flags = " ".join(f"--{flag} fp32" for flag, on in calibrated.items() if on)
         raise ExportError(
             f"static int8 is calibrated by text-to-image sampling, which a {pipeline.unet.config.in_channels}-channel "
             f"UNet ({src.pipeline_class}: latents, mask and masked-image latents) cannot do; export with {flags}"
         )
-    if any(calibrated.values()):
+    if vae_weights != "fp32" and not unet_pipeline:
+        # a transformer pipeline is not sampled in PyTorch (its denoiser is streamed): the decoder is
+        # calibrated on its own encoder's latents of synthetic images (exporters/calibrate.py)
+        with backends.quiet():
+            say("calibrating: decoding the VAE encoder's latents of synthetic images")
+            finals = calibrate.encoded_latents(pipeline)
+            rewrite.trajectories["vae_decoder"] = calibrate.vae_decoder_trajectory(pipeline, finals)
+    elif any(calibrated.values()):
         # before any component is exported and freed: the whole pipeline samples. Its UNet inputs calibrate
         # the int8-static convolutions and, with the UNet's outputs, measure the quantized UNet; its final
         # latents do the same for the VAE decoder.

@@ -20,6 +20,7 @@ whatever the source: a quarter of the fp32 memory, exported in under 6 GB, the s
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,8 +86,25 @@ def static_int8(
 ) -> None:
     """QDQ int8 of ``op_types`` (weights int8 per channel, uint8 activations with MinMax ranges over
     ``samples``) except the nodes named in ``exclude``: ``src`` → ``dst``."""
-    with lean_calibration_session():
+    with lean_calibration_session(), _no_preprocessing_advice():
         _quantize_static(src, dst, samples, list(exclude), list(op_types))
+
+
+class _PreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_preprocessing_advice():
+    """quantize_static advises, on the root logger, running its pre-processing (shape inference, for models
+    from other converters) first: an export's user can do nothing with that, so it is not printed."""
+    advice = _PreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 def _quantize_static(src: Path, dst: Path, samples: list[dict], exclude: list[str], op_types: list[str]) -> None:

@@ -167,7 +167,7 @@ def check(
                     signal += float(np.sum(np.square(reference[name], dtype=np.float64)))
                     noise += float(np.sum(np.square(value.astype(np.float64) - reference[name])))
             snr = _snr_db(signal, noise)
-            result["snr_inputs"] = f"{len(trajectory)} sampling-trajectory inputs"
+            result["snr_inputs"] = f"{len(trajectory)} calibration inputs"
         result.update(snr_db=round(snr, 2), min_snr_db=min_snr_db)
         if not snr >= min_snr_db:
             raise ValidationFailed(
