@@ -429,7 +429,8 @@ def _memory_column(memory: dict) -> str:
     help="VAE decoder precision: int8 = static int8 convs (~0.35-0.5x the decode time; its image 27-37 dB from "
     "the fp32 decoder's on random weights), "
     "calibrated on a UNet model's own samples (loads the whole pipeline in fp32) or, for SD 3, SD 3.5, FLUX and "
-    "HiDream, on the VAE encoder's latents of synthetic images (streamed export, no more memory). Not Qwen-Image.",
+    "HiDream, on the VAE encoder's latents of synthetic images (streamed export; the calibration raises its peak to "
+    "~6.5 GB). Not Qwen-Image.",
 )
 @click.option(
     "--text-encoder-weights",

@@ -98,6 +98,11 @@ def unet_trajectory(
     return recorded, finals
 
 
+def _scaling(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor): the decoder reads ``latents / scale + shift`` (engine/vae.py)."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def vae_decoder_trajectory(pipeline, latents: list[np.ndarray], seed: int = 101) -> list[tuple[dict, dict]]:
     """(the decoder's input ``latent_sample``, PyTorch's decoded ``sample``) for sampled ``latents`` and as many
     standard-normal ones (the range a decoder sees from a half-finished or unusual sample), scaled as the
@@ -105,8 +110,7 @@ def vae_decoder_trajectory(pipeline, latents: list[np.ndarray], seed: int = 101)
     import torch
 
     vae = pipeline.vae
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    scale, shift = _scaling(vae)
     rng = np.random.default_rng(seed)
     inputs = list(latents) + [rng.standard_normal(z.shape, dtype=np.float32) for z in latents]
     pairs = []
@@ -151,8 +155,7 @@ def encoded_latents(pipeline, count: int = len(PROMPTS), seed: int = 0) -> list[
     import torch
 
     vae = pipeline.vae
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    scale, shift = _scaling(vae)
     default = getattr(pipeline, "default_sample_size", None) or 64
     side = min(int(default) * int(getattr(pipeline, "vae_scale_factor", 8)), MAX_SIDE)
     latents = []

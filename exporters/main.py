@@ -207,7 +207,10 @@ def export(
             f"--text-encoder-weights {text_encoder_weights} applies to T5-XXL (SD 3, FLUX, HiDream), Qwen2.5-VL "
             f"(Qwen-Image) and Llama-3.1 (HiDream), which {src.spec} does not have; export without it"
         )
-    if vae_weights != "fp32" and not unet_pipeline and type(pipeline.vae).__name__ != "AutoencoderKL":
+    # a transformer pipeline is not sampled in PyTorch (its denoiser is streamed): its decoder is calibrated on
+    # its own encoder's latents of synthetic images (exporters/calibrate.py)
+    encoder_calibrated = vae_weights != "fp32" and not unet_pipeline
+    if encoder_calibrated and type(pipeline.vae).__name__ != "AutoencoderKL":
         raise ExportError(  # the encoder-latent calibration below is AutoencoderKL's (2-D latents)
             f"--vae-weights {vae_weights} quantizes an AutoencoderKL decoder; {src.family}'s VAE is a "
             f"{type(pipeline.vae).__name__}: export with --vae-weights fp32"
@@ -223,9 +226,7 @@ def export(
             f"static int8 is calibrated by text-to-image sampling, which a {pipeline.unet.config.in_channels}-channel "
             f"UNet ({src.pipeline_class}: latents, mask and masked-image latents) cannot do; export with {flags}"
         )
-    if vae_weights != "fp32" and not unet_pipeline:
-        # a transformer pipeline is not sampled in PyTorch (its denoiser is streamed): the decoder is
-        # calibrated on its own encoder's latents of synthetic images (exporters/calibrate.py)
+    if encoder_calibrated:
         with backends.quiet():
             say("calibrating: decoding the VAE encoder's latents of synthetic images")
             finals = calibrate.encoded_latents(pipeline)

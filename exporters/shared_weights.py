@@ -54,8 +54,9 @@ def share(graph: Path, whole: Path) -> int | None:
         return None
     theirs = _external(onnx.load(str(whole), load_external_data=False))
     model = onnx.load(str(graph), load_external_data=False)
+    mine = _external(model)
     offsets = {}
-    for name, (_, info) in _external(model).items():
+    for name, (_, info) in mine.items():
         there = theirs.get(name, (None, {}))[1]
         length = int(info.get("length", -1))
         if info.get("location") != data.name or there.get("location") != whole_data.name:
@@ -71,7 +72,7 @@ def share(graph: Path, whole: Path) -> int | None:
         os.link(whole_data, link)
     except OSError:  # a file system without hard links: the graph keeps its copy
         return None
-    for name, (tensor, _) in _external(model).items():
+    for name, (tensor, _) in mine.items():
         del tensor.external_data[:]
         for key, value in (("location", data.name), ("offset", offsets[name]), ("length", _length(theirs[name][1]))):
             entry = tensor.external_data.add()
